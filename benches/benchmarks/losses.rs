@@ -1,0 +1,99 @@
+//! Forward + backward of each divergence on every device this build has, at the shapes later
+//! speed work is measured on: 256×10, 256×1000 and 2048×32000.
+//!
+//! Bench ids are `loss/<device>/<divergence>/<rows>x<classes>`, e.g.
+//! `cargo bench --bench bench_main -- loss/flex/ForwardKl/256x1000`.
+
+use std::time::Duration;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_distill::loss::{Divergence, DivergenceLossConfig, NamedDevice, Reduction, available_devices};
+use criterion::{BenchmarkId, Criterion, criterion_group};
+
+const SHAPES: [(usize, usize); 3] = [(256, 10), (256, 1000), (2048, 32000)];
+
+fn divergences() -> [Divergence; 8] {
+    [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::SymmetricKl,
+        Divergence::GeneralizedJsd { beta: 0.5 },
+        Divergence::SkewKl { alpha: 0.1 },
+        Divergence::SkewReverseKl { alpha: 0.1 },
+        Divergence::TotalVariation,
+        Divergence::SoftCrossEntropy,
+    ]
+}
+
+fn name(divergence: Divergence) -> &'static str {
+    match divergence {
+        Divergence::ForwardKl => "ForwardKl",
+        Divergence::ReverseKl => "ReverseKl",
+        Divergence::SymmetricKl => "SymmetricKl",
+        Divergence::GeneralizedJsd { .. } => "GeneralizedJsd",
+        Divergence::SkewKl { .. } => "SkewKl",
+        Divergence::SkewReverseKl { .. } => "SkewReverseKl",
+        Divergence::TotalVariation => "TotalVariation",
+        Divergence::SoftCrossEntropy => "SoftCrossEntropy",
+    }
+}
+
+/// Deterministic logits made on the host, identical on every device.
+fn logits(rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..rows * classes)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            (x >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, classes]), device)
+}
+
+/// Devices that can run here: a wgpu device without an adapter is left out.
+fn runnable_devices() -> Vec<NamedDevice> {
+    available_devices()
+        .into_iter()
+        .filter(|named| {
+            let device = named.device.clone();
+            std::panic::catch_unwind(move || Tensor::<1>::from_floats([1.0], &device).into_scalar::<f32>() == 1.0)
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn bench_losses(c: &mut Criterion) {
+    for named in runnable_devices() {
+        let device = named.device.clone().autodiff();
+        for (rows, classes) in SHAPES {
+            let mut group = c.benchmark_group(format!("loss/{}", named.name));
+            if rows * classes > 1_000_000 {
+                group.sample_size(10).measurement_time(Duration::from_secs(20));
+            }
+            let teacher = logits(rows, classes, 2, &device);
+            let student_data = logits(rows, classes, 1, &device);
+            for divergence in divergences() {
+                let loss = DivergenceLossConfig::new(divergence)
+                    .with_temperature(2.0)
+                    .with_check_inputs(false)
+                    .init();
+                let id = BenchmarkId::new(name(divergence), format!("{rows}x{classes}"));
+                group.bench_function(id, |bencher| {
+                    bencher.iter(|| {
+                        let student = student_data.clone().require_grad();
+                        let value = loss
+                            .forward(student.clone(), teacher.clone(), Reduction::BatchMean)
+                            .expect("valid inputs");
+                        let grads = value.backward();
+                        // Reading the gradient back waits for the device to finish.
+                        student.grad(&grads).expect("gradient").into_data()
+                    })
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench_losses);

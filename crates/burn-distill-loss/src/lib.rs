@@ -1,0 +1,84 @@
+//! Knowledge-distillation losses for [burn](https://burn.dev), with exact, documented
+//! conventions and numbers checked against PyTorch.
+//!
+//! # Overview
+//!
+//! A distillation loss compares a *student*'s logits with a *teacher*'s. This crate gives the
+//! divergences used for that (forward and reverse KL, generalised JSD, skew KL, total
+//! variation, soft cross-entropy), Hinton's KD loss, decoupled KD, and a forward KL against a
+//! sparse top-k teacher. Every loss runs on any burn device (ndarray, flex, wgpu, cuda) and
+//! takes rank-2 `[batch, classes]` or rank-3 `[batch, seq, vocab]` logits.
+//!
+//! # Core concepts
+//!
+//! Each loss is a `…Config` (burn [`Config`](burn::config::Config), checked by `try_init` /
+//! `init`) that builds a module with `forward(.., reduction)` and `forward_no_reduction(..)`.
+//! Plain functions ([`forward_kl`], [`reverse_kl`], …) serve users who want no module.
+//! Mistakes in the data (shapes, class counts, NaN logits, labels out of range) come back as a
+//! [`LossError`] naming the input.
+//!
+//! ## Conventions
+//!
+//! | Topic | Convention |
+//! |---|---|
+//! | Direction | `p` is the teacher, `q` the student. Forward KL is `KL(p ‖ q)`, reverse KL is `KL(q ‖ p)`. |
+//! | Temperature | both sides are `softmax(logits / T)`; the teacher may be given as logits or log-probabilities (same result). The hard-label term of Hinton KD is at `T = 1`. |
+//! | `T²` | off for plain divergences (`scale_by_temperature_squared` switches it on), on for Hinton KD and DKD; it keeps soft-term gradients the same size at every `T`. |
+//! | Per position | the divergence is summed over classes, giving one value per row (rank 2) or token (rank 3): `forward_no_reduction` returns it as `[.., 1]`. |
+//! | Reduction | [`Reduction::BatchMean`] (default) divides by the number of valid positions; `Sum`; `ElementMean` also divides by the class count (PyTorch's `"mean"`, rarely wanted); `SumOver(n)` divides by a count you give, for gradient accumulation. |
+//! | Masking | `forward_masked` takes a `[batch]` / `[batch, seq]` boolean mask (`true` = counts); Hinton KD and DKD skip labels equal to `ignore_index` (default -100). Masked positions count as zero and are left out of the mean. |
+//! | Zero probabilities | `-inf` logits mean probability 0; `0 · log 0 = 0`. NaN and `+inf` logits are an error. |
+//! | Vocabulary | different class counts are an error unless a [`VocabPolicy`] pads or truncates. |
+//! | Teacher gradients | the teacher side is detached: no gradient reaches it. |
+//!
+//! # Usage
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use burn_distill_loss::{Divergence, DivergenceLossConfig, Reduction};
+//!
+//! # fn main() -> Result<(), burn_distill_loss::LossError> {
+//! # let device = burn_distill_loss::available_devices().remove(0).device;
+//! let student = Tensor::<2>::from_floats([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], &device);
+//! let teacher = Tensor::<2>::from_floats([[3.0, 0.0, -2.0], [0.5, 0.5, 2.0]], &device);
+//!
+//! let loss = DivergenceLossConfig::new(Divergence::ForwardKl)
+//!     .with_temperature(2.0)
+//!     .with_scale_by_temperature_squared(true)
+//!     .init();
+//! let value = loss.forward(student, teacher, Reduction::BatchMean)?;
+//! let value: f32 = value.into_scalar();
+//! assert!(value > 0.0);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Supported Rust versions
+//!
+//! Rust 1.95 or newer (burn 0.22.1's own minimum).
+#![warn(missing_docs)]
+
+mod device;
+mod divergence;
+mod dkd;
+mod error;
+mod hinton;
+mod input;
+mod math;
+mod reduction;
+mod sparse;
+mod temperature;
+mod vocab;
+
+pub use device::{NamedDevice, available_devices, device_by_name};
+pub use divergence::{
+    Divergence, DivergenceLoss, DivergenceLossConfig, divergence, forward_kl, generalized_jsd, reverse_kl, skew_kl,
+    skew_reverse_kl, soft_cross_entropy, symmetric_kl, total_variation,
+};
+pub use dkd::{DkdLoss, DkdLossConfig};
+pub use error::{LossError, Result};
+pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms};
+pub use reduction::{Reduction, valid_mask};
+pub use sparse::{SparseKlLoss, SparseKlLossConfig, TailPolicy};
+pub use temperature::{temperature_log_softmax, temperature_softmax};
+pub use vocab::VocabPolicy;

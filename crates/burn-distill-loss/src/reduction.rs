@@ -1,0 +1,86 @@
+//! How per-position losses become one number.
+
+use burn::tensor::{Bool, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LossError, Result};
+
+/// How [`forward`](crate::DivergenceLoss::forward) reduces per-position losses.
+///
+/// A *position* is a row of `[batch, classes]` input, or a token of `[batch, seq, vocab]` input.
+/// The per-position loss is already summed over classes: it is the true divergence between two
+/// distributions. Masked positions (padding, `ignore_index` labels) count as zero and are left
+/// out of every count.
+///
+/// | Reduction | Value | Notes |
+/// |---|---|---|
+/// | `BatchMean` (default) | sum / valid positions | the mean per-sample divergence; PyTorch `kl_div(reduction="batchmean")` for rank 2 |
+/// | `Sum` | sum | |
+/// | `ElementMean` | sum / (valid positions × classes) | PyTorch `reduction="mean"`; rarely what you want: it shrinks with the vocabulary |
+/// | `SumOver(n)` | sum / n | `n` given by the caller: pass the token count of the whole batch to every micro-batch so accumulated gradients equal the big-batch gradient |
+///
+/// No reduction at all is `forward_no_reduction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Reduction {
+    /// Sum over positions divided by the number of valid positions.
+    #[default]
+    BatchMean,
+    /// Sum over valid positions.
+    Sum,
+    /// Sum divided by the number of valid positions times the number of classes.
+    ElementMean,
+    /// Sum divided by a caller-given number of positions.
+    SumOver(usize),
+}
+
+/// Reduces per-position losses `[positions]`; `valid` marks the positions that count.
+pub(crate) fn reduce(
+    per_position: Tensor<1>,
+    valid: Option<Tensor<1, Bool>>,
+    classes: usize,
+    reduction: Reduction,
+    check: bool,
+) -> Result<Tensor<1>> {
+    let positions = per_position.dims()[0];
+    let (total, valid_count) = match valid {
+        None => (per_position.sum(), None),
+        Some(valid) => {
+            let count = valid.clone().float().sum();
+            let total = per_position.mask_fill(valid.bool_not(), 0.0).sum();
+            (total, Some(count))
+        }
+    };
+    let normalise = |total: Tensor<1>, scale: f64| -> Result<Tensor<1>> {
+        match &valid_count {
+            None => {
+                if positions == 0 {
+                    return Err(LossError::NoValidPositions);
+                }
+                Ok(total.div_scalar(positions as f64 * scale))
+            }
+            Some(count) => {
+                if check && count.clone().into_data().iter::<f64>().next().unwrap_or(0.0) <= 0.0 {
+                    return Err(LossError::NoValidPositions);
+                }
+                Ok(total.div(count.clone().mul_scalar(scale)))
+            }
+        }
+    };
+    match reduction {
+        Reduction::Sum => Ok(total),
+        Reduction::BatchMean => normalise(total, 1.0),
+        Reduction::ElementMean => normalise(total, classes as f64),
+        Reduction::SumOver(0) => Err(LossError::InvalidParameter {
+            name: "SumOver count",
+            value: 0.0,
+            expected: "a positive number of positions",
+        }),
+        Reduction::SumOver(count) => Ok(total.div_scalar(count as f64)),
+    }
+}
+
+/// Positions whose label is not `ignore_index`: the mask for
+/// [`DivergenceLoss::forward_masked`](crate::DivergenceLoss::forward_masked).
+pub fn valid_mask<const L: usize>(labels: Tensor<L, Int>, ignore_index: i64) -> Tensor<L, Bool> {
+    labels.not_equal_elem(ignore_index)
+}

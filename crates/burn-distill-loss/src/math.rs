@@ -99,3 +99,15 @@ pub(crate) fn log_sum_exp_rows(values: Tensor<2>) -> Tensor<2> {
     let peak = values.clone().max_dim(1).detach();
     (values - peak.clone()).exp().sum_dim(1).log() + peak
 }
+
+/// `e^x − 1` without the cancellation of `exp(x) − 1` near 0 (burn has no `expm1`).
+pub(crate) fn exp_m1(values: Tensor<2>) -> Tensor<2> {
+    let small = values.clone().abs().lower_elem(0.1);
+    // x (1 + x/2 (1 + x/3 (1 + x/4 (1 + x/5 (1 + x/6))))): error below 3e-11 relative for |x| < 0.1.
+    let mut acc = values.clone().div_scalar(6.0).add_scalar(1.0);
+    for order in [5.0, 4.0, 3.0, 2.0] {
+        acc = (acc * values.clone()).div_scalar(order).add_scalar(1.0);
+    }
+    let series = acc * values.clone();
+    values.exp().sub_scalar(1.0).mask_where(small, series)
+}

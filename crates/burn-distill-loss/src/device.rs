@@ -16,8 +16,10 @@ pub struct NamedDevice {
 ///
 /// Creating a device is lazy: a wgpu device is listed even on a machine without an adapter,
 /// and fails on first use there. [`device_by_name`] picks one of these by name.
+// One `push` per backend feature reads better than a `vec!` of `cfg`-gated items.
+#[allow(clippy::vec_init_then_push)]
 pub fn available_devices() -> Vec<NamedDevice> {
-    #[allow(unused_mut)]
+    #[allow(unused_mut)] // with no backend feature nothing is pushed
     let mut devices = Vec::new();
     #[cfg(feature = "ndarray")]
     devices.push(NamedDevice {

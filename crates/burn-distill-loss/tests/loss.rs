@@ -155,7 +155,7 @@ fn run_case<const D: usize, const L: usize>(case: &Case, device: &Device) -> (Ve
         shape
     };
     let ignore_index = fixtures().ignore_index;
-    let masked = case.mask.iter().any(|&m| m == 0);
+    let masked = case.mask.contains(&0);
     let evaluate = |student: Tensor<D>, reduction: Option<Reduction>| -> Tensor<D> {
         let teacher = floats::<D>(&case.teacher, &case.shape, device);
         let labels = ints::<L>(&case.labels, lead, device);
@@ -896,7 +896,8 @@ fn devices_agree() {
     let (s, t) = (random_logits(&shape, 6.0, 22), random_logits(&shape, 6.0, 23));
     let labels: Vec<i64> = (0..32).map(|i| (i * 37 % 1000) as i64).collect();
     // Per device: for each loss, its value and its gradient.
-    let mut results: Vec<(&str, Vec<(f64, Vec<f64>)>)> = Vec::new();
+    type ValueAndGradient = (f64, Vec<f64>);
+    let mut results: Vec<(&str, Vec<ValueAndGradient>)> = Vec::new();
     for named in devices() {
         let device = named.device.clone().autodiff();
         let mut values = Vec::new();

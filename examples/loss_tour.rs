@@ -36,16 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\ndivergences (batch mean, per example), teacher p vs student q:");
     println!("{:<28}{:>10}{:>10}{:>10}", "divergence", "T = 1", "T = 4", "T = 20");
-    for divergence in [
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::SymmetricKl,
-        Divergence::GeneralizedJsd { beta: 0.5 },
-        Divergence::SkewKl { alpha: 0.1 },
-        Divergence::SkewReverseKl { alpha: 0.1 },
-        Divergence::TotalVariation,
-        Divergence::SoftCrossEntropy,
-    ] {
+    for divergence in Divergence::ALL {
         let mut row = format!("{:<28}", format!("{divergence:?}"));
         for temperature in [1.0, 4.0, 20.0] {
             let value = DivergenceLossConfig::new(divergence)

@@ -2,41 +2,15 @@
 //! speed work is measured on: 256×10, 256×1000 and 2048×32000.
 //!
 //! Bench ids are `loss/<device>/<divergence>/<rows>x<classes>`, e.g.
-//! `cargo bench --bench bench_main -- loss/flex/ForwardKl/256x1000`.
+//! `cargo bench --bench bench_main -- loss/flex/forward_kl/256x1000`.
 
 use std::time::Duration;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use burn_distill::loss::{Divergence, DivergenceLossConfig, NamedDevice, Reduction, available_devices};
-use criterion::{BenchmarkId, Criterion, criterion_group};
+use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group};
 
 const SHAPES: [(usize, usize); 3] = [(256, 10), (256, 1000), (2048, 32000)];
-
-fn divergences() -> [Divergence; 8] {
-    [
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::SymmetricKl,
-        Divergence::GeneralizedJsd { beta: 0.5 },
-        Divergence::SkewKl { alpha: 0.1 },
-        Divergence::SkewReverseKl { alpha: 0.1 },
-        Divergence::TotalVariation,
-        Divergence::SoftCrossEntropy,
-    ]
-}
-
-fn name(divergence: Divergence) -> &'static str {
-    match divergence {
-        Divergence::ForwardKl => "ForwardKl",
-        Divergence::ReverseKl => "ReverseKl",
-        Divergence::SymmetricKl => "SymmetricKl",
-        Divergence::GeneralizedJsd { .. } => "GeneralizedJsd",
-        Divergence::SkewKl { .. } => "SkewKl",
-        Divergence::SkewReverseKl { .. } => "SkewReverseKl",
-        Divergence::TotalVariation => "TotalVariation",
-        Divergence::SoftCrossEntropy => "SoftCrossEntropy",
-    }
-}
 
 /// Deterministic logits made on the host, identical on every device.
 fn logits(rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor<2> {
@@ -69,16 +43,20 @@ fn bench_losses(c: &mut Criterion) {
         for (rows, classes) in SHAPES {
             let mut group = c.benchmark_group(format!("loss/{}", named.name));
             if rows * classes > 1_000_000 {
-                group.sample_size(10).measurement_time(Duration::from_secs(20));
+                // Seconds per iteration: ten single-iteration samples, not criterion's ramp.
+                group
+                    .sample_size(10)
+                    .sampling_mode(SamplingMode::Flat)
+                    .measurement_time(Duration::from_secs(10));
             }
             let teacher = logits(rows, classes, 2, &device);
             let student_data = logits(rows, classes, 1, &device);
-            for divergence in divergences() {
+            for divergence in Divergence::ALL {
                 let loss = DivergenceLossConfig::new(divergence)
                     .with_temperature(2.0)
                     .with_check_inputs(false)
                     .init();
-                let id = BenchmarkId::new(name(divergence), format!("{rows}x{classes}"));
+                let id = BenchmarkId::new(divergence.name(), format!("{rows}x{classes}"));
                 group.bench_function(id, |bencher| {
                     bencher.iter(|| {
                         let student = student_data.clone().require_grad();

@@ -60,6 +60,34 @@ pub enum Divergence {
 }
 
 impl Divergence {
+    /// One of each divergence, with the parameters common in the literature: GJSD with
+    /// `β = 0.5`, skew KL and skew reverse KL with `α = 0.1` (DistiLLM).
+    pub const ALL: [Divergence; 8] = [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::SymmetricKl,
+        Divergence::GeneralizedJsd { beta: 0.5 },
+        Divergence::SkewKl { alpha: 0.1 },
+        Divergence::SkewReverseKl { alpha: 0.1 },
+        Divergence::TotalVariation,
+        Divergence::SoftCrossEntropy,
+    ];
+
+    /// A short, stable name without the parameter (`"forward_kl"`, `"generalized_jsd"`, …),
+    /// for logs, bench ids and file names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Divergence::ForwardKl => "forward_kl",
+            Divergence::ReverseKl => "reverse_kl",
+            Divergence::SymmetricKl => "symmetric_kl",
+            Divergence::GeneralizedJsd { .. } => "generalized_jsd",
+            Divergence::SkewKl { .. } => "skew_kl",
+            Divergence::SkewReverseKl { .. } => "skew_reverse_kl",
+            Divergence::TotalVariation => "total_variation",
+            Divergence::SoftCrossEntropy => "soft_cross_entropy",
+        }
+    }
+
     /// Checks the divergence's own parameter.
     ///
     /// # Errors

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Bool, Int, Tensor};
 
 use crate::error::{LossError, check_range, check_temperature};
-use crate::input::{check_indices, flatten_pair, flatten_positions, split_ignored, unflatten};
+use crate::input::{Labelled, flatten_labelled, unflatten};
 use crate::math::{kl_rows, log_sum_exp_rows};
 use crate::reduction::{Reduction, reduce};
 use crate::temperature::scaled_log_softmax;
@@ -144,8 +144,20 @@ impl DkdLoss {
         teacher_logits: Tensor<D>,
         labels: Tensor<L, Int>,
     ) -> crate::Result<(Tensor<1>, Tensor<1, Bool>, usize, Vec<usize>)> {
-        let (student, teacher, lead) =
-            flatten_pair(student_logits, teacher_logits, VocabPolicy::Strict, self.check_inputs)?;
+        let Labelled {
+            student,
+            teacher,
+            labels,
+            valid,
+            lead,
+        } = flatten_labelled(
+            student_logits,
+            teacher_logits,
+            labels,
+            VocabPolicy::Strict,
+            self.check_inputs,
+            self.ignore_index,
+        )?;
         let [positions, classes] = student.dims();
         if classes < 2 {
             return Err(LossError::TooFewClasses {
@@ -154,11 +166,6 @@ impl DkdLoss {
                 classes,
             });
         }
-        let labels = flatten_positions(labels, &lead, "labels")?;
-        if self.check_inputs {
-            check_indices(&labels, classes, Some(self.ignore_index), "labels")?;
-        }
-        let (labels, valid) = split_ignored(labels, self.ignore_index);
         let labels = labels.reshape([positions, 1]);
         let device = student.device();
         let target = Tensor::<1, Int>::arange(0..classes as i64, &device)
@@ -190,4 +197,28 @@ impl DkdLoss {
         }
         Ok((per_position, valid, classes, lead))
     }
+}
+
+/// DKD in one call: `T² · (α · TCKD + β · NCKD)`, `ignore_index` -100.
+///
+/// # Shapes
+/// As [`DkdLoss::forward`].
+///
+/// # Errors
+/// As [`DkdLoss::forward`], plus invalid `alpha`, `beta` or `temperature`.
+pub fn decoupled_kd<const D: usize, const L: usize>(
+    student_logits: Tensor<D>,
+    teacher_logits: Tensor<D>,
+    labels: Tensor<L, Int>,
+    alpha: f64,
+    beta: f64,
+    temperature: f64,
+    reduction: Reduction,
+) -> crate::Result<Tensor<1>> {
+    DkdLossConfig::new()
+        .with_alpha(alpha)
+        .with_beta(beta)
+        .with_temperature(temperature)
+        .try_init()?
+        .forward(student_logits, teacher_logits, labels, reduction)
 }

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, activation};
 
 use crate::error::{check_range, check_temperature};
-use crate::input::{check_indices, flatten_pair, flatten_positions, split_ignored, unflatten};
+use crate::input::{Labelled, flatten_labelled, unflatten};
 use crate::math::{kl_rows, row_sum};
 use crate::reduction::{Reduction, reduce};
 use crate::temperature::scaled_log_softmax;
@@ -201,15 +201,21 @@ impl HintonKdLoss {
         teacher_logits: Tensor<D>,
         labels: Tensor<L, Int>,
     ) -> crate::Result<PerPosition> {
-        let (student, teacher, lead) =
-            flatten_pair(student_logits, teacher_logits, self.vocab_policy, self.check_inputs)?;
+        let Labelled {
+            student,
+            teacher,
+            labels,
+            valid,
+            lead,
+        } = flatten_labelled(
+            student_logits,
+            teacher_logits,
+            labels,
+            self.vocab_policy,
+            self.check_inputs,
+            self.ignore_index,
+        )?;
         let [positions, classes] = student.dims();
-        let labels = flatten_positions(labels, &lead, "labels")?;
-        if self.check_inputs {
-            check_indices(&labels, classes, Some(self.ignore_index), "labels")?;
-        }
-        let (labels, valid) = split_ignored(labels, self.ignore_index);
-
         let student_log_probs = activation::log_softmax(student.clone(), 1);
         let label_log_probs = student_log_probs
             .clone()
@@ -235,4 +241,28 @@ impl HintonKdLoss {
             lead,
         })
     }
+}
+
+/// Hinton KD in one call: `α · CE(student, labels) + (1 − α) · T² · KL(teacher_T ‖ student_T)`,
+/// with the defaults of [`HintonKdLossConfig`] otherwise (`T²` on, no label smoothing,
+/// `ignore_index` -100, strict vocabulary).
+///
+/// # Shapes
+/// As [`HintonKdLoss::forward`].
+///
+/// # Errors
+/// As [`HintonKdLoss::forward`], plus invalid `alpha` or `temperature`.
+pub fn hinton_kd<const D: usize, const L: usize>(
+    student_logits: Tensor<D>,
+    teacher_logits: Tensor<D>,
+    labels: Tensor<L, Int>,
+    alpha: f64,
+    temperature: f64,
+    reduction: Reduction,
+) -> crate::Result<Tensor<1>> {
+    HintonKdLossConfig::new()
+        .with_alpha(alpha)
+        .with_temperature(temperature)
+        .try_init()?
+        .forward(student_logits, teacher_logits, labels, reduction)
 }

@@ -81,42 +81,27 @@ pub(crate) fn unflatten<const D: usize>(per_position: Tensor<1>, lead: &[usize])
 
 /// Refuses NaN and +inf logits, and rows that are −inf everywhere, in one device read.
 pub(crate) fn check_logits(rows: &Tensor<2>, name: &'static str) -> Result<()> {
-    if rows.dims()[0] == 0 {
-        return Ok(());
-    }
-    let nan = rows.clone().is_nan().any().int().reshape([1]);
-    let pos_inf = rows.clone().equal_elem(f32::INFINITY).any().int().reshape([1]);
-    let empty = rows
-        .clone()
-        .max_dim(1)
-        .equal_elem(f32::NEG_INFINITY)
-        .any()
-        .int()
-        .reshape([1]);
-    let flags = read_ints(Tensor::cat(vec![nan, pos_inf, empty], 0).into_data());
-    if flags[0] != 0 {
-        return Err(LossError::NonFinite {
-            tensor: name,
-            kind: "NaN",
-        });
-    }
-    if flags[1] != 0 {
-        return Err(LossError::NonFinite {
-            tensor: name,
-            kind: "+inf",
-        });
-    }
-    if flags[2] != 0 {
-        return Err(LossError::EmptyDistribution { tensor: name });
-    }
-    Ok(())
+    check_values(rows, name, true)
 }
 
-/// Refuses float values that are NaN or +inf (used for teacher log-probabilities).
+/// Refuses NaN and +inf values (teacher log-probabilities may hold −inf, and whole rows of it).
 pub(crate) fn check_finite_or_neg_inf(values: &Tensor<2>, name: &'static str) -> Result<()> {
-    let nan = values.clone().is_nan().any().int().reshape([1]);
-    let pos_inf = values.clone().equal_elem(f32::INFINITY).any().int().reshape([1]);
-    let flags = read_ints(Tensor::cat(vec![nan, pos_inf], 0).into_data());
+    check_values(values, name, false)
+}
+
+fn check_values(values: &Tensor<2>, name: &'static str, refuse_empty_rows: bool) -> Result<()> {
+    if values.dims()[0] == 0 {
+        return Ok(());
+    }
+    let mut flags = vec![
+        values.clone().is_nan().any().int().reshape([1]),
+        values.clone().equal_elem(f32::INFINITY).any().int().reshape([1]),
+    ];
+    if refuse_empty_rows {
+        let empty = values.clone().max_dim(1).equal_elem(f32::NEG_INFINITY).any();
+        flags.push(empty.int().reshape([1]));
+    }
+    let flags = read_ints(Tensor::cat(flags, 0).into_data());
     if flags[0] != 0 {
         return Err(LossError::NonFinite {
             tensor: name,
@@ -128,6 +113,9 @@ pub(crate) fn check_finite_or_neg_inf(values: &Tensor<2>, name: &'static str) ->
             tensor: name,
             kind: "+inf",
         });
+    }
+    if flags.get(2).is_some_and(|&flag| flag != 0) {
+        return Err(LossError::EmptyDistribution { tensor: name });
     }
     Ok(())
 }
@@ -152,9 +140,44 @@ pub(crate) fn check_indices(
     }
 }
 
+/// Student and teacher rows with their labels, for the losses that take labels.
+pub(crate) struct Labelled {
+    pub student: Tensor<2>,
+    pub teacher: Tensor<2>,
+    /// `[positions]`, ignored labels replaced by 0.
+    pub labels: Tensor<1, Int>,
+    /// `[positions]`, false where the label was `ignore_index`.
+    pub valid: Tensor<1, Bool>,
+    pub lead: Vec<usize>,
+}
+
+/// [`flatten_pair`] plus labels: checks their shape and range and splits off ignored ones.
+pub(crate) fn flatten_labelled<const D: usize, const L: usize>(
+    student: Tensor<D>,
+    teacher: Tensor<D>,
+    labels: Tensor<L, Int>,
+    policy: VocabPolicy,
+    check: bool,
+    ignore_index: i64,
+) -> Result<Labelled> {
+    let (student, teacher, lead) = flatten_pair(student, teacher, policy, check)?;
+    let labels = flatten_positions(labels, &lead, "labels")?;
+    if check {
+        check_indices(&labels, student.dims()[1], Some(ignore_index), "labels")?;
+    }
+    let (labels, valid) = split_ignored(labels, ignore_index);
+    Ok(Labelled {
+        student,
+        teacher,
+        labels,
+        valid,
+        lead,
+    })
+}
+
 /// The positions whose label is not `ignore_index`, and the labels with those replaced by 0
 /// (a safe index for gathers whose result is masked out anyway).
-pub(crate) fn split_ignored(labels: Tensor<1, Int>, ignore_index: i64) -> (Tensor<1, Int>, Tensor<1, Bool>) {
+fn split_ignored(labels: Tensor<1, Int>, ignore_index: i64) -> (Tensor<1, Int>, Tensor<1, Bool>) {
     let ignored = labels.clone().equal_elem(ignore_index);
     (labels.mask_fill(ignored.clone(), 0), ignored.bool_not())
 }

@@ -13,7 +13,8 @@
 //!
 //! Each loss is a `…Config` (burn [`Config`](burn::config::Config), checked by `try_init` /
 //! `init`) that builds a module with `forward(.., reduction)` and `forward_no_reduction(..)`.
-//! Plain functions ([`forward_kl`], [`reverse_kl`], …) serve users who want no module.
+//! Plain functions ([`forward_kl`], [`reverse_kl`], [`hinton_kd`], [`decoupled_kd`],
+//! [`sparse_forward_kl`], …) serve users who want no module.
 //! Mistakes in the data (shapes, class counts, NaN logits, labels out of range) come back as a
 //! [`LossError`] naming the input.
 //!
@@ -75,10 +76,10 @@ pub use divergence::{
     Divergence, DivergenceLoss, DivergenceLossConfig, divergence, forward_kl, generalized_jsd, reverse_kl, skew_kl,
     skew_reverse_kl, soft_cross_entropy, symmetric_kl, total_variation,
 };
-pub use dkd::{DkdLoss, DkdLossConfig};
+pub use dkd::{DkdLoss, DkdLossConfig, decoupled_kd};
 pub use error::{LossError, Result};
-pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms};
+pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};
 pub use reduction::{Reduction, valid_mask};
-pub use sparse::{SparseKlLoss, SparseKlLossConfig, TailPolicy};
+pub use sparse::{SparseKlLoss, SparseKlLossConfig, TailPolicy, sparse_forward_kl};
 pub use temperature::{temperature_log_softmax, temperature_softmax};
 pub use vocab::VocabPolicy;

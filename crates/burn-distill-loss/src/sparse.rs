@@ -249,3 +249,25 @@ impl SparseKlLoss {
         top_term + tail_term
     }
 }
+
+/// Forward KL to a top-k teacher in one call (no `T²` factor).
+///
+/// # Shapes
+/// As [`SparseKlLoss::forward`].
+///
+/// # Errors
+/// As [`SparseKlLoss::forward`], plus an invalid `temperature`.
+pub fn sparse_forward_kl<const D: usize>(
+    student_logits: Tensor<D>,
+    teacher_indices: Tensor<D, Int>,
+    teacher_log_probs: Tensor<D>,
+    tail: TailPolicy,
+    temperature: f64,
+    reduction: Reduction,
+) -> crate::Result<Tensor<1>> {
+    SparseKlLossConfig::new()
+        .with_tail(tail)
+        .with_temperature(temperature)
+        .try_init()?
+        .forward(student_logits, teacher_indices, teacher_log_probs, reduction)
+}

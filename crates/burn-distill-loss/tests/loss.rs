@@ -303,7 +303,7 @@ fn divergence_of_a_distribution_with_itself_is_zero() {
     let shape = [5, 3, 11];
     let logits = random_logits(&shape, 4.0, 1);
     for named in devices() {
-        for divergence in all_divergences() {
+        for divergence in Divergence::ALL {
             let a = floats::<3>(&logits, &shape, &named.device);
             let value = scalar(
                 DivergenceLossConfig::new(divergence)
@@ -319,19 +319,6 @@ fn divergence_of_a_distribution_with_itself_is_zero() {
             }
         }
     }
-}
-
-fn all_divergences() -> Vec<Divergence> {
-    vec![
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::SymmetricKl,
-        Divergence::GeneralizedJsd { beta: 0.3 },
-        Divergence::SkewKl { alpha: 0.1 },
-        Divergence::SkewReverseKl { alpha: 0.1 },
-        Divergence::TotalVariation,
-        Divergence::SoftCrossEntropy,
-    ]
 }
 
 #[test]
@@ -527,7 +514,7 @@ fn teacher_given_as_log_probabilities_gives_the_same_loss() {
     let (s, t) = (random_logits(&shape, 3.0, 12), random_logits(&shape, 3.0, 13));
     for named in devices() {
         let device = &named.device;
-        for divergence in all_divergences() {
+        for divergence in Divergence::ALL {
             let loss = DivergenceLossConfig::new(divergence).with_temperature(3.0).init();
             let from_logits = scalar(
                 loss.forward(
@@ -578,7 +565,12 @@ fn no_gradient_reaches_the_teacher() {
 
 #[test]
 fn vocabulary_policies_pad_and_truncate() {
-    let device = &devices()[0].device;
+    for named in devices() {
+        vocabulary_policies_on(&named.device);
+    }
+}
+
+fn vocabulary_policies_on(device: &Device) {
     let s = random_logits(&[2, 6], 3.0, 16);
     let t = random_logits(&[2, 9], 3.0, 17);
     let student = || floats::<2>(&s, &[2, 6], device);
@@ -611,7 +603,12 @@ fn vocabulary_policies_pad_and_truncate() {
 
 #[test]
 fn llm_vocabularies_151936_and_152064_truncate() {
-    let device = &devices()[0].device;
+    for named in devices() {
+        llm_vocabularies_on(&named.device);
+    }
+}
+
+fn llm_vocabularies_on(device: &Device) {
     let student = floats::<3>(&random_logits(&[1, 2, 151_936], 5.0, 18), &[1, 2, 151_936], device);
     let teacher = floats::<3>(&random_logits(&[1, 2, 152_064], 5.0, 19), &[1, 2, 152_064], device);
     let strict = forward_kl(student.clone(), teacher.clone(), 1.0, Reduction::BatchMean);
@@ -905,7 +902,7 @@ fn devices_agree() {
             let grad = to_vec(student.grad(&loss.backward()).unwrap());
             values.push((scalar(loss), grad));
         };
-        for divergence in all_divergences() {
+        for divergence in Divergence::ALL {
             let student = floats::<3>(&s, &shape, &device).require_grad();
             let loss = DivergenceLossConfig::new(divergence)
                 .with_temperature(2.0)
@@ -952,5 +949,71 @@ fn devices_agree() {
             "CI builds ndarray, flex and wgpu: only {} devices ran",
             results.len()
         );
+    }
+}
+
+#[test]
+fn plain_functions_equal_their_modules() {
+    let shape = [3, 6];
+    let (s, t) = (random_logits(&shape, 3.0, 24), random_logits(&shape, 3.0, 25));
+    for named in devices() {
+        let device = &named.device;
+        let student = || floats::<2>(&s, &shape, device);
+        let teacher = || floats::<2>(&t, &shape, device);
+        let labels = || ints::<1>(&[5, 0, 2], &[3], device);
+        let pairs = [
+            (
+                hinton_kd(student(), teacher(), labels(), 0.3, 5.0, Reduction::Sum).unwrap(),
+                HintonKdLossConfig::new()
+                    .with_alpha(0.3)
+                    .with_temperature(5.0)
+                    .init()
+                    .forward(student(), teacher(), labels(), Reduction::Sum)
+                    .unwrap(),
+            ),
+            (
+                decoupled_kd(student(), teacher(), labels(), 2.0, 3.0, 2.0, Reduction::Sum).unwrap(),
+                DkdLossConfig::new()
+                    .with_alpha(2.0)
+                    .with_beta(3.0)
+                    .with_temperature(2.0)
+                    .init()
+                    .forward(student(), teacher(), labels(), Reduction::Sum)
+                    .unwrap(),
+            ),
+            (
+                skew_reverse_kl(student(), teacher(), 0.2, 3.0, Reduction::Sum).unwrap(),
+                DivergenceLossConfig::new(Divergence::SkewReverseKl { alpha: 0.2 })
+                    .with_temperature(3.0)
+                    .init()
+                    .forward(student(), teacher(), Reduction::Sum)
+                    .unwrap(),
+            ),
+        ];
+        for (index, (plain, module)) in pairs.into_iter().enumerate() {
+            let (plain, module) = (scalar(plain), scalar(module));
+            assert!(
+                plain > 0.0 && plain == module,
+                "{} pair {index}: {plain} vs {module}",
+                named.name
+            );
+        }
+        let (values, indices) = activation::log_softmax(teacher(), 1).sort_descending_with_indices(1);
+        let values = values.slice([0..3, 0..2]);
+        let indices = indices.slice([0..3, 0..2]);
+        let plain = sparse_forward_kl(
+            student(),
+            indices.clone(),
+            values.clone(),
+            TailPolicy::UniformTail,
+            2.0,
+            Reduction::Sum,
+        );
+        let module = SparseKlLossConfig::new()
+            .with_tail(TailPolicy::UniformTail)
+            .with_temperature(2.0)
+            .init()
+            .forward(student(), indices, values, Reduction::Sum);
+        assert_eq!(scalar(plain.unwrap()), scalar(module.unwrap()));
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_distill::loss::{Divergence, DivergenceLossConfig, NamedDevice, Reduction, available_devices};
+use burn_distill::loss::{Divergence, DivergenceLossConfig, Reduction, runnable_devices};
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group};
 
 const SHAPES: [(usize, usize); 3] = [(256, 10), (256, 1000), (2048, 32000)];
@@ -23,18 +23,6 @@ fn logits(rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor<2> 
         })
         .collect();
     Tensor::from_data(TensorData::new(values, [rows, classes]), device)
-}
-
-/// Devices that can run here: a wgpu device without an adapter is left out.
-fn runnable_devices() -> Vec<NamedDevice> {
-    available_devices()
-        .into_iter()
-        .filter(|named| {
-            let device = named.device.clone();
-            std::panic::catch_unwind(move || Tensor::<1>::from_floats([1.0], &device).into_scalar::<f32>() == 1.0)
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 fn bench_losses(c: &mut Criterion) {

@@ -53,3 +53,51 @@ pub fn device_by_name(name: &str) -> Option<Device> {
         .find(|named| named.name == name)
         .map(|named| named.device)
 }
+
+/// Whether `device` can run here: a tiny computation on it, with a panic (a wgpu device on a
+/// machine without an adapter) caught and reported as `false`.
+pub fn device_works(device: &Device) -> bool {
+    let device = device.clone();
+    std::panic::catch_unwind(move || {
+        burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device)
+            .sum()
+            .into_scalar::<f32>()
+            == 3.0
+    })
+    .unwrap_or(false)
+}
+
+/// The devices of [`available_devices`] that [work](device_works) on this machine.
+pub fn runnable_devices() -> Vec<NamedDevice> {
+    available_devices()
+        .into_iter()
+        .filter(|named| device_works(&named.device))
+        .collect()
+}
+
+/// The devices a test suite should run on: every compiled-in device that works here.
+///
+/// A device that does not work (a wgpu device without an adapter) is skipped with a message on
+/// stderr, except when the `CI` environment variable is set (and not `false`): CI is expected
+/// to provide every compiled backend (wgpu through Mesa's lavapipe), so there it panics.
+///
+/// # Panics
+/// Under CI, when a compiled-in device does not work.
+pub fn devices_for_tests() -> Vec<NamedDevice> {
+    let in_ci = std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false");
+    available_devices()
+        .into_iter()
+        .filter(|named| {
+            let works = device_works(&named.device);
+            assert!(
+                works || !in_ci,
+                "CI expects the {} device to work (for wgpu: apt-get install mesa-vulkan-drivers), it does not",
+                named.name
+            );
+            if !works {
+                eprintln!("the {} device does not work here: skipping it", named.name);
+            }
+            works
+        })
+        .collect()
+}

@@ -71,7 +71,7 @@ mod sparse;
 mod temperature;
 mod vocab;
 
-pub use device::{NamedDevice, available_devices, device_by_name};
+pub use device::{NamedDevice, available_devices, device_by_name, device_works, devices_for_tests, runnable_devices};
 pub use divergence::{
     Divergence, DivergenceLoss, DivergenceLossConfig, divergence, forward_kl, generalized_jsd, reverse_kl, skew_kl,
     skew_reverse_kl, soft_cross_entropy, symmetric_kl, total_variation,

@@ -1,5 +1,39 @@
-//! Teachers and students for knowledge distillation with burn.
+//! Teachers and students for knowledge distillation with [burn](https://burn.dev).
 //!
-//! This crate will hold the `Teacher` and `Student` traits, ensembles, feature taps and the
-//! reference models (issue 3). It is empty for now so that the workspace has its final shape.
+//! # Overview
+//!
+//! A [`Teacher`] turns a batch into [`TeacherOutput`] (logits plus named features) and can
+//! never receive a gradient: its outputs carry no autodiff by construction, and a module teacher
+//! ([`FrozenTeacher`], [`FnTeacher`]) is kept in validation mode and fed inputs without autodiff.
+//! A teacher need not be a module: an [`Ensemble`], or later a cache of outputs, is one too.
+//! A [`Student`] returns [`StudentOutput`] on an autodiff device for the training step.
+//!
+//! Any burn module becomes both by implementing [`TappedForward`] (a forward pass that also
+//! reports named features); [`Connector`]s map a student feature to a teacher's width for hint
+//! losses; [`Cost`] gives parameter counts and FLOPs.
+//!
+//! # Reference models
+//!
+//! - [`Mlp`]: Hinton et al.'s MNIST teacher (784-1200-1200-10, dropout) and student
+//!   (784-800-800-10), any widths by config.
+//!
+//! # Supported Rust versions
+//!
+//! Rust 1.95 or newer.
 #![warn(missing_docs)]
+
+mod base;
+mod connector;
+mod cost;
+mod ensemble;
+mod error;
+mod mlp;
+mod output;
+
+pub use base::{FnTeacher, FrozenTeacher, Student, TappedForward, Teacher, TeacherInput};
+pub use connector::{Connector, ConnectorConfig, ConnectorKind};
+pub use cost::{Compression, Cost};
+pub use ensemble::{Combine, Ensemble};
+pub use error::{ModelError, Result};
+pub use mlp::{Mlp, MlpConfig};
+pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};

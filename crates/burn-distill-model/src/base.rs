@@ -1,0 +1,177 @@
+//! The `Teacher` and `Student` traits and the adapters that turn burn modules into them.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::kind::Autodiff;
+
+use crate::error::Result;
+use crate::output::{Features, StudentOutput, TeacherOutput, select_taps};
+
+/// Something that gives teacher outputs for a batch: a live model, an ensemble, a cache of
+/// pre-computed outputs. Nothing here assumes a module.
+///
+/// `D` is the rank of the logits: 2 for `[batch, classes]`, 3 for `[batch, seq, vocab]`.
+/// Outputs are [`TeacherOutput`]s, which carry no autodiff, so no gradient can reach a teacher.
+pub trait Teacher<I, const D: usize> {
+    /// The teacher's logits for `input`, with the features named in `taps`.
+    ///
+    /// # Errors
+    /// [`ModelError::UnknownTap`](crate::ModelError::UnknownTap) for a tap the teacher lacks.
+    fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>>;
+
+    /// The number of classes (vocabulary size) of the logits.
+    fn num_classes(&self) -> usize;
+}
+
+/// A model being trained: its outputs keep their autodiff graph.
+pub trait Student<I, const D: usize> {
+    /// The student's logits for `input`, with the features named in `taps`.
+    ///
+    /// # Errors
+    /// [`ModelError::UnknownTap`](crate::ModelError::UnknownTap) for a tap the student lacks.
+    fn learn(&self, input: I, taps: &[&str]) -> Result<StudentOutput<D>>;
+}
+
+/// A burn module whose forward pass also reports named intermediate features.
+///
+/// Implementing it is all a model needs to become a [`Student`] (blanket implementation) and,
+/// wrapped in [`FrozenTeacher`], a [`Teacher`]:
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::tensor::{Device, Tensor};
+/// use burn_distill_model::{Features, FrozenTeacher, Student, TappedForward, Teacher};
+///
+/// #[derive(Module, Debug)]
+/// struct MyNet {
+///     layer: Linear,
+/// }
+///
+/// impl TappedForward<Tensor<2>, 2> for MyNet {
+///     fn forward_tapped(&self, input: Tensor<2>) -> (Tensor<2>, Features) {
+///         (self.layer.forward(input), Features::new())
+///     }
+///     fn num_classes(&self) -> usize {
+///         self.layer.weight.val().dims()[1]
+///     }
+/// }
+///
+/// # let device = burn_distill_loss::available_devices().remove(0).device;
+/// let net = MyNet { layer: LinearConfig::new(4, 3).init(&device) };
+/// let teacher = FrozenTeacher::new(&net);
+/// let input = Tensor::<2>::ones([2, 4], &device);
+/// let soft = teacher.teach(input.clone(), &[]).unwrap();
+/// assert_eq!(soft.logits().dims(), [2, 3]);
+///
+/// let student_out = net.learn(input, &[]).unwrap();
+/// assert_eq!(student_out.logits.dims(), [2, 3]);
+/// ```
+pub trait TappedForward<I, const D: usize>: Module {
+    /// Logits and every feature the model can tap.
+    fn forward_tapped(&self, input: I) -> (Tensor<D>, Features);
+
+    /// The number of classes of the logits.
+    fn num_classes(&self) -> usize;
+}
+
+impl<M, I, const D: usize> Student<I, D> for M
+where
+    M: TappedForward<I, D>,
+{
+    fn learn(&self, input: I, taps: &[&str]) -> Result<StudentOutput<D>> {
+        let (logits, features) = self.forward_tapped(input);
+        Ok(StudentOutput {
+            logits,
+            features: select_taps(features, taps)?,
+        })
+    }
+}
+
+/// Inputs a teacher can take off the autodiff device before its forward pass, so that not a
+/// single teacher operation is recorded in a graph.
+pub trait TeacherInput {
+    /// The same input without autodiff.
+    fn without_autodiff(self) -> Self;
+}
+
+impl<const D: usize, K: Autodiff> TeacherInput for Tensor<D, K> {
+    fn without_autodiff(self) -> Self {
+        Tensor::without_autodiff(self)
+    }
+}
+
+impl<A: TeacherInput, B: TeacherInput> TeacherInput for (A, B) {
+    fn without_autodiff(self) -> Self {
+        (self.0.without_autodiff(), self.1.without_autodiff())
+    }
+}
+
+/// A module used as a teacher: kept in validation mode ([`Module::valid`]: no autodiff, no
+/// dropout) and fed inputs without autodiff.
+#[derive(Debug, Clone)]
+pub struct FrozenTeacher<M> {
+    module: M,
+}
+
+impl<M: Module> FrozenTeacher<M> {
+    /// Freezes a copy of `module` for teaching.
+    pub fn new(module: &M) -> Self {
+        Self { module: module.valid() }
+    }
+
+    /// The frozen module.
+    pub fn module(&self) -> &M {
+        &self.module
+    }
+}
+
+impl<M, I, const D: usize> Teacher<I, D> for FrozenTeacher<M>
+where
+    M: TappedForward<I, D>,
+    I: TeacherInput,
+{
+    fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>> {
+        let (logits, features) = self.module.forward_tapped(input.without_autodiff());
+        Ok(TeacherOutput::new(logits, select_taps(features, taps)?))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.module.num_classes()
+    }
+}
+
+/// Any module with a forward function as a teacher, without implementing a trait:
+/// `FnTeacher::new(&model, 10, |m, x| m.forward(x))`. It has no feature taps.
+#[derive(Debug, Clone)]
+pub struct FnTeacher<M, F> {
+    module: M,
+    classes: usize,
+    forward: F,
+}
+
+impl<M: Module, F> FnTeacher<M, F> {
+    /// Freezes a copy of `module` ([`Module::valid`]) with its forward function.
+    pub fn new(module: &M, classes: usize, forward: F) -> Self {
+        Self {
+            module: module.valid(),
+            classes,
+            forward,
+        }
+    }
+}
+
+impl<M, F, I, const D: usize> Teacher<I, D> for FnTeacher<M, F>
+where
+    F: Fn(&M, I) -> Tensor<D>,
+    I: TeacherInput,
+{
+    fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>> {
+        let logits = (self.forward)(&self.module, input.without_autodiff());
+        Ok(TeacherOutput::new(logits, select_taps(Features::new(), taps)?))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+}

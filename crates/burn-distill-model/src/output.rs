@@ -1,0 +1,121 @@
+//! What teachers and students return: logits plus named intermediate features.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Tensor;
+
+use crate::error::{ModelError, Result};
+
+/// An intermediate output of a model, tapped by name for feature (hint) losses.
+#[derive(Debug, Clone)]
+pub enum Feature {
+    /// `[batch, width]`, e.g. an MLP hidden layer.
+    Vector(Tensor<2>),
+    /// `[batch, seq, width]`, e.g. a transformer block's output.
+    Sequence(Tensor<3>),
+    /// `[batch, channels, height, width]`, e.g. a convolution's output.
+    Map(Tensor<4>),
+}
+
+impl Feature {
+    /// The feature's shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Feature::Vector(t) => t.dims().to_vec(),
+            Feature::Sequence(t) => t.dims().to_vec(),
+            Feature::Map(t) => t.dims().to_vec(),
+        }
+    }
+
+    /// The width a connector maps: the last dimension, or the channels of a map.
+    pub fn width(&self) -> usize {
+        match self {
+            Feature::Vector(t) => t.dims()[1],
+            Feature::Sequence(t) => t.dims()[2],
+            Feature::Map(t) => t.dims()[1],
+        }
+    }
+
+    fn without_autodiff(self) -> Self {
+        match self {
+            Feature::Vector(t) => Feature::Vector(t.without_autodiff()),
+            Feature::Sequence(t) => Feature::Sequence(t.without_autodiff()),
+            Feature::Map(t) => Feature::Map(t.without_autodiff()),
+        }
+    }
+}
+
+/// Named features, in name order.
+pub type Features = BTreeMap<String, Feature>;
+
+/// Picks the requested taps out of everything a model computed; unknown names are an error.
+///
+/// Models call this with all their taps; the forward pass costs the same either way, and only
+/// the requested ones are kept (and so kept alive) for the loss.
+pub fn select_taps(mut all: Features, taps: &[&str]) -> Result<Features> {
+    let mut selected = Features::new();
+    for &name in taps {
+        match all.remove(name) {
+            Some(feature) => {
+                selected.insert(name.to_string(), feature);
+            }
+            None if selected.contains_key(name) => {}
+            None => {
+                let mut available: Vec<String> = all.keys().cloned().collect();
+                available.extend(selected.keys().cloned());
+                available.sort();
+                return Err(ModelError::UnknownTap {
+                    name: name.to_string(),
+                    available,
+                });
+            }
+        }
+    }
+    Ok(selected)
+}
+
+/// A teacher's output. It never carries autodiff: [`TeacherOutput::new`] strips it, so no
+/// gradient can flow into a teacher through its outputs, whatever the teacher is.
+#[derive(Debug, Clone)]
+pub struct TeacherOutput<const D: usize> {
+    logits: Tensor<D>,
+    features: Features,
+}
+
+impl<const D: usize> TeacherOutput<D> {
+    /// Wraps logits and features, dropping any autodiff association they have.
+    pub fn new(logits: Tensor<D>, features: Features) -> Self {
+        Self {
+            logits: logits.without_autodiff(),
+            features: features
+                .into_iter()
+                .map(|(name, feature)| (name, feature.without_autodiff()))
+                .collect(),
+        }
+    }
+
+    /// The logits, `[batch, classes]` or `[batch, seq, vocab]`.
+    pub fn logits(&self) -> &Tensor<D> {
+        &self.logits
+    }
+
+    /// The requested features.
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    /// Logits and features, by value.
+    pub fn into_parts(self) -> (Tensor<D>, Features) {
+        (self.logits, self.features)
+    }
+}
+
+/// A student's output: logits and features that keep their autodiff graph for the backward
+/// pass.
+#[derive(Debug, Clone)]
+pub struct StudentOutput<const D: usize> {
+    /// The logits, `[batch, classes]` or `[batch, seq, vocab]`.
+    pub logits: Tensor<D>,
+    /// The requested features.
+    pub features: Features,
+}

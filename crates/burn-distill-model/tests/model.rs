@@ -1,0 +1,278 @@
+//! The model crate's test harness, on every device this build has.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor, TensorData, activation};
+use burn_distill_loss::{HintonKdLossConfig, NamedDevice, Reduction, devices_for_tests};
+use burn_distill_model::*;
+
+fn devices() -> Vec<NamedDevice> {
+    devices_for_tests()
+}
+
+/// Host-made inputs in [0, 1), identical on every device.
+fn inputs(rows: usize, width: usize, seed: u32, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..rows * width)
+        .map(|i| {
+            ((i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(97))
+                >> 8) as f32
+                / (1u32 << 24) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, width]), device)
+}
+
+fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().iter::<f32>().collect()
+}
+
+#[test]
+fn hinton_mlps_have_the_papers_sizes() {
+    let device = &devices()[0].device;
+    let teacher = MlpConfig::hinton_teacher().init(device);
+    let student = MlpConfig::hinton_student().init(device);
+    assert_eq!(teacher.widths(), vec![784, 1200, 1200, 10]);
+    assert_eq!(student.widths(), vec![784, 800, 800, 10]);
+    // Weights plus biases, layer by layer.
+    let teacher_params = 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10;
+    let student_params = 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10;
+    assert_eq!(teacher.parameter_count(), teacher_params);
+    assert_eq!(student.parameter_count(), student_params);
+    // 2 FLOPs per multiply-add, 1 per bias.
+    assert_eq!(
+        teacher.flops_per_example(),
+        (2 * teacher_params - 1200 - 1200 - 10) as u64
+    );
+    let compression = Compression::between(&teacher, &student);
+    assert!((compression.size_ratio - teacher_params as f64 / student_params as f64).abs() < 1e-12);
+    assert!(compression.size_ratio > 1.8 && compression.compute_ratio > 1.8);
+}
+
+#[test]
+fn mlp_shapes_taps_and_unknown_taps() {
+    for named in devices() {
+        let device = &named.device;
+        let mlp = MlpConfig::new(12, vec![7, 5], 3).init(device);
+        let out = mlp.learn(inputs(4, 12, 1, device), &["hidden.1", "hidden.0"]).unwrap();
+        assert_eq!(out.logits.dims(), [4, 3]);
+        assert_eq!(out.features["hidden.0"].dims(), vec![4, 7]);
+        assert_eq!(out.features["hidden.1"].dims(), vec![4, 5]);
+        match mlp.learn(inputs(4, 12, 1, device), &["hidden.9"]) {
+            Err(ModelError::UnknownTap { name, available }) => {
+                assert_eq!(name, "hidden.9");
+                assert_eq!(available, vec!["hidden.0".to_string(), "hidden.1".to_string()]);
+            }
+            other => panic!("{}: expected UnknownTap, got {other:?}", named.name),
+        }
+    }
+}
+
+#[test]
+fn frozen_teacher_is_deterministic_and_carries_no_autodiff() {
+    for named in devices() {
+        let device = named.device.clone().autodiff();
+        // Dropout on: a module in training mode gives different outputs each call.
+        let model = MlpConfig::new(10, vec![32], 4).with_dropout(0.5).init(&device);
+        let teacher = FrozenTeacher::new(&model);
+        let input = inputs(6, 10, 2, &device);
+        let first = teacher.teach(input.clone(), &["hidden.0"]).unwrap();
+        let second = teacher.teach(input.clone(), &[]).unwrap();
+        assert!(
+            !first.logits().is_autodiff(),
+            "{}: teacher logits carry autodiff",
+            named.name
+        );
+        match &first.features()["hidden.0"] {
+            Feature::Vector(t) => assert!(!t.is_autodiff()),
+            other => panic!("unexpected feature {other:?}"),
+        }
+        assert_eq!(
+            values(first.logits().clone()),
+            values(second.logits().clone()),
+            "{}",
+            named.name
+        );
+        let trained_a = values(model.forward(input.clone()));
+        let trained_b = values(model.forward(input));
+        assert_ne!(
+            trained_a, trained_b,
+            "{}: dropout should be active in training mode",
+            named.name
+        );
+    }
+}
+
+#[test]
+fn teacher_parameters_are_bit_identical_after_a_student_step() {
+    for named in devices() {
+        let device = named.device.clone().autodiff();
+        let teacher_model = MlpConfig::new(16, vec![24], 5).init(&device);
+        let teacher = FrozenTeacher::new(&teacher_model);
+        let mut student = MlpConfig::new(16, vec![8], 5).init(&device);
+        let snapshot = |m: &Mlp| -> Vec<Vec<u32>> {
+            let mut visitor = ParameterBits(Vec::new());
+            m.visit(&mut visitor);
+            visitor.0
+        };
+        let teacher_before = snapshot(teacher.module());
+        let student_before = snapshot(&student);
+
+        let input = inputs(8, 16, 3, &device);
+        let labels = burn::tensor::Tensor::<1, burn::tensor::Int>::from_ints([0, 1, 2, 3, 4, 0, 1, 2], &device);
+        let soft = teacher.teach(input.clone(), &[]).unwrap();
+        let out = student.learn(input, &[]).unwrap();
+        let loss = HintonKdLossConfig::new()
+            .init()
+            .forward(out.logits, soft.logits().clone(), labels, Reduction::BatchMean)
+            .unwrap();
+        let grads = GradientsParams::from_grads(loss.backward(), &student);
+        let mut optimizer = SgdConfig::new().init();
+        student = optimizer.step(0.5, student, grads);
+
+        assert_eq!(
+            snapshot(teacher.module()),
+            teacher_before,
+            "{}: the teacher changed",
+            named.name
+        );
+        assert_ne!(
+            snapshot(&student),
+            student_before,
+            "{}: the student did not train",
+            named.name
+        );
+    }
+}
+
+/// Every float parameter's bits, in visiting order.
+struct ParameterBits(Vec<Vec<u32>>);
+
+impl ModuleVisitor for ParameterBits {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(values(param.val()).iter().map(|v| v.to_bits()).collect());
+    }
+}
+
+#[test]
+fn fn_teacher_wraps_any_forward() {
+    for named in devices() {
+        let device = &named.device;
+        let model = MlpConfig::new(6, vec![], 3).init(device);
+        let teacher = FnTeacher::new(&model, 3, |m: &Mlp, x: Tensor<2>| m.forward(x));
+        let out = teacher.teach(inputs(2, 6, 4, device), &[]).unwrap();
+        assert_eq!(
+            values(out.logits().clone()),
+            values(model.forward(inputs(2, 6, 4, device)))
+        );
+        assert_eq!(Teacher::<Tensor<2>, 2>::num_classes(&teacher), 3);
+        assert!(matches!(
+            teacher.teach(inputs(2, 6, 4, device), &["x"]),
+            Err(ModelError::UnknownTap { .. })
+        ));
+    }
+}
+
+#[test]
+fn ensemble_averages_probabilities_or_logits_and_checks_classes() {
+    for named in devices() {
+        let device = &named.device;
+        let a = MlpConfig::new(5, vec![4], 3).init(device);
+        let b = MlpConfig::new(5, vec![6], 3).init(device);
+        let input = inputs(7, 5, 5, device);
+        let (la, lb) = (a.forward(input.clone()), b.forward(input.clone()));
+        let members = || -> Vec<(Box<dyn Teacher<Tensor<2>, 2>>, f64)> {
+            vec![
+                (Box::new(FrozenTeacher::new(&a)), 1.0),
+                (Box::new(FrozenTeacher::new(&b)), 3.0),
+            ]
+        };
+
+        let probabilities = Ensemble::new(members(), Combine::Probabilities).unwrap();
+        assert_eq!(probabilities.weights(), vec![0.25, 0.75]);
+        let got = activation::softmax(probabilities.teach(input.clone(), &[]).unwrap().into_parts().0, 1);
+        let expected =
+            activation::softmax(la.clone(), 1).mul_scalar(0.25) + activation::softmax(lb.clone(), 1).mul_scalar(0.75);
+        for (g, e) in values(got).iter().zip(values(expected)) {
+            assert!((g - e).abs() < 1e-6, "{}: {g} vs {e}", named.name);
+        }
+
+        let logits = Ensemble::new(members(), Combine::Logits).unwrap();
+        let got = values(logits.teach(input.clone(), &[]).unwrap().into_parts().0);
+        let expected = values(la.mul_scalar(0.25) + lb.mul_scalar(0.75));
+        for (g, e) in got.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-5, "{}: {g} vs {e}", named.name);
+        }
+
+        let four = MlpConfig::new(5, vec![4], 4).init(device);
+        let mismatched: Vec<(Box<dyn Teacher<Tensor<2>, 2>>, f64)> = vec![
+            (Box::new(FrozenTeacher::new(&a)), 1.0),
+            (Box::new(FrozenTeacher::new(&four)), 1.0),
+        ];
+        assert_eq!(
+            Ensemble::new(mismatched, Combine::Probabilities).unwrap_err(),
+            ModelError::ClassMismatch {
+                index: 1,
+                classes: 4,
+                expected: 3
+            }
+        );
+        assert!(matches!(
+            Ensemble::<Tensor<2>, 2>::new(vec![], Combine::Logits),
+            Err(ModelError::InvalidEnsemble { .. })
+        ));
+        let negative: Vec<(Box<dyn Teacher<Tensor<2>, 2>>, f64)> = vec![(Box::new(FrozenTeacher::new(&a)), -1.0)];
+        assert!(matches!(
+            Ensemble::new(negative, Combine::Logits),
+            Err(ModelError::InvalidEnsemble { .. })
+        ));
+    }
+}
+
+#[test]
+fn connectors_map_features_and_train() {
+    for named in devices() {
+        let device = named.device.clone().autodiff();
+        let linear = ConnectorConfig::new(8, 12).init(&device);
+        let vector = Feature::Vector(inputs(3, 8, 6, &device));
+        match linear.forward(vector).unwrap() {
+            Feature::Vector(t) => {
+                assert_eq!(t.dims(), [3, 12]);
+                let grads = t.sum().backward();
+                let params = GradientsParams::from_grads(grads, &linear);
+                assert!(!params.is_empty(), "{}: the connector got no gradient", named.name);
+            }
+            other => panic!("{other:?}"),
+        }
+        let conv = ConnectorConfig::new(4, 6)
+            .with_kind(ConnectorKind::Conv1x1)
+            .init(&device);
+        let map = Feature::Map(inputs(2 * 4, 9, 7, &device).reshape([2, 4, 3, 3]));
+        assert_eq!(conv.forward(map.clone()).unwrap().dims(), vec![2, 6, 3, 3]);
+        assert!(matches!(linear.forward(map), Err(ModelError::FeatureShape { .. })));
+        assert!(matches!(
+            conv.forward(Feature::Vector(inputs(2, 4, 8, &device))),
+            Err(ModelError::FeatureShape { .. })
+        ));
+        assert!(matches!(
+            linear.forward(Feature::Vector(inputs(2, 9, 8, &device))),
+            Err(ModelError::FeatureShape { .. })
+        ));
+    }
+}
+
+#[test]
+fn devices_agree_on_the_same_weights() {
+    let devices = devices();
+    let reference = MlpConfig::hinton_student().init(&devices[0].device);
+    let expected = values(reference.forward(inputs(5, 784, 9, &devices[0].device)));
+    for named in &devices[1..] {
+        let moved = reference.clone().to_device(&named.device);
+        let got = values(moved.forward(inputs(5, 784, 9, &named.device)));
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() <= 1e-5 * scale.max(1.0), "{}: {g} vs {e}", named.name);
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! A tour of the distillation losses on one device.
 //!
 //! ```text
-//! cargo run --release --example loss_tour -- [--device ndarray|flex|wgpu|cuda]
+//! cargo run --release --features flex --example loss_tour -- [--device ndarray|flex|wgpu|cuda]
 //! ```
 //!
 //! It prints every divergence between a teacher and a student at several temperatures, then

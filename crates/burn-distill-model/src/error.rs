@@ -37,6 +37,36 @@ pub enum ModelError {
         /// The shape given.
         actual: Vec<usize>,
     },
+    /// A weight file could not be read or written.
+    #[error("weights {path}: {reason}")]
+    WeightFile {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A tensor in a weight file does not fit the model.
+    #[error("weights {path}: tensor {key:?} has shape {found:?}, the model expects {expected:?}")]
+    WeightShape {
+        /// The file.
+        path: String,
+        /// The tensor's key in the model (after key remapping).
+        key: String,
+        /// The model's shape.
+        expected: Vec<usize>,
+        /// The file's shape.
+        found: Vec<usize>,
+    },
+    /// The model has tensors the file does not provide.
+    #[error("weights {path}: missing {missing:?} (the file has {unused:?} that match nothing)")]
+    MissingWeights {
+        /// The file.
+        path: String,
+        /// Model tensors without a value in the file.
+        missing: Vec<String>,
+        /// File tensors that matched no model tensor (often a key-mapping problem).
+        unused: Vec<String>,
+    },
 }
 
 /// The result type of this crate.

@@ -10,7 +10,9 @@
 //!
 //! Any burn module becomes both by implementing [`TappedForward`] (a forward pass that also
 //! reports named features); [`Connector`]s map a student feature to a teacher's width for hint
-//! losses; [`Cost`] gives parameter counts and FLOPs.
+//! losses; [`Cost`] gives parameter counts and FLOPs. [`save_weights`] / [`load_weights`]
+//! keep models in burnpack or safetensors files, and [`import_pytorch_safetensors`] brings in a
+//! teacher trained in PyTorch.
 //!
 //! # Reference models
 //!
@@ -29,6 +31,7 @@ mod ensemble;
 mod error;
 mod mlp;
 mod output;
+mod weights;
 
 pub use base::{FnTeacher, FrozenTeacher, Student, TappedForward, Teacher, TeacherInput};
 pub use connector::{Connector, ConnectorConfig, ConnectorKind};
@@ -37,3 +40,4 @@ pub use ensemble::{Combine, Ensemble};
 pub use error::{ModelError, Result};
 pub use mlp::{Mlp, MlpConfig};
 pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};
+pub use weights::{WeightFormat, import_pytorch_safetensors, load_weights, save_weights};

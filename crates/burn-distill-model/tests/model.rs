@@ -276,3 +276,135 @@ fn devices_agree_on_the_same_weights() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Weights
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("burn-distill-model-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn saved_models_load_back_identically_on_every_device() {
+    let dir = scratch_dir("roundtrip");
+    let devices = devices();
+    let source = &devices[0].device;
+    let model = MlpConfig::new(20, vec![9, 7], 4).init(source);
+    let expected = values(model.forward(inputs(3, 20, 10, source)));
+    for file in ["mlp.bpk", "mlp.safetensors"] {
+        let path = dir.join(file);
+        save_weights(&model, &path).unwrap();
+        // Saving again replaces the file and leaves no temporary behind.
+        save_weights(&model, &path).unwrap();
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        for named in &devices {
+            let fresh = MlpConfig::new(20, vec![9, 7], 4).init(&named.device);
+            let loaded = load_weights(fresh, &path).unwrap();
+            let got = values(loaded.forward(inputs(3, 20, 10, &named.device)));
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(
+                    (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "{file} on {}: {g} vs {e}",
+                    named.name
+                );
+            }
+            if named.name == devices[0].name {
+                assert_eq!(got, expected, "{file}: same device must give the very same numbers");
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[derive(serde::Deserialize)]
+struct TorchReference {
+    widths: Vec<usize>,
+    classes: usize,
+    input: Vec<f32>,
+    input_shape: Vec<usize>,
+    output: Vec<f32>,
+}
+
+fn torch_reference() -> TorchReference {
+    serde_json::from_str(&std::fs::read_to_string(fixture("mlp.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn pytorch_teachers_import_and_match_pytorch_outputs() {
+    let reference = torch_reference();
+    for named in devices() {
+        let device = &named.device;
+        let architecture =
+            || MlpConfig::new(reference.widths[0], reference.widths[1..].to_vec(), reference.classes).init(device);
+        let input = Tensor::<2>::from_data(
+            TensorData::new(reference.input.clone(), reference.input_shape.clone()),
+            device,
+        );
+        let direct = import_pytorch_safetensors(architecture(), fixture("mlp.safetensors"), &[]).unwrap();
+        let remapped = import_pytorch_safetensors(
+            architecture(),
+            fixture("mlp_sequential.safetensors"),
+            &[(r"^0\.", "hidden.0."), (r"^2\.", "hidden.1."), (r"^4\.", "output.")],
+        )
+        .unwrap();
+        for (what, model) in [("direct", direct), ("remapped", remapped)] {
+            let got = values(model.forward(input.clone()));
+            for (g, e) in got.iter().zip(&reference.output) {
+                assert!(
+                    (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "{what} on {}: {g} vs {e}",
+                    named.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn weight_files_that_do_not_fit_are_refused_by_name() {
+    let device = &devices()[0].device;
+    let wrong_width = MlpConfig::new(12, vec![16, 9], 5).init(device);
+    match import_pytorch_safetensors(wrong_width, fixture("mlp.safetensors"), &[]) {
+        Err(ModelError::WeightShape {
+            key, expected, found, ..
+        }) => {
+            assert!(key.starts_with("hidden.1.") || key.starts_with("output."), "{key}");
+            assert_ne!(expected, found);
+            if key == "hidden.1.weight" {
+                assert_eq!((expected, found), (vec![16, 9], vec![16, 8]));
+            }
+        }
+        other => panic!("expected WeightShape, got {other:?}"),
+    }
+    let unmapped = MlpConfig::new(12, vec![16, 8], 5).init(device);
+    match import_pytorch_safetensors(unmapped, fixture("mlp_sequential.safetensors"), &[]) {
+        Err(ModelError::MissingWeights { missing, unused, .. }) => {
+            assert!(missing.contains(&"hidden.0.weight".to_string()), "{missing:?}");
+            assert!(unused.contains(&"0.weight".to_string()), "{unused:?}");
+        }
+        other => panic!("expected MissingWeights, got {other:?}"),
+    }
+    let absent = MlpConfig::new(12, vec![16, 8], 5).init(device);
+    assert!(matches!(
+        load_weights(absent, fixture("no-such-file.bpk")),
+        Err(ModelError::WeightFile { .. })
+    ));
+    let model = MlpConfig::new(12, vec![16, 8], 5).init(device);
+    assert!(matches!(
+        save_weights(&model, scratch_dir("ext").join("model.pt")),
+        Err(ModelError::WeightFile { .. })
+    ));
+}

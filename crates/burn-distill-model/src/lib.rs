@@ -18,6 +18,7 @@
 //!
 //! - [`Mlp`]: Hinton et al.'s MNIST teacher (784-1200-1200-10, dropout) and student
 //!   (784-800-800-10), any widths by config.
+//! - [`LeNet`]: a LeNet-5-like CNN for image inputs, channels and widths by config.
 //!
 //! # Supported Rust versions
 //!
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod base;
+mod cnn;
 mod connector;
 mod cost;
 mod ensemble;
@@ -34,6 +36,7 @@ mod output;
 mod weights;
 
 pub use base::{FnTeacher, FrozenTeacher, Student, TappedForward, Teacher, TeacherInput};
+pub use cnn::{LeNet, LeNetConfig};
 pub use connector::{Connector, ConnectorConfig, ConnectorKind};
 pub use cost::{Compression, Cost};
 pub use ensemble::{Combine, Ensemble};

@@ -408,3 +408,49 @@ fn weight_files_that_do_not_fit_are_refused_by_name() {
         Err(ModelError::WeightFile { .. })
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// LeNet
+
+#[test]
+fn lenet_shapes_taps_cost_and_gradients() {
+    for named in devices() {
+        let device = named.device.clone().autodiff();
+        let net = LeNetConfig::new().init(&device);
+        let images = inputs(3, 28 * 28, 11, &device).reshape([3, 1, 28, 28]);
+        let out = net.learn(images, &["conv.0", "conv.1", "hidden.1"]).unwrap();
+        assert_eq!(out.logits.dims(), [3, 10]);
+        assert_eq!(out.features["conv.0"].dims(), vec![3, 6, 28, 28]);
+        assert_eq!(out.features["conv.1"].dims(), vec![3, 16, 10, 10]);
+        assert_eq!(out.features["hidden.1"].dims(), vec![3, 84]);
+        let grads = GradientsParams::from_grads(out.logits.sum().backward(), &net);
+        assert!(
+            !grads.is_empty(),
+            "{}: no gradient reached the convolutions",
+            named.name
+        );
+    }
+    let device = &devices()[0].device;
+    let net = LeNetConfig::new().init(device);
+    // LeNet-5 on 28×28 with padding 2: conv 1→6 (5×5), conv 6→16, 400→120→84→10.
+    let params = (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10);
+    assert_eq!(net.parameter_count(), params);
+    let flops = 28 * 28 * 6 * (2 * 25 + 1)
+        + 10 * 10 * 16 * (2 * 150 + 1)
+        + (2 * 400 * 120 + 120)
+        + (2 * 120 * 84 + 84)
+        + (2 * 84 * 10 + 10);
+    assert_eq!(net.flops_per_example(), flops as u64);
+    // Other sizes and channel counts by config.
+    let rgb = LeNetConfig::new()
+        .with_input_channels(3)
+        .with_image_size(32)
+        .with_first_padding(0)
+        .with_classes(7)
+        .init(device);
+    assert_eq!(
+        rgb.forward(inputs(2, 3 * 32 * 32, 12, device).reshape([2, 3, 32, 32]))
+            .dims(),
+        [2, 7]
+    );
+}

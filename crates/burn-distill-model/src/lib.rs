@@ -19,6 +19,8 @@
 //! - [`Mlp`]: Hinton et al.'s MNIST teacher (784-1200-1200-10, dropout) and student
 //!   (784-800-800-10), any widths by config.
 //! - [`LeNet`]: a LeNet-5-like CNN for image inputs, channels and widths by config.
+//! - [`TransformerLm`]: a small decoder-only language model (causal, tied or untied head) with
+//!   seeded sampling ([`SamplingConfig`]: temperature, top-k, top-p).
 //!
 //! # Supported Rust versions
 //!
@@ -33,6 +35,8 @@ mod ensemble;
 mod error;
 mod mlp;
 mod output;
+mod sampling;
+mod transformer;
 mod weights;
 
 pub use base::{FnTeacher, FrozenTeacher, Student, TappedForward, Teacher, TeacherInput};
@@ -43,4 +47,6 @@ pub use ensemble::{Combine, Ensemble};
 pub use error::{ModelError, Result};
 pub use mlp::{Mlp, MlpConfig};
 pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};
+pub use sampling::{SamplingConfig, TokenRng, sample_token, sampling_distribution};
+pub use transformer::{TransformerLm, TransformerLmConfig};
 pub use weights::{WeightFormat, import_pytorch_safetensors, load_weights, save_weights};

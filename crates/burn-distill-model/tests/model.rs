@@ -454,3 +454,146 @@ fn lenet_shapes_taps_cost_and_gradients() {
         [2, 7]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transformer language model and sampling
+
+fn tokens(rows: &[&[i64]], device: &Device) -> Tensor<2, burn::tensor::Int> {
+    let width = rows[0].len();
+    let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
+}
+
+#[test]
+fn transformer_lm_is_causal_and_sized_by_config() {
+    for named in devices() {
+        let device = &named.device;
+        let lm = TransformerLmConfig::new(50, 16)
+            .with_width(32)
+            .with_heads(4)
+            .init(device);
+        let a = tokens(&[&[1, 2, 3, 4, 5, 6], &[7, 8, 9, 10, 11, 12]], device);
+        let b = tokens(&[&[1, 2, 3, 40, 41, 42], &[7, 8, 9, 10, 11, 49]], device);
+        let out = lm.learn(a.clone(), &["hidden"]).unwrap();
+        assert_eq!(out.logits.dims(), [2, 6, 50]);
+        assert_eq!(out.features["hidden"].dims(), vec![2, 6, 32]);
+        // Changing tokens from position 3 on leaves the logits of positions 0..3 unchanged.
+        let (la, lb) = (lm.forward(a), lm.forward(b));
+        let early = |t: Tensor<3>| values(t.slice([0..2, 0..3, 0..50]));
+        for (x, y) in early(la.clone()).iter().zip(early(lb.clone())) {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{}: attention is not causal",
+                named.name
+            );
+        }
+        assert_ne!(
+            values(la.slice([0..1, 3..6, 0..50])),
+            values(lb.slice([0..1, 3..6, 0..50]))
+        );
+    }
+    let device = &devices()[0].device;
+    let tied = TransformerLmConfig::new(50, 16).with_width(32).init(device);
+    let untied = TransformerLmConfig::new(50, 16)
+        .with_width(32)
+        .with_tied_head(false)
+        .init(device);
+    assert_eq!(untied.parameter_count() - tied.parameter_count(), 50 * 32);
+    let (w, v, n, layers) = (32u64, 50u64, 16u64, 2u64);
+    assert_eq!(
+        tied.flops_per_example(),
+        n * (layers * (8 * w * w + 4 * n * w + 16 * w * w) + 2 * w * v)
+    );
+}
+
+#[test]
+fn generation_is_reproducible_under_a_seed_and_greedy_follows_the_logits() {
+    for named in devices() {
+        let device = &named.device;
+        let lm = TransformerLmConfig::new(40, 8)
+            .with_width(16)
+            .with_heads(2)
+            .init(device);
+        let prompt = tokens(&[&[3, 1, 4], &[1, 5, 9]], device);
+        let sampling = SamplingConfig::new()
+            .with_temperature(1.5)
+            .with_top_k(Some(20))
+            .with_seed(7);
+        let first: Vec<i64> = lm
+            .generate(prompt.clone(), 10, &sampling)
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        let again: Vec<i64> = lm
+            .generate(prompt.clone(), 10, &sampling)
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        assert_eq!(first, again, "{}: same seed, different text", named.name);
+        assert_eq!(first.len(), 2 * 13);
+        assert_eq!(&first[..3], &[3, 1, 4]);
+        let other: Vec<i64> = lm
+            .generate(prompt.clone(), 10, &sampling.clone().with_seed(8))
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        assert_ne!(first, other, "{}: the seed does not change the stream", named.name);
+        // Greedy: each new token is the arg max of the model's logits at the previous position
+        // (checked for the first one), and the context window slides past 8 tokens.
+        let greedy = lm.generate(prompt.clone(), 9, &SamplingConfig::new().with_temperature(0.0));
+        assert_eq!(greedy.dims(), [2, 12]);
+        let logits = lm.forward(prompt);
+        let expected: Vec<i64> = logits
+            .slice([0..2, 2..3, 0..40])
+            .argmax(2)
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        let produced: Vec<i64> = greedy.slice([0..2, 3..4]).into_data().iter::<i64>().collect();
+        assert_eq!(produced, expected, "{}", named.name);
+    }
+}
+
+#[test]
+fn sampling_distribution_applies_temperature_top_k_and_top_p() {
+    let logits = [2.0f32, 1.0, 0.0, -1.0, 3.0];
+    let softmax = |t: f64| -> Vec<f64> {
+        let e: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / t).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|x| x / s).collect()
+    };
+    let plain = sampling_distribution(&logits, &SamplingConfig::new());
+    for (p, q) in plain.iter().zip(softmax(1.0)) {
+        assert!((p - q).abs() < 1e-12);
+    }
+    let hot = sampling_distribution(&logits, &SamplingConfig::new().with_temperature(2.0));
+    for (p, q) in hot.iter().zip(softmax(2.0)) {
+        assert!((p - q).abs() < 1e-12);
+    }
+    let top2 = sampling_distribution(&logits, &SamplingConfig::new().with_top_k(Some(2)));
+    let z = 3f64.exp() + 2f64.exp();
+    assert!((top2[4] - 3f64.exp() / z).abs() < 1e-12 && (top2[0] - 2f64.exp() / z).abs() < 1e-12);
+    assert_eq!(top2[1] + top2[2] + top2[3], 0.0);
+    // Nucleus: the smallest prefix reaching p. Token 4 alone has ~0.64, so p = 0.6 keeps it only.
+    let nucleus = sampling_distribution(&logits, &SamplingConfig::new().with_top_p(Some(0.6)));
+    assert_eq!(nucleus, vec![0.0, 0.0, 0.0, 0.0, 1.0]);
+    // Tokens 4 and 0 together have ~0.87: p = 0.85 keeps exactly those two, renormalised.
+    let nucleus = sampling_distribution(&logits, &SamplingConfig::new().with_top_p(Some(0.85)));
+    assert!((nucleus[4] - 3f64.exp() / z).abs() < 1e-12 && (nucleus[0] - 2f64.exp() / z).abs() < 1e-12);
+    assert_eq!(nucleus[1] + nucleus[2] + nucleus[3], 0.0);
+    let greedy = sampling_distribution(&logits, &SamplingConfig::new().with_temperature(0.0));
+    assert_eq!(greedy, vec![0.0, 0.0, 0.0, 0.0, 1.0]);
+    // Draw frequencies follow the distribution.
+    let config = SamplingConfig::new().with_temperature(1.0);
+    let mut rng = TokenRng::new(42);
+    let mut counts = [0usize; 5];
+    let draws = 20_000;
+    for _ in 0..draws {
+        counts[sample_token(&logits, &config, &mut rng)] += 1;
+    }
+    for (count, p) in counts.iter().zip(softmax(1.0)) {
+        let expected = p * draws as f64;
+        let sigma = (expected * (1.0 - p)).sqrt();
+        assert!((*count as f64 - expected).abs() < 5.0 * sigma + 1.0, "{counts:?}");
+    }
+}

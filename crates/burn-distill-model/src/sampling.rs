@@ -1,0 +1,124 @@
+//! Sampling the next token from logits: temperature, top-k, top-p, seeded.
+
+use burn::config::Config;
+
+/// How to pick the next token.
+///
+/// | Name | Default | Purpose | Range |
+/// |---|---|---|---|
+/// | `temperature` | 1.0 | divide the logits; 0 means greedy (arg max) | `≥ 0` |
+/// | `top_k` | none | keep only the k most likely tokens | `≥ 1` |
+/// | `top_p` | none | keep the smallest set of most likely tokens whose probability reaches p (nucleus) | `(0, 1]` |
+/// | `seed` | 0 | the random stream; the same seed gives the same text | |
+#[derive(Config, Debug, PartialEq)]
+pub struct SamplingConfig {
+    /// Temperature; 0 is greedy decoding.
+    #[config(default = 1.0)]
+    pub temperature: f64,
+    /// Keep the `k` most likely tokens.
+    #[config(default = "None")]
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens up to cumulative probability `p`.
+    #[config(default = "None")]
+    pub top_p: Option<f64>,
+    /// Seed of the random stream.
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+impl SamplingConfig {
+    /// Checks the ranges.
+    ///
+    /// # Panics
+    /// For a negative or non-finite temperature, `top_k = 0`, or `top_p` outside `(0, 1]`.
+    pub fn validate(&self) {
+        assert!(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "SamplingConfig: temperature = {} must be finite and >= 0",
+            self.temperature
+        );
+        assert!(self.top_k != Some(0), "SamplingConfig: top_k must be >= 1");
+        if let Some(p) = self.top_p {
+            assert!(p > 0.0 && p <= 1.0, "SamplingConfig: top_p = {p} must be in (0, 1]");
+        }
+    }
+}
+
+/// A small, seeded random stream (SplitMix64): reproducible on every platform.
+#[derive(Debug, Clone)]
+pub struct TokenRng {
+    state: u64,
+}
+
+impl TokenRng {
+    /// A stream from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// A uniform draw in `[0, 1)`.
+    pub fn next_unit(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The probabilities `sample_token` draws from: temperature, then top-k, then top-p, then
+/// renormalised. Index `i` is token `i`; removed tokens have probability 0.
+pub fn sampling_distribution(logits: &[f32], config: &SamplingConfig) -> Vec<f64> {
+    config.validate();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let mut probabilities = vec![0.0; logits.len()];
+    if config.temperature == 0.0 || order.is_empty() {
+        if let Some(&best) = order.first() {
+            probabilities[best] = 1.0;
+        }
+        return probabilities;
+    }
+    let best = f64::from(logits[order[0]]);
+    let keep = config.top_k.unwrap_or(order.len()).min(order.len());
+    let weights: Vec<f64> = order[..keep]
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - best) / config.temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut kept = keep;
+    if let Some(p) = config.top_p {
+        let mut cumulative = 0.0;
+        for (rank, weight) in weights.iter().enumerate() {
+            cumulative += weight / total;
+            if cumulative >= p {
+                kept = rank + 1;
+                break;
+            }
+        }
+    }
+    let kept_total: f64 = weights[..kept].iter().sum();
+    for (&token, weight) in order[..kept].iter().zip(&weights) {
+        probabilities[token] = weight / kept_total;
+    }
+    probabilities
+}
+
+/// Draws a token from `logits` with `config`, advancing `rng` by one draw.
+pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut TokenRng) -> usize {
+    let probabilities = sampling_distribution(logits, config);
+    let draw = rng.next_unit();
+    let mut cumulative = 0.0;
+    let mut last = 0;
+    for (token, p) in probabilities.iter().enumerate() {
+        if *p > 0.0 {
+            cumulative += p;
+            last = token;
+            if draw < cumulative {
+                return token;
+            }
+        }
+    }
+    last
+}

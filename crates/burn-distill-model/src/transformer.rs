@@ -66,7 +66,7 @@ impl TransformerLmConfig {
             "TransformerLmConfig: context, layers, width and mlp_ratio must be >= 1, got {self:?}"
         );
         assert!(
-            self.heads >= 1 && self.width % self.heads == 0,
+            self.heads >= 1 && self.width.is_multiple_of(self.heads),
             "TransformerLmConfig: heads = {} must divide width = {}",
             self.heads,
             self.width

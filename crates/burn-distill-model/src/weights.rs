@@ -100,6 +100,14 @@ pub fn load_weights<M: Module>(model: M, path: impl AsRef<Path>) -> crate::Resul
 /// | `self.hidden = nn.ModuleList([nn.Linear, …])` | `hidden.{i}.weight`, `hidden.{i}.bias` | same |
 /// | `self.output = nn.Linear` | `output.weight`, `output.bias` | same |
 /// | `nn.Sequential(Linear, ReLU, Linear, ReLU, Linear)` | `0.weight`, `2.weight`, `4.weight` | remap `^0\.` → `hidden.0.`, `^2\.` → `hidden.1.`, `^4\.` → `output.` |
+/// | [`TransformerLm`](crate::TransformerLm): token / position `nn.Embedding` | `token_embedding.weight`, `position_embedding.weight` | same (not transposed) |
+/// | block `i` attention, `nn.Linear` each | `blocks.layers.{i}.mha.{query,key,value,output}.{weight,bias}` | same |
+/// | block `i` feed-forward (GELU) | `blocks.layers.{i}.pwff.{linear_inner,linear_outer}.{weight,bias}` | same |
+/// | block `i` `nn.LayerNorm` before attention / before feed-forward | `blocks.layers.{i}.norm_2.*` / `blocks.layers.{i}.norm_1.*` | `weight`/`bias` become `gamma`/`beta` |
+/// | final `nn.LayerNorm`; optional untied `head` (`nn.Linear`, no bias) | `norm.*`, `head.weight` | same |
+///
+/// `scripts/make_model_fixtures.py` holds PyTorch modules with exactly these names and the
+/// forward passes burn computes (pre-norm blocks, causal attention scaled by `1/√d_head`).
 ///
 /// # Errors
 /// As [`load_weights`]; a wrong mapping shows up as [`ModelError::MissingWeights`] listing

@@ -597,3 +597,47 @@ fn sampling_distribution_applies_temperature_top_k_and_top_p() {
         assert!((*count as f64 - expected).abs() < 5.0 * sigma + 1.0, "{counts:?}");
     }
 }
+
+#[derive(serde::Deserialize)]
+struct LmReference {
+    config: LmShape,
+    tokens: Vec<i64>,
+    tokens_shape: Vec<usize>,
+    logits: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct LmShape {
+    vocab: usize,
+    context: usize,
+    layers: usize,
+    heads: usize,
+    width: usize,
+    ratio: usize,
+}
+
+#[test]
+fn pytorch_transformer_lm_imports_and_matches_pytorch_logits() {
+    let reference: LmReference = serde_json::from_str(&std::fs::read_to_string(fixture("lm.json")).unwrap()).unwrap();
+    let c = &reference.config;
+    for named in devices() {
+        let device = &named.device;
+        let architecture = TransformerLmConfig::new(c.vocab, c.context)
+            .with_layers(c.layers)
+            .with_heads(c.heads)
+            .with_width(c.width)
+            .with_mlp_ratio(c.ratio)
+            .init(device);
+        let lm = import_pytorch_safetensors(architecture, fixture("lm.safetensors"), &[]).unwrap();
+        let input = Tensor::<2, burn::tensor::Int>::from_data(
+            TensorData::new(reference.tokens.clone(), reference.tokens_shape.clone()),
+            device,
+        );
+        let got = values(lm.forward(input));
+        assert_eq!(got.len(), reference.logits.len());
+        let scale = reference.logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (g, e) in got.iter().zip(&reference.logits) {
+            assert!((g - e).abs() <= 1e-4 * scale, "{}: {g} vs {e}", named.name);
+        }
+    }
+}

@@ -36,6 +36,7 @@ mod error;
 mod mlp;
 mod output;
 mod sampling;
+mod seed;
 mod transformer;
 mod weights;
 
@@ -48,5 +49,6 @@ pub use error::{ModelError, Result};
 pub use mlp::{Mlp, MlpConfig};
 pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};
 pub use sampling::{SamplingConfig, TokenRng, sample_token, sampling_distribution};
+pub use seed::init_seeded;
 pub use transformer::{TransformerLm, TransformerLmConfig};
 pub use weights::{WeightFormat, import_pytorch_safetensors, load_weights, save_weights};

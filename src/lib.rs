@@ -9,7 +9,7 @@
 //! | Module | Crate | What |
 //! |---|---|---|
 //! | [`loss`] | `burn-distill-loss` | KL, JSD, TVD, Hinton KD, DKD, sparse teachers; reductions and masking |
-//! | [`model`] | `burn-distill-model` | teachers, students, reference models (in progress) |
+//! | [`model`] | `burn-distill-model` | teachers, students, ensembles, reference models, weights |
 //! | [`data`] | `burn-distill-data` | datasets and the teacher-output cache (in progress) |
 //! | [`train`] | `burn-distill-train` | the training loop (in progress) |
 //!

@@ -722,6 +722,19 @@ fn every_reference_model_round_trips_through_both_formats() {
                 "{} {file}",
                 named.name
             );
+            // Connectors are modules too: they are saved and loaded like the student they serve.
+            let connector_config = ConnectorConfig::new(4, 6).with_kind(ConnectorKind::Conv1x1);
+            let connector = connector_config.init(device);
+            let path = dir.join(format!("{}-connector-{file}", named.name));
+            save_weights(&connector, &path).unwrap();
+            let loaded = load_weights(connector_config.init(device), &path).unwrap();
+            let map = || Feature::Map(inputs(8, 9, 14, device).reshape([2, 4, 3, 3]));
+            let (Feature::Map(a), Feature::Map(b)) =
+                (loaded.forward(map()).unwrap(), connector.forward(map()).unwrap())
+            else {
+                panic!("a 1x1 connector maps maps to maps")
+            };
+            assert_eq!(values(a), values(b), "{} {file} connector", named.name);
             let path = dir.join(format!("{}-lm-{file}", named.name));
             save_weights(&lm, &path).unwrap();
             let loaded = load_weights(lm_config.init(device), &path).unwrap();

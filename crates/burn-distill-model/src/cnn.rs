@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, activation};
 
 use crate::base::TappedForward;
 use crate::cost::Cost;
+use crate::dense::{dense_flops, dense_forward};
 use crate::output::{Feature, Features};
 
 /// Configuration of a [`LeNet`]: `[conv 5×5 → ReLU → max-pool 2×2] × len(channels)`, then
@@ -153,13 +154,9 @@ impl TappedForward<Tensor<4>, 2> for LeNet {
             x = self.pool.forward(activated);
         }
         let [batch, channels, height, width] = x.dims();
-        let mut x: Tensor<2> = x.reshape([batch, channels * height * width]);
-        for (index, layer) in self.hidden.iter().enumerate() {
-            let activated = activation::relu(layer.forward(x));
-            features.insert(format!("hidden.{index}"), Feature::Vector(activated.clone()));
-            x = self.dropout.forward(activated);
-        }
-        (self.output.forward(x), features)
+        let flat: Tensor<2> = x.reshape([batch, channels * height * width]);
+        let logits = dense_forward(&self.hidden, &self.output, &self.dropout, flat, &mut features);
+        (logits, features)
     }
 
     fn num_classes(&self) -> usize {
@@ -179,15 +176,6 @@ impl Cost for LeNet {
                 positions * (2 * (in_channels * kh * kw) as u64 + 1)
             })
             .sum();
-        let dense: u64 = self
-            .hidden
-            .iter()
-            .chain([&self.output])
-            .map(|layer| {
-                let [fan_in, fan_out] = layer.weight.val().dims();
-                (2 * fan_in * fan_out + fan_out) as u64
-            })
-            .sum();
-        convs + dense
+        convs + dense_flops(self.hidden.iter().chain([&self.output]))
     }
 }

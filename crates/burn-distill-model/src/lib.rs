@@ -31,6 +31,7 @@ mod base;
 mod cnn;
 mod connector;
 mod cost;
+mod dense;
 mod ensemble;
 mod error;
 mod mlp;

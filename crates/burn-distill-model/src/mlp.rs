@@ -3,11 +3,12 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{Device, Tensor};
 
 use crate::base::TappedForward;
 use crate::cost::Cost;
-use crate::output::{Feature, Features};
+use crate::dense::{dense_flops, dense_forward};
+use crate::output::Features;
 
 /// Configuration of an [`Mlp`]: `input → hidden[0] → … → classes`, ReLU between layers.
 ///
@@ -120,13 +121,9 @@ impl Mlp {
 impl TappedForward<Tensor<2>, 2> for Mlp {
     fn forward_tapped(&self, input: Tensor<2>) -> (Tensor<2>, Features) {
         let mut features = Features::new();
-        let mut x = self.input_dropout.forward(input);
-        for (index, layer) in self.hidden.iter().enumerate() {
-            let activated = activation::relu(layer.forward(x));
-            features.insert(format!("hidden.{index}"), Feature::Vector(activated.clone()));
-            x = self.dropout.forward(activated);
-        }
-        (self.output.forward(x), features)
+        let x = self.input_dropout.forward(input);
+        let logits = dense_forward(&self.hidden, &self.output, &self.dropout, x, &mut features);
+        (logits, features)
     }
 
     fn num_classes(&self) -> usize {
@@ -136,13 +133,6 @@ impl TappedForward<Tensor<2>, 2> for Mlp {
 
 impl Cost for Mlp {
     fn flops_per_example(&self) -> u64 {
-        let widths = self.widths();
-        widths
-            .windows(2)
-            .map(|pair| {
-                let (fan_in, fan_out) = (pair[0] as u64, pair[1] as u64);
-                2 * fan_in * fan_out + fan_out
-            })
-            .sum()
+        dense_flops(self.hidden.iter().chain([&self.output]))
     }
 }

@@ -1,5 +1,48 @@
-//! Datasets, batching and the offline teacher-output cache for knowledge distillation.
+//! Datasets, batching and the offline teacher-output cache for knowledge distillation with
+//! [burn](https://burn.dev).
 //!
-//! This crate will hold the MNIST and text datasets and the teacher cache (issue 4). It is
-//! empty for now so that the workspace has its final shape.
+//! # Overview
+//!
+//! Distillation needs data twice: inputs for teacher and student, and the teacher's outputs.
+//!
+//! - [`MnistDataset`] reads MNIST or Fashion-MNIST from IDX files ([`read_idx`], gzipped or
+//!   raw), checking every magic number, dimension and length. The full MNIST is bundled
+//!   (`data/mnist/`); [`MNIST_DIR_ENV`] or an argument points elsewhere.
+//! - [`ByteCorpus`] / [`TextWindows`]: byte-level language-model data from any UTF-8 file, cut
+//!   into context windows with a leak-free train/validation split. The Jargon File is bundled.
+//! - [`ImageBatcher`] (with Hinton's ±2-pixel [`Jitter`]) and [`TokenBatcher`] are burn
+//!   `Batcher`s; their batches implement [`Batch`], which carries each example's dataset index.
+//! - [`split_validation`] holds out a seeded validation [`Subset`]; [`EpochSampler`] gives each
+//!   epoch's seeded batch order, a pure function of `(seed, epoch)`.
+//!
+//! # The teacher-output cache
+//!
+//! [`build_cache`] runs any [`Teacher`](burn_distill_model::Teacher) once over a dataset and
+//! writes its outputs, dense ([`CacheMode::DenseF32`], [`CacheMode::DenseF16`]) or top-k
+//! ([`CacheMode::TopK`]), with the fingerprints of the dataset and teacher and checksums. The
+//! write is atomic and resumable. [`CachedTeacher`] serves the file through a memory map as a
+//! `Teacher`, after refusing a cache made from another teacher or dataset.
+//!
+//! # Supported Rust versions
+//!
+//! Rust 1.95 or newer.
 #![warn(missing_docs)]
+
+mod batch;
+mod cache;
+mod error;
+mod idx;
+mod image;
+mod mnist;
+mod text;
+
+pub use batch::{Batch, EpochAware, EpochSampler, Fingerprinted, Indexed, Subset, split_validation};
+pub use cache::{
+    CacheBuildOptions, CacheHeader, CacheMode, CacheReport, CachedTeacher, ExpectedSource, FORMAT_VERSION,
+    TeacherCache, build_cache, dense_from_top_k, partial_path,
+};
+pub use error::{DataError, Result};
+pub use idx::{IdxArray, encode_idx, read_idx};
+pub use image::{ImageBatch, ImageBatcher, Jitter};
+pub use mnist::{MNIST_DIR_ENV, MnistDataset, MnistItem, MnistSplit, default_mnist_dir};
+pub use text::{BYTE_VOCAB, ByteCorpus, TEXT_FILE_ENV, TextItem, TextWindows, TokenBatch, TokenBatcher, default_text_file};

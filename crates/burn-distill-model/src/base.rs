@@ -5,6 +5,7 @@ use burn::tensor::Tensor;
 use burn::tensor::kind::Autodiff;
 
 use crate::error::Result;
+use crate::fingerprint::Fingerprint;
 use crate::output::{Features, StudentOutput, TeacherOutput, select_taps};
 
 /// Something that gives teacher outputs for a batch: a live model, an ensemble, a cache of
@@ -19,8 +20,26 @@ pub trait Teacher<I, const D: usize> {
     /// [`ModelError::UnknownTap`](crate::ModelError::UnknownTap) for a tap the teacher lacks.
     fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>>;
 
+    /// The teacher's outputs for `input`, whose examples are `indices` of the dataset the
+    /// batch was drawn from. A live teacher ignores the indices (the default calls
+    /// [`Teacher::teach`]); a cache of outputs serves exactly those examples. Training loops
+    /// call this one.
+    ///
+    /// # Errors
+    /// As [`Teacher::teach`]; a cache also refuses indices outside its dataset.
+    fn teach_examples(&self, input: I, indices: &[usize], taps: &[&str]) -> Result<TeacherOutput<D>> {
+        let _ = indices;
+        self.teach(input, taps)
+    }
+
     /// The number of classes (vocabulary size) of the logits.
     fn num_classes(&self) -> usize;
+
+    /// A fingerprint of what determines this teacher's outputs (its weights), when it has one.
+    /// Caches of teacher outputs record it and refuse to serve another teacher.
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        None
+    }
 }
 
 /// A model being trained: its outputs keep their autodiff graph.
@@ -139,6 +158,10 @@ where
     fn num_classes(&self) -> usize {
         self.module.num_classes()
     }
+
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        Some(Fingerprint::of_module(&self.module))
+    }
 }
 
 /// Any module with a forward function as a teacher, without implementing a trait:
@@ -163,6 +186,7 @@ impl<M: Module, F> FnTeacher<M, F> {
 
 impl<M, F, I, const D: usize> Teacher<I, D> for FnTeacher<M, F>
 where
+    M: Module,
     F: Fn(&M, I) -> Tensor<D>,
     I: TeacherInput,
 {
@@ -173,5 +197,9 @@ where
 
     fn num_classes(&self) -> usize {
         self.classes
+    }
+
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        Some(Fingerprint::of_module(&self.module))
     }
 }

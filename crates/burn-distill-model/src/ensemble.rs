@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::base::Teacher;
 use crate::error::{ModelError, Result};
+use crate::fingerprint::{Fingerprint, Fingerprinter};
 use crate::output::{Features, TeacherOutput, select_taps};
 
 /// How an [`Ensemble`] combines its members.
@@ -88,10 +89,43 @@ impl<I: Clone, const D: usize> Ensemble<I, D> {
 
 impl<I: Clone, const D: usize> Teacher<I, D> for Ensemble<I, D> {
     fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>> {
+        self.combine_members(input, None, taps)
+    }
+
+    fn teach_examples(&self, input: I, indices: &[usize], taps: &[&str]) -> Result<TeacherOutput<D>> {
+        self.combine_members(input, Some(indices), taps)
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Combines the members' fingerprints with their weights and the combination rule; `None`
+    /// when a member has none.
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        let mut hasher = Fingerprinter::new("ensemble");
+        hasher.update_str(match self.combine {
+            Combine::Probabilities => "probabilities",
+            Combine::Logits => "logits",
+        });
+        for (member, weight) in &self.members {
+            hasher.update_fingerprint(member.fingerprint()?);
+            hasher.update_u64(weight.to_bits());
+        }
+        Some(hasher.finish())
+    }
+}
+
+impl<I: Clone, const D: usize> Ensemble<I, D> {
+    fn combine_members(&self, input: I, indices: Option<&[usize]>, taps: &[&str]) -> Result<TeacherOutput<D>> {
         let features = select_taps(Features::new(), taps)?;
         let mut terms = Vec::with_capacity(self.members.len());
         for (member, weight) in &self.members {
-            let logits = member.teach(input.clone(), &[])?.into_parts().0;
+            let output = match indices {
+                Some(indices) => member.teach_examples(input.clone(), indices, &[])?,
+                None => member.teach(input.clone(), &[])?,
+            };
+            let logits = output.into_parts().0;
             terms.push(match self.combine {
                 Combine::Logits => logits.mul_scalar(*weight),
                 // log(w · p) = log w + log_softmax(logits)
@@ -103,10 +137,6 @@ impl<I: Clone, const D: usize> Teacher<I, D> for Ensemble<I, D> {
             Combine::Probabilities => log_sum_exp_stack(terms),
         };
         Ok(TeacherOutput::new(logits, features))
-    }
-
-    fn num_classes(&self) -> usize {
-        self.classes
     }
 }
 

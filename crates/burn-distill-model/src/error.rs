@@ -67,6 +67,22 @@ pub enum ModelError {
         /// File tensors that matched no model tensor (often a key-mapping problem).
         unused: Vec<String>,
     },
+    /// A teacher cannot serve this request (e.g. a cache asked for outputs without indices).
+    #[error("{teacher}: {reason}")]
+    Unsupported {
+        /// Which teacher.
+        teacher: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+    /// A teacher failed to produce outputs (e.g. a cache file could not be read).
+    #[error("{teacher}: {reason}")]
+    TeacherFailed {
+        /// Which teacher.
+        teacher: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// The result type of this crate.

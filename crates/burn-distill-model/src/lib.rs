@@ -5,7 +5,9 @@
 //! A [`Teacher`] turns a batch into [`TeacherOutput`] (logits plus named features) and can
 //! never receive a gradient: its outputs carry no autodiff by construction, and a module teacher
 //! ([`FrozenTeacher`], [`FnTeacher`]) is kept in validation mode and fed inputs without autodiff.
-//! A teacher need not be a module: an [`Ensemble`], or later a cache of outputs, is one too.
+//! A teacher need not be a module: an [`Ensemble`], or a cache of outputs (`burn-distill-data`),
+//! is one too. [`Teacher::fingerprint`] identifies a teacher's weights, so such a cache can refuse
+//! to stand in for a different teacher.
 //! A [`Student`] returns [`StudentOutput`] on an autodiff device for the training step.
 //!
 //! Any burn module becomes both by implementing [`TappedForward`] (a forward pass that also
@@ -34,6 +36,7 @@ mod cost;
 mod dense;
 mod ensemble;
 mod error;
+mod fingerprint;
 mod mlp;
 mod output;
 mod sampling;
@@ -47,6 +50,7 @@ pub use connector::{Connector, ConnectorConfig, ConnectorKind};
 pub use cost::{Compression, Cost};
 pub use ensemble::{Combine, Ensemble};
 pub use error::{ModelError, Result};
+pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use mlp::{Mlp, MlpConfig};
 pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};
 pub use sampling::{SamplingConfig, TokenRng, sample_token, sampling_distribution};

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use crate::error::{ModelError, Result};
 
@@ -80,6 +80,7 @@ pub fn select_taps(mut all: Features, taps: &[&str]) -> Result<Features> {
 pub struct TeacherOutput<const D: usize> {
     logits: Tensor<D>,
     features: Features,
+    top_k: Option<(Tensor<D, Int>, Tensor<D>)>,
 }
 
 impl<const D: usize> TeacherOutput<D> {
@@ -91,7 +92,21 @@ impl<const D: usize> TeacherOutput<D> {
                 .into_iter()
                 .map(|(name, feature)| (name, feature.without_autodiff()))
                 .collect(),
+            top_k: None,
         }
+    }
+
+    /// Adds the teacher's top-k classes per position: `indices` and their log-probabilities
+    /// (at temperature 1), both `[.., k]`. A top-k cache gives these beside the dense logits it
+    /// rebuilds from them, for [`SparseKlLoss`](burn_distill_loss::SparseKlLoss).
+    pub fn with_top_k(mut self, indices: Tensor<D, Int>, log_probs: Tensor<D>) -> Self {
+        self.top_k = Some((indices.without_autodiff(), log_probs.without_autodiff()));
+        self
+    }
+
+    /// The top-k indices and log-probabilities, when the teacher gave them.
+    pub fn top_k(&self) -> Option<&(Tensor<D, Int>, Tensor<D>)> {
+        self.top_k.as_ref()
     }
 
     /// The logits, `[batch, classes]` or `[batch, seq, vocab]`.

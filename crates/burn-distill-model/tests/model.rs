@@ -532,12 +532,16 @@ fn generation_is_reproducible_under_a_seed_and_greedy_follows_the_logits() {
         assert_eq!(first, again, "{}: same seed, different text", named.name);
         assert_eq!(first.len(), 2 * 13);
         assert_eq!(&first[..3], &[3, 1, 4]);
-        let other: Vec<i64> = lm
-            .generate(prompt.clone(), 10, &sampling.clone().with_seed(8))
-            .into_data()
-            .iter::<i64>()
-            .collect();
-        assert_ne!(first, other, "{}: the seed does not change the stream", named.name);
+        // One other seed may draw the same 20 tokens from a peaked model; five cannot all.
+        let changed = (8..13).any(|seed| {
+            let other: Vec<i64> = lm
+                .generate(prompt.clone(), 10, &sampling.clone().with_seed(seed))
+                .into_data()
+                .iter::<i64>()
+                .collect();
+            other != first
+        });
+        assert!(changed, "{}: the seed does not change the stream", named.name);
         // Greedy: each new token is the arg max of the model's logits at the previous position
         // (checked for the first one), and the context window slides past 8 tokens.
         let greedy = lm.generate(prompt.clone(), 9, &SamplingConfig::new().with_temperature(0.0));

@@ -1,5 +1,38 @@
-//! The distillation training loop.
+//! The distillation training loop for [burn](https://burn.dev).
 //!
-//! This crate will hold the `Distiller`, metrics and checkpoints (issue 5). It is empty for now
-//! so that the workspace has its final shape.
+//! # Overview
+//!
+//! A [`Distiller`] trains a [`Student`](burn_distill_model::Student) against a
+//! [`Teacher`](burn_distill_model::Teacher) (a live model, an ensemble or a cache of outputs),
+//! or without one, with an objective from `burn-distill-loss` ([`ObjectiveConfig`]) plus feature
+//! terms on named taps ([`FeatureTermConfig`]). The optimizers (SGD with momentum, Adam, AdamW,
+//! weight decay, gradient clipping) and learning-rate schedules are burn's own
+//! ([`OptimizerConfig`], `burn::optim::lr_scheduler::LrSchedulerConfig`); gradient
+//! accumulation gives the gradient of the big batch (every term is normalised by the step's
+//! global count of positions).
+//!
+//! A run is described by one [`DistillConfig`] and leaves a directory with `config.json`,
+//! `metrics.jsonl` ([`EpochRecord`]s: loss, throughput, teacher/student time, and per
+//! evaluation set the loss, accuracy, errors, teacher agreement, KL to the teacher, expected
+//! calibration error and, for language models, perplexity), atomic per-epoch checkpoints and
+//! `summary.json`. [`Distiller::resume`] continues a stopped run; on a CPU device it ends
+//! exactly as an uninterrupted one. A NaN or infinite loss stops the run with an error naming
+//! the step. [`evaluate`] measures any model on any dataset.
+//!
+//! # Supported Rust versions
+//!
+//! Rust 1.95 or newer.
 #![warn(missing_docs)]
+
+mod config;
+mod distiller;
+mod error;
+mod metrics;
+mod objective;
+mod run;
+
+pub use config::{DistillConfig, EarlyStoppingConfig, FeatureTermConfig, Metric, ObjectiveConfig, OptimizerConfig};
+pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
+pub use error::{Result, TrainError};
+pub use metrics::{ECE_BINS, EvalMetrics, evaluate};
+pub use run::{EpochRecord, RunStatus, RunSummary, TrainStats};

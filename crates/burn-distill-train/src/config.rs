@@ -1,0 +1,195 @@
+//! The serializable description of a training run.
+
+use burn::config::Config;
+use burn::optim::lr_scheduler::LrSchedulerConfig;
+use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
+use burn_distill_loss::{DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig};
+use burn_distill_model::ConnectorConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// A whole run: data order, optimisation, objective, evaluation and checkpoints. Saved as
+/// `config.json` in the run directory; [`Distiller::resume`](crate::Distiller::resume) reads it
+/// back.
+///
+/// | Name | Default | Purpose | Range |
+/// |---|---|---|---|
+/// | `epochs` | | passes over the training set | ≥ 1 |
+/// | `batch_size` | 128 | examples per micro-batch | ≥ 1 |
+/// | `accumulation` | 1 | micro-batches per optimizer step; the step's gradient equals the gradient of one batch `accumulation` times larger | ≥ 1 |
+/// | `seed` | 0 | data order, augmentation, dropout | |
+/// | `optimizer` | | burn's SGD (momentum, weight decay, clipping), Adam or AdamW | |
+/// | `schedule` | | burn's learning-rate schedule, stepped once per optimizer step (warm-up: `Sequential` of `Linear` and another) | |
+/// | `objective` | | what the student learns from | |
+/// | `features` | none | feature (hint) losses on named taps | |
+/// | `early_stopping` | none | stop when a validation metric stops improving | |
+/// | `eval_batch_size` | 500 | examples per evaluation batch | ≥ 1 |
+/// | `keep_checkpoints` | 2 | epoch checkpoints kept (plus the best) | ≥ 1 |
+#[derive(Config, Debug)]
+pub struct DistillConfig {
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// burn optimizer.
+    pub optimizer: OptimizerConfig,
+    /// burn learning-rate schedule.
+    pub schedule: LrSchedulerConfig,
+    /// The training objective.
+    pub objective: ObjectiveConfig,
+    /// Examples per micro-batch.
+    #[config(default = 128)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[config(default = 1)]
+    pub accumulation: usize,
+    /// Seed of data order, augmentation and dropout.
+    #[config(default = 0)]
+    pub seed: u64,
+    /// Feature (hint) losses.
+    #[config(default = "Vec::new()")]
+    pub features: Vec<FeatureTermConfig>,
+    /// Early stopping.
+    #[config(default = "None")]
+    pub early_stopping: Option<EarlyStoppingConfig>,
+    /// Examples per evaluation batch.
+    #[config(default = 500)]
+    pub eval_batch_size: usize,
+    /// Epoch checkpoints kept on disk (the best one is kept as well).
+    #[config(default = 2)]
+    pub keep_checkpoints: usize,
+}
+
+impl DistillConfig {
+    /// Checks every field once, before any work.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] naming the field and the accepted range.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let positive = [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("accumulation", self.accumulation),
+            ("eval_batch_size", self.eval_batch_size),
+            ("keep_checkpoints", self.keep_checkpoints),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(TrainError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        for (index, term) in self.features.iter().enumerate() {
+            if !(term.weight.is_finite() && term.weight >= 0.0) {
+                return Err(TrainError::Config(format!(
+                    "features[{index}].weight = {} must be finite and >= 0",
+                    term.weight
+                )));
+            }
+        }
+        if let ObjectiveConfig::Supervised { label_smoothing } = self.objective
+            && !(0.0..1.0).contains(&label_smoothing)
+        {
+            return Err(TrainError::Config(format!(
+                "label_smoothing = {label_smoothing} must be in [0, 1)"
+            )));
+        }
+        if let ObjectiveConfig::Divergence { hard_weight, .. } = self.objective
+            && !(hard_weight.is_finite() && hard_weight >= 0.0)
+        {
+            return Err(TrainError::Config(format!("hard_weight = {hard_weight} must be finite and >= 0")));
+        }
+        if self.objective.needs_teacher() == false && !self.features.is_empty() {
+            return Err(TrainError::Config("feature losses need a teacher objective".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One of burn's optimizers, with its own weight decay and gradient clipping settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OptimizerConfig {
+    /// Stochastic gradient descent (momentum and Nesterov optional).
+    Sgd(SgdConfig),
+    /// Adam.
+    Adam(AdamConfig),
+    /// AdamW (decoupled weight decay).
+    AdamW(AdamWConfig),
+}
+
+impl OptimizerConfig {
+    /// The optimizer.
+    pub fn init(&self) -> ModuleOptimizer {
+        match self {
+            Self::Sgd(config) => config.init(),
+            Self::Adam(config) => config.init(),
+            Self::AdamW(config) => config.init(),
+        }
+    }
+}
+
+/// What the student is trained to match.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ObjectiveConfig {
+    /// Cross-entropy on the labels, no teacher: baselines, and teachers themselves.
+    Supervised {
+        /// Label smoothing ε: the target puts 1 − ε on the label and ε uniformly on all classes.
+        label_smoothing: f64,
+    },
+    /// Hinton et al.'s loss: `α · CE(labels) + (1 − α) · T² · KL(p_T ‖ q_T)`.
+    Hinton(HintonKdLossConfig),
+    /// Decoupled KD (target-class and non-target-class terms) plus cross-entropy.
+    Dkd(DkdLossConfig),
+    /// Any divergence to the teacher, plus `hard_weight` × cross-entropy on the labels.
+    Divergence {
+        /// The divergence, its temperature and scaling.
+        loss: DivergenceLossConfig,
+        /// Weight of the cross-entropy term (0: teacher only).
+        hard_weight: f64,
+    },
+}
+
+impl ObjectiveConfig {
+    /// Whether the objective uses a teacher.
+    pub fn needs_teacher(&self) -> bool {
+        !matches!(self, Self::Supervised { .. })
+    }
+}
+
+/// A feature (hint) loss: `weight × mean squared error` between a student tap (through an
+/// optional trained connector) and a teacher tap.
+#[derive(Config, Debug)]
+pub struct FeatureTermConfig {
+    /// The student's tap.
+    pub student_tap: String,
+    /// The teacher's tap.
+    pub teacher_tap: String,
+    /// Weight of the term.
+    #[config(default = 1.0)]
+    pub weight: f64,
+    /// A connector trained with the student, mapping its feature to the teacher's width.
+    #[config(default = "None")]
+    pub connector: Option<ConnectorConfig>,
+}
+
+/// A validation metric to watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Validation loss (cross-entropy on labels); lower is better.
+    Loss,
+    /// Validation accuracy; higher is better.
+    Accuracy,
+    /// Mean KL(teacher ‖ student); lower is better.
+    TeacherKl,
+}
+
+/// Stop when `metric` has not improved by more than `min_delta` for `patience` epochs.
+#[derive(Config, Debug)]
+pub struct EarlyStoppingConfig {
+    /// What to watch.
+    pub metric: Metric,
+    /// Epochs without improvement before stopping.
+    pub patience: usize,
+    /// Smallest change that counts as an improvement.
+    #[config(default = 0.0)]
+    pub min_delta: f64,
+}

@@ -1,0 +1,65 @@
+//! The error type of the training crate.
+
+use std::path::{Path, PathBuf};
+
+/// What can stop a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The configuration is out of range; nothing was run.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// A loss refused its inputs (shapes, vocabularies, NaN inputs).
+    #[error("loss: {0}")]
+    Loss(#[from] burn_distill_loss::LossError),
+    /// The teacher or student failed (unknown tap, stale cache, ...).
+    #[error("model: {0}")]
+    Model(#[from] burn_distill_model::ModelError),
+    /// Reading data failed.
+    #[error("data: {0}")]
+    Data(#[from] burn_distill_data::DataError),
+    /// The loss became NaN or infinite. The run stops; the last good checkpoint is kept.
+    #[error(
+        "non-finite loss {value} at epoch {epoch}, step {step} (global step {global_step}); last good checkpoint: {}",
+        checkpoint.as_ref().map_or("none".to_string(), |path| path.display().to_string())
+    )]
+    NonFiniteLoss {
+        /// The loss value.
+        value: f64,
+        /// Epoch (1-based).
+        epoch: usize,
+        /// Micro-batch within the epoch (0-based).
+        step: usize,
+        /// Optimizer steps taken before it.
+        global_step: usize,
+        /// The checkpoint to resume from, if one was written.
+        checkpoint: Option<PathBuf>,
+    },
+    /// A run directory file could not be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A run cannot be resumed as asked.
+    #[error("cannot resume {dir}: {reason}")]
+    Resume {
+        /// The run directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TrainError {
+    pub(crate) fn file(path: &Path, reason: impl ToString) -> Self {
+        Self::File {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T> = core::result::Result<T, TrainError>;

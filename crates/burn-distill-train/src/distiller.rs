@@ -74,6 +74,7 @@ pub struct Distiller<'a, I, const D: usize> {
     teacher: Option<&'a dyn Teacher<I, D>>,
     progress: bool,
     resume: bool,
+    stop_after: Option<usize>,
 }
 
 impl<'a, I, const D: usize> Distiller<'a, I, D>
@@ -88,6 +89,7 @@ where
             teacher: None,
             progress: false,
             resume: false,
+            stop_after: None,
         }
     }
 
@@ -108,6 +110,7 @@ where
             teacher: None,
             progress: false,
             resume: true,
+            stop_after: None,
         })
     }
 
@@ -121,6 +124,13 @@ where
     /// and CI.
     pub fn with_progress(mut self, progress: bool) -> Self {
         self.progress = progress;
+        self
+    }
+
+    /// Stops this session after epoch `epoch` (its checkpoint written) without ending the run:
+    /// [`Distiller::resume`] continues it. For time-sliced training, and for testing resumes.
+    pub fn with_stop_after(mut self, epoch: usize) -> Self {
+        self.stop_after = Some(epoch);
         self
     }
 
@@ -376,6 +386,10 @@ where
                 && state.epochs_without_improvement >= early.patience
             {
                 status = RunStatus::EarlyStopped;
+                break;
+            }
+            if self.stop_after.is_some_and(|last| epoch >= last) && epoch < config.epochs {
+                status = RunStatus::Stopped;
                 break;
             }
         }

@@ -64,6 +64,8 @@ pub enum RunStatus {
     Completed,
     /// Early stopping ended it.
     EarlyStopped,
+    /// Stopped on request before the last epoch; resumable.
+    Stopped,
 }
 
 /// `summary.json`.

@@ -1,1 +1,421 @@
-//! Integration tests for burn-distill-train.
+//! The training crate's test harness: distillation beats training alone, resume equality,
+//! accumulation equality, the NaN guard, early stopping, and every compiled device.
+
+use std::path::PathBuf;
+
+use burn::data::dataset::{Dataset, DatasetError};
+use burn::optim::SgdConfig;
+use burn::optim::lr_scheduler::LrSchedulerConfig;
+use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_distill_data::{Fingerprinted, ImageBatcher, MnistItem};
+use burn_distill_loss::{HintonKdLossConfig, NamedDevice, devices_for_tests};
+use burn_distill_model::{
+    Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded,
+};
+use burn_distill_train::*;
+
+/// Inputs in [0, 1]^16 (stored as bytes, as images are) labelled by a fixed random network:
+/// the teacher *is* the labelling function, so its soft outputs carry everything there is to
+/// learn, while a few hard labels carry little.
+#[derive(Debug, Clone)]
+struct Synthetic {
+    items: Vec<MnistItem>,
+}
+
+const WIDTH: usize = 16;
+const CLASSES: usize = 4;
+
+impl Synthetic {
+    fn new(count: usize, seed: u64, oracle: &Oracle, device: &Device) -> Self {
+        let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let mut pixels = Vec::with_capacity(count * WIDTH);
+        for _ in 0..count * WIDTH {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            pixels.push((state >> 56) as u8);
+        }
+        let inputs: Vec<f32> = pixels.iter().map(|&p| f32::from(p) / 255.0).collect();
+        let logits = Teacher::<Tensor<2>, 2>::teach(
+            oracle,
+            Tensor::from_data(TensorData::new(inputs, [count, WIDTH]), device),
+            &[],
+        )
+        .unwrap()
+        .into_parts()
+        .0;
+        let labels: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
+        let items = (0..count)
+            .map(|index| MnistItem {
+                pixels: pixels[index * WIDTH..(index + 1) * WIDTH].to_vec(),
+                rows: 1,
+                cols: WIDTH,
+                label: labels[index] as u8,
+                index,
+            })
+            .collect();
+        Self { items }
+    }
+}
+
+impl Dataset<MnistItem> for Synthetic {
+    fn get(&self, index: usize) -> std::result::Result<MnistItem, DatasetError> {
+        Ok(self.items[index].clone())
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+}
+
+impl Fingerprinted for Synthetic {
+    fn fingerprint(&self) -> Fingerprint {
+        let mut hasher = Fingerprinter::new("synthetic");
+        for item in &self.items {
+            hasher.update(&item.pixels).update_u64(u64::from(item.label));
+        }
+        hasher.finish()
+    }
+}
+
+fn devices() -> Vec<NamedDevice> {
+    devices_for_tests()
+}
+
+/// The CPU backends' random generators are process-wide: tests that train (dropout, seeded
+/// initialisation) take this lock so that a parallel test cannot draw from a run's stream.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burn-distill-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+type Oracle = FnTeacher<Mlp, fn(&Mlp, Tensor<2>) -> Tensor<2>>;
+
+fn oracle_module(device: &Device) -> Mlp {
+    init_seeded(11, device, |d| MlpConfig::new(WIDTH, vec![32], CLASSES).init(d))
+}
+
+/// A random network with its logits scaled up, so that its classes are clear-cut but its soft
+/// outputs still say how close each example is to the other classes.
+fn oracle(device: &Device) -> Oracle {
+    fn sharpened(model: &Mlp, input: Tensor<2>) -> Tensor<2> {
+        model.forward(input).mul_scalar(8.0)
+    }
+    FnTeacher::new(&oracle_module(device), CLASSES, sharpened as fn(&Mlp, Tensor<2>) -> Tensor<2>)
+}
+
+fn student(seed: u64, dropout: f64, device: &Device) -> Mlp {
+    init_seeded(seed, device, |d| MlpConfig::new(WIDTH, vec![32], CLASSES).with_dropout(dropout).init(d))
+}
+
+fn sgd(lr: f64, momentum: bool) -> (OptimizerConfig, LrSchedulerConfig) {
+    let mut config = SgdConfig::new();
+    if momentum {
+        config = config.with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)));
+    }
+    (OptimizerConfig::Sgd(config), LrSchedulerConfig::Constant(lr))
+}
+
+fn hinton() -> ObjectiveConfig {
+    ObjectiveConfig::Hinton(HintonKdLossConfig::new().with_alpha(0.1).with_temperature(2.0))
+}
+
+fn config(epochs: usize, objective: ObjectiveConfig, lr: f64) -> DistillConfig {
+    let (optimizer, schedule) = sgd(lr, true);
+    DistillConfig::new(epochs, optimizer, schedule, objective)
+        .with_batch_size(16)
+        .with_seed(3)
+}
+
+#[test]
+fn a_distilled_student_beats_the_same_student_trained_alone() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(64, 1, &oracle, &device);
+    let valid = Synthetic::new(2000, 2, &oracle, &device);
+    let evals = [EvalSet {
+        name: "valid",
+        dataset: &valid,
+    }];
+    let batcher = ImageBatcher::new();
+
+    let alone = Distiller::<Tensor<2>, 2>::new(
+        config(40, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 0.05),
+        scratch("alone"),
+    )
+    .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+    .unwrap();
+    let distilled = Distiller::new(config(40, hinton(), 0.05), scratch("distilled"))
+        .with_teacher(&oracle)
+        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .unwrap();
+
+    let accuracy = |outcome: &RunOutcome<Mlp>| outcome.summary.last.eval[0].1.accuracy;
+    let (alone_accuracy, distilled_accuracy) = (accuracy(&alone), accuracy(&distilled));
+    assert!(
+        distilled_accuracy > alone_accuracy + 0.05,
+        "distilled {distilled_accuracy:.3} vs alone {alone_accuracy:.3} on 2000 held-out examples"
+    );
+    let distilled_metrics = &distilled.summary.last.eval[0].1;
+    assert!(distilled_metrics.teacher_agreement.unwrap() > 0.8);
+    assert!(alone.summary.last.eval[0].1.teacher_agreement.is_none(), "no teacher, no agreement");
+    // The run directory.
+    for outcome in [&alone, &distilled] {
+        assert_eq!(outcome.records.len(), 40);
+        assert_eq!(outcome.summary.status, RunStatus::Completed);
+    }
+}
+
+#[test]
+fn a_resumed_run_ends_exactly_as_an_uninterrupted_one() {
+    let _serial = serial();
+    for named in devices().into_iter().filter(|named| named.name != "wgpu") {
+        let device = named.device.autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(100, 1, &oracle, &device);
+        let valid = Synthetic::new(50, 2, &oracle, &device);
+        let evals = [EvalSet {
+            name: "valid",
+            dataset: &valid,
+        }];
+        let jitter = ImageBatcher::new();
+        let (optimizer, _) = sgd(0.1, true);
+        // A schedule with state (a step decay), momentum state, dropout: all must be restored.
+        let schedule = LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
+            vec![
+                LrSchedulerConfig::Constant(0.1),
+                LrSchedulerConfig::Constant(0.03),
+            ],
+            vec![10],
+        ));
+        let config = DistillConfig::new(4, optimizer, schedule, hinton())
+            .with_batch_size(16)
+            .with_seed(9);
+
+        let whole_dir = scratch(&format!("whole-{}", named.name));
+        let whole = Distiller::new(config.clone(), &whole_dir)
+            .with_teacher(&oracle)
+            .fit(student(5, 0.2, &device), &train, &evals, &jitter, &jitter, &device)
+            .unwrap();
+
+        let split_dir = scratch(&format!("split-{}", named.name));
+        let first = Distiller::new(config.clone(), &split_dir)
+            .with_teacher(&oracle)
+            .with_stop_after(2)
+            .fit(student(5, 0.2, &device), &train, &evals, &jitter, &jitter, &device)
+            .unwrap();
+        assert_eq!(first.summary.status, RunStatus::Stopped);
+        assert_eq!(first.records.len(), 2);
+        let resumed = Distiller::resume(&split_dir)
+            .unwrap()
+            .with_teacher(&oracle)
+            .fit(student(77, 0.2, &device), &train, &evals, &jitter, &jitter, &device)
+            .unwrap();
+        assert_eq!(resumed.records.len(), 4);
+        for (a, b) in whole.records.iter().zip(&resumed.records) {
+            assert_eq!(a.epoch, b.epoch);
+            assert_eq!(a.train.loss, b.train.loss, "{}: epoch {} training loss", named.name, a.epoch);
+            // Evaluation itself may differ in the last bit from run to run (the backend's
+            // reductions), so metrics are compared to 1e-12; the weights below are bit-exact.
+            let (ma, mb) = (&a.eval[0].1, &b.eval[0].1);
+            assert_eq!((ma.errors, ma.examples), (mb.errors, mb.examples));
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(1.0);
+            for (x, y) in [
+                (ma.loss, mb.loss),
+                (ma.ece, mb.ece),
+                (ma.teacher_kl.unwrap(), mb.teacher_kl.unwrap()),
+                (ma.teacher_agreement.unwrap(), mb.teacher_agreement.unwrap()),
+            ] {
+                assert!(close(x, y), "{}: epoch {} metrics {x} vs {y}", named.name, a.epoch);
+            }
+        }
+        assert_eq!(
+            Fingerprint::of_module(&whole.student),
+            Fingerprint::of_module(&resumed.student),
+            "{}: final weights",
+            named.name
+        );
+        let lines = std::fs::read_to_string(split_dir.join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 4);
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(split_dir.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["status"], "completed");
+        assert_eq!(summary["epochs"], 4);
+
+        // Resuming with other data is refused.
+        let other = Synthetic::new(100, 7, &oracle, &device);
+        let error = Distiller::resume(&split_dir)
+            .unwrap()
+            .with_teacher(&oracle)
+            .fit(student(5, 0.2, &device), &other, &evals, &jitter, &jitter, &device)
+            .unwrap_err();
+        assert!(error.to_string().contains("trained on data"), "{error}");
+    }
+}
+
+/// Student logits on fixed inputs, to compare trained weights.
+fn probe(model: &Mlp, device: &Device) -> Vec<f32> {
+    let inputs: Vec<f32> = (0..8 * WIDTH).map(|i| (i % 13) as f32 / 13.0).collect();
+    model
+        .forward(Tensor::from_data(TensorData::new(inputs, [8, WIDTH]), device))
+        .into_data()
+        .iter::<f32>()
+        .collect()
+}
+
+#[test]
+fn accumulated_micro_batches_give_the_big_batch_step() {
+    let _serial = serial();
+    for named in devices() {
+        let device = named.device.autodiff();
+        let oracle = oracle(&device);
+        // 30 examples: one step of 30, or micro-batches of 8, 8, 8 and 6.
+        let train = Synthetic::new(30, 1, &oracle, &device);
+        let batcher = ImageBatcher::new();
+        let (optimizer, schedule) = sgd(0.5, false);
+        let base = DistillConfig::new(1, optimizer, schedule, hinton()).with_seed(4);
+        let run = |config: DistillConfig, name: &str| {
+            Distiller::new(config, scratch(&format!("{name}-{}", named.name)))
+                .with_teacher(&oracle)
+                .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+                .unwrap()
+        };
+        let big = run(base.clone().with_batch_size(30), "big");
+        let accumulated = run(base.clone().with_batch_size(8).with_accumulation(4), "accumulated");
+        let small = run(base.with_batch_size(8), "small");
+        assert_eq!((big.records[0].train.steps, accumulated.records[0].train.steps), (1, 1));
+        let (big, accumulated, small) = (
+            probe(&big.student, &device),
+            probe(&accumulated.student, &device),
+            probe(&small.student, &device),
+        );
+        let largest_gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(largest_gap(&big, &accumulated) < 1e-5, "{}: {}", named.name, largest_gap(&big, &accumulated));
+        assert!(largest_gap(&big, &small) > 1e-3, "four steps differ from one");
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(64, 1, &oracle, &device);
+    let (optimizer, _) = sgd(0.1, false);
+    // Four good steps (epoch 1), then a learning rate that overflows the weights.
+    let schedule = LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
+        vec![LrSchedulerConfig::Constant(0.1), LrSchedulerConfig::Constant(1e38)],
+        vec![4],
+    ));
+    let config = DistillConfig::new(3, optimizer, schedule, hinton()).with_batch_size(16);
+    let dir = scratch("nan");
+    let batcher = ImageBatcher::new();
+    let error = Distiller::new(config, &dir)
+        .with_teacher(&oracle)
+        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .unwrap_err();
+    let TrainError::NonFiniteLoss {
+        epoch, checkpoint, ..
+    } = &error
+    else {
+        panic!("expected a non-finite loss, got {error}");
+    };
+    assert_eq!(*epoch, 2, "{error}");
+    let checkpoint = checkpoint.clone().expect("epoch 1 was checkpointed");
+    assert!(checkpoint.ends_with("epoch-0001") && checkpoint.join("model.bpk").is_file());
+    assert!(error.to_string().contains("epoch 2"));
+    assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().count(), 1);
+}
+
+#[test]
+fn early_stopping_ends_a_run_that_stopped_improving() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(32, 1, &oracle, &device);
+    let valid = Synthetic::new(32, 2, &oracle, &device);
+    let batcher = ImageBatcher::new();
+    // A zero learning rate: nothing improves after the first epoch.
+    let config = config(10, hinton(), 0.0).with_early_stopping(Some(EarlyStoppingConfig::new(Metric::Accuracy, 2)));
+    let dir = scratch("early");
+    let outcome = Distiller::new(config, &dir)
+        .with_teacher(&oracle)
+        .fit(
+            student(5, 0.0, &device),
+            &train,
+            &[EvalSet {
+                name: "valid",
+                dataset: &valid,
+            }],
+            &batcher,
+            &batcher,
+            &device,
+        )
+        .unwrap();
+    assert_eq!(outcome.summary.status, RunStatus::EarlyStopped);
+    assert_eq!((outcome.summary.epochs, outcome.summary.best_epoch), (3, 1));
+    assert!(dir.join("checkpoints/best/model.bpk").is_file());
+    // The directory now holds a run: a new run there is refused, nothing is overwritten.
+    let again = Distiller::new(config_for_reuse(), &dir)
+        .with_teacher(&oracle)
+        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .unwrap_err();
+    assert!(again.to_string().contains("already holds a run"), "{again}");
+}
+
+fn config_for_reuse() -> DistillConfig {
+    config(1, hinton(), 0.1)
+}
+
+#[test]
+fn every_compiled_device_trains_and_evaluates() {
+    let _serial = serial();
+    for named in devices() {
+        let device = named.device.autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(48, 1, &oracle, &device);
+        let valid = Synthetic::new(40, 2, &oracle, &device);
+        let batcher = ImageBatcher::new();
+        let dir = scratch(&format!("device-{}", named.name));
+        let outcome = Distiller::new(config(2, hinton(), 0.1), &dir)
+            .with_teacher(&oracle)
+            .fit(
+                student(5, 0.1, &device),
+                &train,
+                &[EvalSet {
+                    name: "valid",
+                    dataset: &valid,
+                }],
+                &batcher,
+                &batcher,
+                &device,
+            )
+            .unwrap();
+        let record = &outcome.records[1];
+        assert!(record.train.loss.is_finite() && record.train.hard_loss.is_some() && record.train.soft_loss.is_some());
+        assert_eq!((record.train.examples, record.train.steps), (48, 3));
+        let metrics = &record.eval[0].1;
+        assert_eq!((metrics.examples, metrics.errors), (40, 40 - (metrics.accuracy * 40.0).round() as usize));
+        assert!((0.0..=1.0).contains(&metrics.ece));
+        for file in ["config.json", "metrics.jsonl", "summary.json", "checkpoints/epoch-0002/model.bpk"] {
+            assert!(dir.join(file).is_file(), "{}: {file}", named.name);
+        }
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["epochs"], 2);
+
+        // The teacher agrees with itself and has no KL to itself.
+        let module = oracle_module(&device);
+        let frozen = FrozenTeacher::new(&module);
+        let own = evaluate(&module, Some(&frozen), &valid, &batcher, 16, &device).unwrap();
+        assert_eq!((own.accuracy, own.teacher_agreement), (1.0, Some(1.0)), "{}", named.name);
+        assert!(own.teacher_kl.unwrap().abs() < 1e-5);
+    }
+}

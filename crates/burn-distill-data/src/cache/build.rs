@@ -247,8 +247,10 @@ where
                 ),
             ));
         }
-        let encoded = encode_batch(logits, options.mode, &indices, positions, classes, position)?;
+        // The teacher's time includes reading its outputs back (burn runs lazily until then).
+        let host = HostOutputs::read(logits, options.mode);
         teacher_seconds += teacher_start.elapsed().as_secs_f64();
+        let encoded = encode_batch(host, options.mode, &indices, positions, classes, position)?;
 
         if header.is_none() {
             let new_header = CacheHeader {
@@ -323,9 +325,35 @@ fn file_len(path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path).map_err(|error| DataError::io(path, error))?.len())
 }
 
-/// Encodes one batch of logits as records.
-fn encode_batch<const R: usize>(
-    logits: Tensor<R>,
+/// A batch of teacher outputs read back to the host: the logits, and for top-k mode the top-k
+/// log-probabilities and classes (computed on the device).
+struct HostOutputs {
+    logits: Vec<f32>,
+    top_k: Option<(Vec<f32>, Vec<i64>)>,
+}
+
+impl HostOutputs {
+    fn read<const R: usize>(logits: Tensor<R>, mode: CacheMode) -> Self {
+        let top_k = match mode {
+            CacheMode::TopK { k } => {
+                let (values, classes) = activation::log_softmax(logits.clone(), R - 1).topk_with_indices(k, R - 1);
+                Some((
+                    values.into_data().iter::<f32>().collect(),
+                    classes.into_data().iter::<i64>().collect(),
+                ))
+            }
+            CacheMode::DenseF32 | CacheMode::DenseF16 => None,
+        };
+        Self {
+            logits: logits.into_data().iter::<f32>().collect(),
+            top_k,
+        }
+    }
+}
+
+/// Encodes one batch of outputs as records, refusing non-finite logits.
+fn encode_batch(
+    host: HostOutputs,
     mode: CacheMode,
     indices: &[usize],
     positions: usize,
@@ -333,45 +361,22 @@ fn encode_batch<const R: usize>(
     first: usize,
 ) -> Result<Vec<u8>> {
     let per_example = positions * classes;
-    let check_finite = |values: &[f32]| -> Result<()> {
-        match values.iter().position(|value| !value.is_finite()) {
-            Some(at) => Err(DataError::invalid(
-                "teacher output",
-                format!(
-                    "non-finite logit {} for example {} (position {}, class {})",
-                    values[at],
-                    first + at / per_example,
-                    at % per_example / classes,
-                    at % classes
-                ),
-            )),
-            None => Ok(()),
-        }
-    };
+    if let Some(at) = host.logits.iter().position(|value| !value.is_finite()) {
+        return Err(DataError::invalid(
+            "teacher output",
+            format!(
+                "non-finite logit {} for example {} (position {}, class {})",
+                host.logits[at],
+                first + at / per_example,
+                at % per_example / classes,
+                at % classes
+            ),
+        ));
+    }
     let record_payload = positions * mode.bytes_per_position(classes);
     let mut bytes = Vec::with_capacity(indices.len() * (8 + record_payload));
-    match mode {
-        CacheMode::DenseF32 | CacheMode::DenseF16 => {
-            let values: Vec<f32> = logits.into_data().iter::<f32>().collect();
-            check_finite(&values)?;
-            for (example, &index) in indices.iter().enumerate() {
-                bytes.extend_from_slice(&(index as u64).to_le_bytes());
-                let row = &values[example * per_example..(example + 1) * per_example];
-                if mode == CacheMode::DenseF32 {
-                    row.iter().for_each(|value| bytes.extend_from_slice(&value.to_le_bytes()));
-                } else {
-                    row.iter()
-                        .for_each(|value| bytes.extend_from_slice(&half::f16::from_f32(*value).to_le_bytes()));
-                }
-            }
-        }
-        CacheMode::TopK { k } => {
-            let values: Vec<f32> = logits.clone().into_data().iter::<f32>().collect();
-            check_finite(&values)?;
-            let log_probs = activation::log_softmax(logits, R - 1);
-            let (top_values, top_indices) = log_probs.topk_with_indices(k, R - 1);
-            let top_values: Vec<f32> = top_values.into_data().iter::<f32>().collect();
-            let top_indices: Vec<i64> = top_indices.into_data().iter::<i64>().collect();
+    match (mode, host.top_k) {
+        (CacheMode::TopK { k }, Some((top_values, top_indices))) => {
             let per_example_k = positions * k;
             for (example, &index) in indices.iter().enumerate() {
                 bytes.extend_from_slice(&(index as u64).to_le_bytes());
@@ -382,6 +387,18 @@ fn encode_batch<const R: usize>(
                 top_values[span]
                     .iter()
                     .for_each(|value| bytes.extend_from_slice(&value.to_le_bytes()));
+            }
+        }
+        _ => {
+            for (example, &index) in indices.iter().enumerate() {
+                bytes.extend_from_slice(&(index as u64).to_le_bytes());
+                let row = &host.logits[example * per_example..(example + 1) * per_example];
+                if mode == CacheMode::DenseF32 {
+                    row.iter().for_each(|value| bytes.extend_from_slice(&value.to_le_bytes()));
+                } else {
+                    row.iter()
+                        .for_each(|value| bytes.extend_from_slice(&half::f16::from_f32(*value).to_le_bytes()));
+                }
             }
         }
     }

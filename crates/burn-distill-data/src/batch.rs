@@ -139,10 +139,7 @@ where
     let mut held_out = positions.split_off(len - validation);
     positions.sort_unstable();
     held_out.sort_unstable();
-    (
-        Subset::new(dataset.clone(), positions),
-        Subset::new(dataset, held_out),
-    )
+    (Subset::new(dataset.clone(), positions), Subset::new(dataset, held_out))
 }
 
 /// The order in which a training loop visits a dataset: a fresh seeded permutation per epoch

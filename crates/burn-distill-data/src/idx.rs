@@ -82,7 +82,10 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
     if bytes[2] != UNSIGNED_BYTE {
         return Err(DataError::corrupt(
             path,
-            format!("IDX data type 0x{:02x} is not supported (MNIST uses unsigned bytes, 0x08)", bytes[2]),
+            format!(
+                "IDX data type 0x{:02x} is not supported (MNIST uses unsigned bytes, 0x08)",
+                bytes[2]
+            ),
         ));
     }
     let rank = usize::from(bytes[3]);
@@ -90,7 +93,10 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
     if rank == 0 || bytes.len() < header {
         return Err(DataError::corrupt(
             path,
-            format!("IDX header of rank {rank} needs {header} bytes, the file has {}", bytes.len()),
+            format!(
+                "IDX header of rank {rank} needs {header} bytes, the file has {}",
+                bytes.len()
+            ),
         ));
     }
     let dims: Vec<usize> = bytes[4..header]

@@ -129,7 +129,6 @@ impl ImageBatcher {
     pub fn jitter(&self) -> Option<Jitter> {
         self.jitter
     }
-
 }
 
 impl EpochAware for ImageBatcher {

@@ -45,4 +45,6 @@ pub use error::{DataError, Result};
 pub use idx::{IdxArray, encode_idx, read_idx};
 pub use image::{ImageBatch, ImageBatcher, Jitter};
 pub use mnist::{MNIST_DIR_ENV, MnistDataset, MnistItem, MnistSplit, default_mnist_dir};
-pub use text::{BYTE_VOCAB, ByteCorpus, TEXT_FILE_ENV, TextItem, TextWindows, TokenBatch, TokenBatcher, default_text_file};
+pub use text::{
+    BYTE_VOCAB, ByteCorpus, TEXT_FILE_ENV, TextItem, TextWindows, TokenBatch, TokenBatcher, default_text_file,
+};

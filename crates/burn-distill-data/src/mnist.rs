@@ -121,10 +121,19 @@ impl MnistDataset {
         if let Some(position) = labels.data.iter().position(|&label| label > 9) {
             return Err(DataError::corrupt(
                 &labels_path,
-                format!("label {} at example {position} is not a class 0-9", labels.data[position]),
+                format!(
+                    "label {} at example {position} is not a class 0-9",
+                    labels.data[position]
+                ),
             ));
         }
-        Ok(Self::from_parts(images.data, labels.data, images.dims[1], images.dims[2], split))
+        Ok(Self::from_parts(
+            images.data,
+            labels.data,
+            images.dims[1],
+            images.dims[2],
+            split,
+        ))
     }
 
     /// Reads `split` from [`default_mnist_dir`].

@@ -101,7 +101,10 @@ impl ByteCorpus {
         if self.bytes.len() < context + 1 {
             return Err(DataError::invalid(
                 "text windows",
-                format!("a window of {context} + 1 bytes needs a longer text than {} bytes", self.bytes.len()),
+                format!(
+                    "a window of {context} + 1 bytes needs a longer text than {} bytes",
+                    self.bytes.len()
+                ),
             ));
         }
         let count = (self.bytes.len() - context - 1) / stride + 1;

@@ -11,8 +11,8 @@ use burn::tensor::{Device, Int, Tensor, activation};
 use burn_distill_data::*;
 use burn_distill_loss::{NamedDevice, TailPolicy, devices_for_tests};
 use burn_distill_model::{
-    Fingerprint, FrozenTeacher, Mlp, MlpConfig, ModelError, Teacher, TeacherOutput, TransformerLm,
-    TransformerLmConfig, init_seeded,
+    Fingerprint, FrozenTeacher, Mlp, MlpConfig, ModelError, Teacher, TeacherOutput, TransformerLm, TransformerLmConfig,
+    init_seeded,
 };
 
 fn devices() -> Vec<NamedDevice> {
@@ -61,7 +61,7 @@ fn mnist_reads_the_bundled_files() {
     assert_eq!(test.get(0).unwrap().label, 7);
     let item = train.get(59_999).unwrap();
     assert_eq!((item.index, item.pixels.len()), (59_999, 784));
-    assert!(item.pixels.iter().any(|&p| p == 255) && item.pixels.iter().any(|&p| p == 0));
+    assert!(item.pixels.contains(&255) && item.pixels.contains(&0));
     assert_ne!(train.fingerprint(), test.fingerprint());
 }
 
@@ -125,7 +125,7 @@ fn mnist_refuses_missing_truncated_and_corrupt_files() {
 
     let dir = scratch("trailing");
     write_tiny_mnist(&dir, 5, false);
-    let mut bytes = std::fs::read(&images_path(&dir)).unwrap();
+    let mut bytes = std::fs::read(images_path(&dir)).unwrap();
     bytes.push(0);
     std::fs::write(images_path(&dir), bytes).unwrap();
     expect_error(load(&dir), "train-images-idx3-ubyte", "too long");
@@ -241,7 +241,11 @@ fn splits_and_epoch_orders_are_seeded() {
     assert_ne!(fit.positions(), fit_other.positions());
     let mut all: Vec<usize> = fit.positions().iter().chain(held_out.positions()).copied().collect();
     all.sort_unstable();
-    assert_eq!(all, (0..60_000).collect::<Vec<_>>(), "the parts are disjoint and cover everything");
+    assert_eq!(
+        all,
+        (0..60_000).collect::<Vec<_>>(),
+        "the parts are disjoint and cover everything"
+    );
     // Items keep their index in the file.
     let position = held_out.positions()[17];
     assert_eq!(held_out.get(17).unwrap().index, position);
@@ -262,7 +266,10 @@ fn splits_and_epoch_orders_are_seeded() {
     assert_eq!(dropping.batches(0).len(), 15);
     assert!(dropping.batches(0).iter().all(|batch| batch.len() == 64));
     let in_order = EpochSampler::sequential(10, 4);
-    assert_eq!(in_order.batches(9), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
+    assert_eq!(
+        in_order.batches(9),
+        vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
+    );
 }
 
 #[test]
@@ -279,7 +286,10 @@ fn text_windows_split_without_leaks_and_batch_on_every_device() {
     let first_valid = valid.get(0).unwrap();
     let train_end = last_train.index * 32 + 65;
     assert!(first_valid.index * 32 >= train_end, "no byte is in both parts");
-    assert_eq!(first_valid.tokens, corpus.bytes()[first_valid.index * 32..][..65].to_vec());
+    assert_eq!(
+        first_valid.tokens,
+        corpus.bytes()[first_valid.index * 32..][..65].to_vec()
+    );
     assert_ne!(train.fingerprint(), valid.fingerprint());
 
     let items = vec![train.get(0).unwrap(), train.get(5).unwrap()];
@@ -298,7 +308,10 @@ fn text_windows_split_without_leaks_and_batch_on_every_device() {
     let latin1 = dir.join("latin1.txt");
     std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
     let error = ByteCorpus::from_file(&latin1).unwrap_err().to_string();
-    assert!(error.contains("latin1.txt") && error.contains("not UTF-8") && error.contains("byte 3"), "{error}");
+    assert!(
+        error.contains("latin1.txt") && error.contains("not UTF-8") && error.contains("byte 3"),
+        "{error}"
+    );
     let error = ByteCorpus::from_file(&dir.join("absent.txt")).unwrap_err().to_string();
     assert!(error.contains("absent.txt") && error.contains(TEXT_FILE_ENV), "{error}");
     assert!(ByteCorpus::from_text("short").windows(8, 1).is_err());
@@ -318,10 +331,20 @@ fn mnist_subset(count: usize) -> Subset<MnistDataset> {
 }
 
 /// What the teacher gives for `indices` of `dataset`, computed directly.
-fn direct_logits(teacher: &FrozenTeacher<Mlp>, dataset: &Subset<MnistDataset>, positions: &[usize], device: &Device) -> Vec<f32> {
+fn direct_logits(
+    teacher: &FrozenTeacher<Mlp>,
+    dataset: &Subset<MnistDataset>,
+    positions: &[usize],
+    device: &Device,
+) -> Vec<f32> {
     let items = positions.iter().map(|&i| dataset.get(i).unwrap()).collect();
     let batch = ImageBatcher::new().batch(items, device);
-    floats(Teacher::<Tensor<2>, 2>::teach(teacher, batch.input(), &[]).unwrap().into_parts().0)
+    floats(
+        Teacher::<Tensor<2>, 2>::teach(teacher, batch.input(), &[])
+            .unwrap()
+            .into_parts()
+            .0,
+    )
 }
 
 /// Bit-equality, reporting the first difference rather than both vectors.
@@ -363,8 +386,14 @@ fn cache_round_trips_dense_and_top_k_on_every_device() {
         assert_eq!((report.examples, report.resumed_from, report.reused), (300, 0, false));
         assert!(!partial_path(&f32_path).exists(), "the temporary file is renamed away");
         let cache = TeacherCache::open(&f32_path).unwrap();
-        assert_eq!((cache.header().classes, cache.header().positions, cache.len()), (10, 1, 300));
-        assert_eq!(report.bytes as usize, std::fs::metadata(&f32_path).unwrap().len() as usize);
+        assert_eq!(
+            (cache.header().classes, cache.header().positions, cache.len()),
+            (10, 1, 300)
+        );
+        assert_eq!(
+            report.bytes as usize,
+            std::fs::metadata(&f32_path).unwrap().len() as usize
+        );
         let cached = cache.logits_values(&all, TailPolicy::Renormalize).unwrap();
         assert_same(&cached, &direct, &format!("{}: dense f32 is exact", named.name));
         // A second build with the same teacher and data reuses the file.
@@ -373,7 +402,10 @@ fn cache_round_trips_dense_and_top_k_on_every_device() {
         let f16_path = dir.join("dense-f16.bdkd");
         let options = CacheBuildOptions::new(CacheMode::DenseF16).with_batch_size(64);
         build(&f16_path, &teacher, &dataset, device, &options).unwrap();
-        let half = TeacherCache::open(&f16_path).unwrap().logits_values(&all, TailPolicy::Renormalize).unwrap();
+        let half = TeacherCache::open(&f16_path)
+            .unwrap()
+            .logits_values(&all, TailPolicy::Renormalize)
+            .unwrap();
         for (h, f) in half.iter().zip(&direct) {
             assert!((h - f).abs() <= 1e-3 * f.abs().max(1e-2), "f16 {h} vs f32 {f}");
         }
@@ -401,18 +433,27 @@ fn cache_round_trips_dense_and_top_k_on_every_device() {
         // The cached teacher serves exactly the examples a shuffled batch asks for.
         let cached_teacher = CachedTeacher::open(&f32_path, &dataset, fingerprint, device).unwrap();
         let picks = [299usize, 3, 150, 3];
-        let output: TeacherOutput<2> = cached_teacher.teach_examples(Tensor::<2>::zeros([4, 784], device), &picks, &[]).unwrap();
-        let expected: Vec<f32> = picks.iter().flat_map(|&i| cached[i * 10..(i + 1) * 10].to_vec()).collect();
+        let output: TeacherOutput<2> = cached_teacher
+            .teach_examples(Tensor::<2>::zeros([4, 784], device), &picks, &[])
+            .unwrap();
+        let expected: Vec<f32> = picks
+            .iter()
+            .flat_map(|&i| cached[i * 10..(i + 1) * 10].to_vec())
+            .collect();
         assert_same(&floats(output.into_parts().0), &expected, "cached teacher");
         let no_indices = Teacher::<Tensor<2>, 2>::teach(&cached_teacher, Tensor::<2>::zeros([1, 784], device), &[]);
         assert!(matches!(no_indices, Err(ModelError::Unsupported { .. })));
-        let outside = Teacher::<Tensor<2>, 2>::teach_examples(&cached_teacher, Tensor::<2>::zeros([1, 784], device), &[300], &[]);
+        let outside =
+            Teacher::<Tensor<2>, 2>::teach_examples(&cached_teacher, Tensor::<2>::zeros([1, 784], device), &[300], &[]);
         assert!(outside.unwrap_err().to_string().contains("300 is not in the cache"));
-        let wrong_rank = Teacher::<Tensor<2>, 3>::teach_examples(&cached_teacher, Tensor::<2>::zeros([1, 784], device), &[0], &[]);
+        let wrong_rank =
+            Teacher::<Tensor<2>, 3>::teach_examples(&cached_teacher, Tensor::<2>::zeros([1, 784], device), &[0], &[]);
         assert!(wrong_rank.unwrap_err().to_string().contains("rank-2"));
 
         let top_teacher = CachedTeacher::open(&top_path, &dataset, fingerprint, device).unwrap();
-        let output: TeacherOutput<2> = top_teacher.teach_examples(Tensor::<2>::zeros([2, 784], device), &[5, 6], &[]).unwrap();
+        let output: TeacherOutput<2> = top_teacher
+            .teach_examples(Tensor::<2>::zeros([2, 784], device), &[5, 6], &[])
+            .unwrap();
         let (top_classes, top_log_probs) = output.top_k().cloned().unwrap();
         assert_eq!(top_classes.dims(), [2, k]);
         assert_eq!(
@@ -435,7 +476,10 @@ fn cache_of_a_language_model_round_trips_rank_3() {
     let windows = ByteCorpus::load_default().unwrap().windows(16, 64).unwrap();
     let dataset = Subset::new(windows, (0..40).collect());
     let device = cpu();
-    let config = TransformerLmConfig::new(BYTE_VOCAB, 16).with_layers(1).with_width(32).with_heads(2);
+    let config = TransformerLmConfig::new(BYTE_VOCAB, 16)
+        .with_layers(1)
+        .with_width(32)
+        .with_heads(2);
     let model: TransformerLm = init_seeded(3, &device, |device| config.init(device));
     let teacher = FrozenTeacher::new(&model);
     let dir = scratch("lm");
@@ -451,10 +495,17 @@ fn cache_of_a_language_model_round_trips_rank_3() {
         let options = CacheBuildOptions::new(mode).with_batch_size(40);
         build_cache(&path, &teacher, &dataset, &TokenBatcher, &device, &options).unwrap();
         let cache = TeacherCache::open(&path).unwrap();
-        assert_eq!((cache.header().rank, cache.header().positions, cache.header().classes), (3, 16, 256));
+        assert_eq!(
+            (cache.header().rank, cache.header().positions, cache.header().classes),
+            (3, 16, 256)
+        );
         let indices: Vec<usize> = (0..40).collect();
         if mode == CacheMode::DenseF32 {
-            assert_same(&cache.logits_values(&indices, TailPolicy::Renormalize).unwrap(), &direct, "rank 3");
+            assert_same(
+                &cache.logits_values(&indices, TailPolicy::Renormalize).unwrap(),
+                &direct,
+                "rank 3",
+            );
             let logits: Tensor<3> = cache.logits(&[4, 2], TailPolicy::Renormalize, &device).unwrap();
             assert_eq!(logits.dims(), [2, 16, 256]);
         } else {
@@ -488,9 +539,14 @@ fn stale_and_corrupt_caches_are_refused() {
     let error = CachedTeacher::open(&path, &dataset, other_fingerprint, &device).unwrap_err();
     assert!(matches!(error, DataError::Stale { .. }));
     let message = error.to_string();
-    assert!(message.contains("teacher") && message.contains(&fingerprint.to_string()), "{message}");
+    assert!(
+        message.contains("teacher") && message.contains(&fingerprint.to_string()),
+        "{message}"
+    );
     let reordered = Subset::new(mnist_train(), (0..100).rev().collect());
-    let error = CachedTeacher::open(&path, &reordered, fingerprint, &device).unwrap_err().to_string();
+    let error = CachedTeacher::open(&path, &reordered, fingerprint, &device)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("stale") && error.contains("dataset"), "{error}");
 
     // A build for another teacher replaces the stale file and says why.
@@ -510,7 +566,10 @@ fn stale_and_corrupt_caches_are_refused() {
     let middle = flipped.len() / 2;
     flipped[middle] ^= 0x10;
     let error = damaged("flipped.bdkd", flipped);
-    assert!(matches!(error, DataError::Corrupt { .. }) && error.to_string().contains("checksum"), "{error}");
+    assert!(
+        matches!(error, DataError::Corrupt { .. }) && error.to_string().contains("checksum"),
+        "{error}"
+    );
     let error = damaged("truncated.bdkd", original[..original.len() - 100].to_vec());
     assert!(error.to_string().contains("truncated"), "{error}");
     let mut wrong_magic = original.clone();
@@ -535,10 +594,10 @@ struct FlakyTeacher<'a> {
 impl Teacher<Tensor<2>, 2> for FlakyTeacher<'_> {
     fn teach(&self, input: Tensor<2>, taps: &[&str]) -> burn_distill_model::Result<TeacherOutput<2>> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        if call + 1 == self.fail_after {
-            if let Some(stop) = &self.stop {
-                stop.store(true, Ordering::SeqCst);
-            }
+        if call + 1 == self.fail_after
+            && let Some(stop) = &self.stop
+        {
+            stop.store(true, Ordering::SeqCst);
         }
         if call >= self.fail_after && self.stop.is_none() {
             return Err(ModelError::TeacherFailed {
@@ -580,7 +639,17 @@ fn interrupted_builds_resume_to_the_same_file() {
             stop: None,
         };
         let error = build(&path, &flaky, &dataset, &device, &options).unwrap_err();
-        assert!(matches!(error, DataError::Teacher { first: 90, end: 120, .. }), "{error}");
+        assert!(
+            matches!(
+                error,
+                DataError::Teacher {
+                    first: 90,
+                    end: 120,
+                    ..
+                }
+            ),
+            "{error}"
+        );
         assert!(!path.exists() && partial_path(&path).exists());
         // A torn last record (a crash mid-write) is cut off on resume.
         let mut partial = std::fs::read(partial_path(&path)).unwrap();
@@ -588,7 +657,11 @@ fn interrupted_builds_resume_to_the_same_file() {
         std::fs::write(partial_path(&path), partial).unwrap();
         let report = build(&path, &teacher, &dataset, &device, &options).unwrap();
         assert_eq!(report.resumed_from, 90);
-        assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&reference).unwrap(), "{mode}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(&reference).unwrap(),
+            "{mode}"
+        );
 
         // A stop request after the second batch.
         let stopped = dir.join("stopped.bdkd");
@@ -601,7 +674,17 @@ fn interrupted_builds_resume_to_the_same_file() {
             stop: Some(stop.clone()),
         };
         let error = build(&stopped, &flaky, &dataset, &device, &options.clone().with_stop(stop)).unwrap_err();
-        assert!(matches!(error, DataError::Interrupted { done: 60, total: 200, .. }), "{error}");
+        assert!(
+            matches!(
+                error,
+                DataError::Interrupted {
+                    done: 60,
+                    total: 200,
+                    ..
+                }
+            ),
+            "{error}"
+        );
         let report = build(&stopped, &teacher, &dataset, &device, &options).unwrap();
         assert_eq!(report.resumed_from, 60);
         assert_eq!(std::fs::read(&stopped).unwrap(), std::fs::read(&reference).unwrap());
@@ -632,7 +715,14 @@ fn non_finite_teacher_logits_are_refused() {
         model.forward(input).log() // log of negative logits: NaN
     });
     let path = scratch("nan").join("nan.bdkd");
-    let error = build(&path, &teacher, &dataset, &device, &CacheBuildOptions::new(CacheMode::DenseF32)).unwrap_err();
+    let error = build(
+        &path,
+        &teacher,
+        &dataset,
+        &device,
+        &CacheBuildOptions::new(CacheMode::DenseF32),
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("non-finite logit"), "{error}");
     assert!(!path.exists());
 }

@@ -95,9 +95,11 @@ impl DistillConfig {
         if let ObjectiveConfig::Divergence { hard_weight, .. } = self.objective
             && !(hard_weight.is_finite() && hard_weight >= 0.0)
         {
-            return Err(TrainError::Config(format!("hard_weight = {hard_weight} must be finite and >= 0")));
+            return Err(TrainError::Config(format!(
+                "hard_weight = {hard_weight} must be finite and >= 0"
+            )));
         }
-        if self.objective.needs_teacher() == false && !self.features.is_empty() {
+        if !self.objective.needs_teacher() && !self.features.is_empty() {
             return Err(TrainError::Config("feature losses need a teacher objective".into()));
         }
         Ok(())

@@ -19,9 +19,7 @@ use crate::config::{DistillConfig, Metric};
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, evaluate, flatten_logits};
 use crate::objective::{LogitObjective, feature_loss};
-use crate::run::{
-    CheckpointState, EpochRecord, RunDir, RunStatus, RunSummary, TrainStats, read_json, write_json,
-};
+use crate::run::{CheckpointState, EpochRecord, RunDir, RunStatus, RunSummary, TrainStats, read_json, write_json};
 
 /// The student with the connectors of its feature terms: what the optimizer trains and a
 /// checkpoint holds.
@@ -174,7 +172,9 @@ where
         let config = &self.config;
         config.validate()?;
         if config.objective.needs_teacher() && self.teacher.is_none() {
-            return Err(TrainError::Config("the objective needs a teacher: call with_teacher".into()));
+            return Err(TrainError::Config(
+                "the objective needs a teacher: call with_teacher".into(),
+            ));
         }
         if !device.is_autodiff() {
             return Err(TrainError::Config(
@@ -292,7 +292,11 @@ where
                         }
                         None => (None, Default::default()),
                     };
-                    let objective = if state.global_step == 0 && micro_step == 0 { &checked } else { &fast };
+                    let objective = if state.global_step == 0 && micro_step == 0 {
+                        &checked
+                    } else {
+                        &fast
+                    };
                     let logit_loss = objective.loss(
                         flatten_logits(student_output.logits),
                         teacher_logits,
@@ -401,7 +405,11 @@ where
         let summary = RunSummary {
             status,
             epochs: last.epoch,
-            best_epoch: if state.best_epoch == 0 { last.epoch } else { state.best_epoch },
+            best_epoch: if state.best_epoch == 0 {
+                last.epoch
+            } else {
+                state.best_epoch
+            },
             train_seconds: records.iter().map(|r| r.train.seconds).sum(),
             teacher_seconds: records.iter().map(|r| r.train.teacher_seconds).sum(),
             student_seconds: records.iter().map(|r| r.train.student_seconds).sum(),
@@ -499,7 +507,10 @@ where
         state: &CheckpointState,
     ) -> Result<PathBuf> {
         let target = self.dir.checkpoint(state.epoch);
-        let partial = self.dir.checkpoints().join(format!(".epoch-{:04}.partial", state.epoch));
+        let partial = self
+            .dir
+            .checkpoints()
+            .join(format!(".epoch-{:04}.partial", state.epoch));
         let _ = fs::remove_dir_all(&partial);
         fs::create_dir_all(&partial).map_err(|error| TrainError::file(&partial, error))?;
         save_weights(trainee, partial.join("model.bpk"))?;
@@ -549,7 +560,8 @@ fn copy_checkpoint(source: &Path, target: &Path) -> Result<()> {
     fs::create_dir_all(&partial).map_err(|error| TrainError::file(&partial, error))?;
     for entry in fs::read_dir(source).map_err(|error| TrainError::file(source, error))? {
         let entry = entry.map_err(|error| TrainError::file(source, error))?;
-        fs::copy(entry.path(), partial.join(entry.file_name())).map_err(|error| TrainError::file(&entry.path(), error))?;
+        fs::copy(entry.path(), partial.join(entry.file_name()))
+            .map_err(|error| TrainError::file(&entry.path(), error))?;
     }
     if target.exists() {
         fs::remove_dir_all(target).map_err(|error| TrainError::file(target, error))?;

@@ -108,7 +108,13 @@ where
     Ok(finish(totals, D == 3, teacher.is_some()))
 }
 
-fn accumulate(totals: &mut Totals, logits: Tensor<2>, targets: Tensor<1, Int>, teacher: Option<Tensor<2>>, examples: usize) {
+fn accumulate(
+    totals: &mut Totals,
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    teacher: Option<Tensor<2>>,
+    examples: usize,
+) {
     let [positions, _] = logits.dims();
     let log_probs = activation::log_softmax(logits, 1);
     let nll = host_f32(
@@ -142,11 +148,7 @@ fn accumulate(totals: &mut Totals, logits: Tensor<2>, targets: Tensor<1, Int>, t
         );
         let teacher_predicted = host_i64(teacher_log_probs.argmax(1).squeeze_dim::<1>(1));
         totals.kl += kl.iter().map(|&v| f64::from(v)).sum::<f64>();
-        totals.agree += predicted
-            .iter()
-            .zip(&teacher_predicted)
-            .filter(|(a, b)| a == b)
-            .count();
+        totals.agree += predicted.iter().zip(&teacher_predicted).filter(|(a, b)| a == b).count();
     }
 }
 

@@ -31,9 +31,7 @@ impl LogitObjective {
             ObjectiveConfig::Supervised { label_smoothing } => Self::Supervised {
                 label_smoothing: *label_smoothing,
             },
-            ObjectiveConfig::Hinton(config) => {
-                Self::Hinton(config.clone().with_check_inputs(check_inputs).try_init()?)
-            }
+            ObjectiveConfig::Hinton(config) => Self::Hinton(config.clone().with_check_inputs(check_inputs).try_init()?),
             ObjectiveConfig::Dkd(config) => Self::Dkd(config.clone().with_check_inputs(check_inputs).try_init()?),
             ObjectiveConfig::Divergence { loss, hard_weight } => Self::Divergence {
                 loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
@@ -54,9 +52,9 @@ impl LogitObjective {
     ) -> Result<StepLoss> {
         let reduction = Reduction::SumOver(normaliser);
         let need_teacher = || {
-            teacher.clone().ok_or_else(|| {
-                TrainError::Config("this objective needs a teacher; give the distiller one".into())
-            })
+            teacher
+                .clone()
+                .ok_or_else(|| TrainError::Config("this objective needs a teacher; give the distiller one".into()))
         };
         Ok(match self {
             Self::Supervised { label_smoothing } => {
@@ -91,13 +89,13 @@ impl LogitObjective {
                         total: soft.clone() + hard.clone().mul_scalar(*hard_weight),
                         hard: Some(hard),
                         soft: Some(soft),
-                        }
+                    }
                 } else {
                     StepLoss {
                         total: soft.clone(),
                         hard: None,
                         soft: Some(soft),
-                        }
+                    }
                 }
             }
         })
@@ -105,7 +103,12 @@ impl LogitObjective {
 }
 
 /// `Σ_positions [(1 − ε) · (−log q_label) + ε · mean_c(−log q_c)] / normaliser`.
-pub(crate) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, smoothing: f64, normaliser: usize) -> Tensor<1> {
+pub(crate) fn cross_entropy(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    smoothing: f64,
+    normaliser: usize,
+) -> Tensor<1> {
     let log_probs = activation::log_softmax(logits, 1);
     let nll = log_probs.clone().gather(1, targets.unsqueeze_dim::<2>(1)).neg().sum();
     let total = if smoothing > 0.0 {

@@ -134,7 +134,10 @@ where
         return Err(DataError::invalid("batch_size", "must be at least 1"));
     }
     if !(R == 2 || R == 3) {
-        return Err(DataError::invalid("logit rank", format!("{R}: caches hold rank 2 or 3 logits")));
+        return Err(DataError::invalid(
+            "logit rank",
+            format!("{R}: caches hold rank 2 or 3 logits"),
+        ));
     }
     let classes = teacher.num_classes();
     if let CacheMode::TopK { k } = options.mode
@@ -190,7 +193,12 @@ where
     }
 
     let (mut writer, mut header, mut hasher, done) = match resume {
-        Some(ResumeState { file, header, hasher, done }) => (Some(BufWriter::new(file)), Some(header), hasher, done),
+        Some(ResumeState {
+            file,
+            header,
+            hasher,
+            done,
+        }) => (Some(BufWriter::new(file)), Some(header), hasher, done),
         None => (None, None, Xxh3::new(), 0),
     };
     let resumed_from = done;
@@ -276,7 +284,10 @@ where
         if header.positions != positions {
             return Err(DataError::invalid(
                 "teacher output",
-                format!("{positions} positions per example, earlier batches had {}", header.positions),
+                format!(
+                    "{positions} positions per example, earlier batches had {}",
+                    header.positions
+                ),
             ));
         }
         hasher.update(&encoded);
@@ -322,7 +333,9 @@ where
 }
 
 fn file_len(path: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(path).map_err(|error| DataError::io(path, error))?.len())
+    Ok(std::fs::metadata(path)
+        .map_err(|error| DataError::io(path, error))?
+        .len())
 }
 
 /// A batch of teacher outputs read back to the host: the logits, and for top-k mode the top-k
@@ -394,7 +407,8 @@ fn encode_batch(
                 bytes.extend_from_slice(&(index as u64).to_le_bytes());
                 let row = &host.logits[example * per_example..(example + 1) * per_example];
                 if mode == CacheMode::DenseF32 {
-                    row.iter().for_each(|value| bytes.extend_from_slice(&value.to_le_bytes()));
+                    row.iter()
+                        .for_each(|value| bytes.extend_from_slice(&value.to_le_bytes()));
                 } else {
                     row.iter()
                         .for_each(|value| bytes.extend_from_slice(&half::f16::from_f32(*value).to_le_bytes()));
@@ -452,7 +466,8 @@ fn resume_partial(
     let mut left = keep - data_start;
     while left > 0 {
         let take = left.min(buffer.len());
-        file.read_exact(&mut buffer[..take]).map_err(|error| error.to_string())?;
+        file.read_exact(&mut buffer[..take])
+            .map_err(|error| error.to_string())?;
         hasher.update(&buffer[..take]);
         left -= take;
     }

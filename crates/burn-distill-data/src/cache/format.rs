@@ -113,7 +113,10 @@ impl CacheHeader {
     /// Decodes the prefix of a cache file; returns the header and where the records start.
     pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<(Self, usize)> {
         if bytes.len() < 16 || &bytes[..8] != MAGIC {
-            return Err(DataError::corrupt(path, "not a burn-distill teacher cache (wrong magic bytes)"));
+            return Err(DataError::corrupt(
+                path,
+                "not a burn-distill teacher cache (wrong magic bytes)",
+            ));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != FORMAT_VERSION {

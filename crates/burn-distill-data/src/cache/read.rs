@@ -126,7 +126,10 @@ impl TeacherCache {
         if trailer.examples != header.examples as u64 {
             return Err(DataError::corrupt(
                 path,
-                format!("end marker counts {} examples, the header {}", trailer.examples, header.examples),
+                format!(
+                    "end marker counts {} examples, the header {}",
+                    trailer.examples, header.examples
+                ),
             ));
         }
         if verify {
@@ -138,8 +141,7 @@ impl TeacherCache {
             }
         }
         let record = header.record_bytes();
-        let index_at =
-            |position: usize| read_u64(&map[data_start + position * record..]) as usize;
+        let index_at = |position: usize| read_u64(&map[data_start + position * record..]) as usize;
         let first = index_at(0);
         let contiguous = (0..header.examples).all(|position| index_at(position) == first + position);
         let lookup = if contiguous {

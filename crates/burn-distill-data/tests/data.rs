@@ -441,6 +441,10 @@ fn cache_round_trips_dense_and_top_k_on_every_device() {
             .flat_map(|&i| cached[i * 10..(i + 1) * 10].to_vec())
             .collect();
         assert_same(&floats(output.into_parts().0), &expected, "cached teacher");
+        assert!(
+            Teacher::<Tensor<2>, 2>::needs_indices(&cached_teacher),
+            "a cache answers by index only"
+        );
         let no_indices = Teacher::<Tensor<2>, 2>::teach(&cached_teacher, Tensor::<2>::zeros([1, 784], device), &[]);
         assert!(matches!(no_indices, Err(ModelError::Unsupported { .. })));
         let outside =

@@ -35,6 +35,13 @@ pub trait Teacher<I, const D: usize> {
     /// The number of classes (vocabulary size) of the logits.
     fn num_classes(&self) -> usize;
 
+    /// Whether this teacher answers by dataset index only (a cache of outputs): it can then serve
+    /// only the dataset it was built for, and must not be asked about other examples (an
+    /// evaluation set, say) whose indices would name other examples of that dataset.
+    fn needs_indices(&self) -> bool {
+        false
+    }
+
     /// A fingerprint of what determines this teacher's outputs (its weights), when it has one.
     /// Caches of teacher outputs record it and refuse to serve another teacher.
     fn fingerprint(&self) -> Option<Fingerprint> {

@@ -100,6 +100,10 @@ impl<I: Clone, const D: usize> Teacher<I, D> for Ensemble<I, D> {
         self.classes
     }
 
+    fn needs_indices(&self) -> bool {
+        self.members.iter().any(|(member, _)| member.needs_indices())
+    }
+
     /// Combines the members' fingerprints with their weights and the combination rule; `None`
     /// when a member has none.
     fn fingerprint(&self) -> Option<Fingerprint> {

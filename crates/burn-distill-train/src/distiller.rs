@@ -70,6 +70,7 @@ pub struct Distiller<'a, I, const D: usize> {
     config: DistillConfig,
     dir: RunDir,
     teacher: Option<&'a dyn Teacher<I, D>>,
+    eval_teacher: Option<&'a dyn Teacher<I, D>>,
     progress: bool,
     resume: bool,
     stop_after: Option<usize>,
@@ -85,6 +86,7 @@ where
             config,
             dir: RunDir { root: run_dir.into() },
             teacher: None,
+            eval_teacher: None,
             progress: false,
             resume: false,
             stop_after: None,
@@ -106,6 +108,7 @@ where
             config,
             dir,
             teacher: None,
+            eval_teacher: None,
             progress: false,
             resume: true,
             stop_after: None,
@@ -115,6 +118,15 @@ where
     /// Sets the teacher.
     pub fn with_teacher(mut self, teacher: &'a dyn Teacher<I, D>) -> Self {
         self.teacher = Some(teacher);
+        self
+    }
+
+    /// The teacher that evaluation compares the student with (agreement, KL). By default the
+    /// training teacher, unless it answers by dataset index only (a cache of outputs for the
+    /// training set cannot speak for evaluation examples): then no teacher metrics are reported
+    /// unless one is given here, e.g. the live model the cache was made from.
+    pub fn with_eval_teacher(mut self, teacher: &'a dyn Teacher<I, D>) -> Self {
+        self.eval_teacher = Some(teacher);
         self
     }
 
@@ -354,12 +366,15 @@ where
             let train_seconds = epoch_start.elapsed().as_secs_f64();
             bar.finish_and_clear();
 
+            let eval_teacher = self
+                .eval_teacher
+                .or(self.teacher.filter(|teacher| !teacher.needs_indices()));
             let eval_start = Instant::now();
             let mut eval = Vec::with_capacity(evals.len());
             for set in evals {
                 let metrics = evaluate(
                     &trainee.student,
-                    self.teacher,
+                    eval_teacher,
                     set.dataset,
                     eval_batcher,
                     config.eval_batch_size,

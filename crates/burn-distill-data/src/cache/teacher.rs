@@ -15,7 +15,8 @@ use crate::error::Result;
 /// A [`Teacher`] that serves outputs from a [`TeacherCache`] instead of running a model, so
 /// training code does not change when the teacher is cached.
 ///
-/// It answers [`Teacher::teach_examples`] (the batch's dataset indices select the records);
+/// It answers [`Teacher::teach_examples`] (the batch's dataset indices select the records; they
+/// must be indices of the dataset the cache was built for, which [`CachedTeacher::open`] checked);
 /// [`Teacher::teach`] without indices is an error. Dense caches give their logits; top-k caches
 /// give dense logits rebuilt per [`TailPolicy`] plus the exact top-k
 /// ([`TeacherOutput::top_k`]). It has no feature taps.
@@ -101,6 +102,10 @@ impl<I, const D: usize> Teacher<I, D> for CachedTeacher {
 
     fn num_classes(&self) -> usize {
         self.cache.header().classes
+    }
+
+    fn needs_indices(&self) -> bool {
+        true
     }
 
     /// The fingerprint of the teacher the cache was made from: a cache stands in for it.

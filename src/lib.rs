@@ -10,8 +10,8 @@
 //! |---|---|---|
 //! | [`loss`] | `burn-distill-loss` | KL, JSD, TVD, Hinton KD, DKD, sparse teachers; reductions and masking |
 //! | [`model`] | `burn-distill-model` | teachers, students, ensembles, reference models, weights |
-//! | [`data`] | `burn-distill-data` | datasets and the teacher-output cache (in progress) |
-//! | [`train`] | `burn-distill-train` | the training loop (in progress) |
+//! | [`data`] | `burn-distill-data` | MNIST, text windows, batchers, the teacher-output cache |
+//! | [`train`] | `burn-distill-train` | the `Distiller` training loop, evaluation, runs and checkpoints |
 //!
 //! ```
 //! use burn_distill::prelude::*;
@@ -37,10 +37,21 @@ pub use burn_distill_train as train;
 /// The types most programs need.
 pub mod prelude {
     pub use burn::tensor::{Bool, Device, Int, Tensor};
+    pub use burn_distill_data::{
+        Batch, ByteCorpus, CacheBuildOptions, CacheMode, CachedTeacher, ImageBatcher, Jitter, MnistDataset, MnistSplit,
+        Subset, TokenBatcher, build_cache, split_validation,
+    };
     pub use burn_distill_loss::{
         Divergence, DivergenceLoss, DivergenceLossConfig, DkdLoss, DkdLossConfig, HintonKdLoss, HintonKdLossConfig,
         LossError, NamedDevice, Reduction, SparseKlLoss, SparseKlLossConfig, TailPolicy, VocabPolicy,
         available_devices, device_by_name,
+    };
+    pub use burn_distill_model::{
+        Ensemble, Fingerprint, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Student, TappedForward, Teacher,
+        TransformerLm, TransformerLmConfig, init_seeded,
+    };
+    pub use burn_distill_train::{
+        DistillConfig, Distiller, EvalSet, ObjectiveConfig, OptimizerConfig, RunOutcome, TrainError, evaluate,
     };
 }
 

@@ -4,14 +4,19 @@
 use std::path::PathBuf;
 
 use burn::data::dataset::{Dataset, DatasetError};
-use burn::optim::SgdConfig;
 use burn::optim::lr_scheduler::LrSchedulerConfig;
+use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamWConfig, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_distill_data::{Fingerprinted, ImageBatcher, MnistItem};
-use burn_distill_loss::{HintonKdLossConfig, NamedDevice, devices_for_tests};
-use burn_distill_model::{Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded};
+use burn_distill_data::{BYTE_VOCAB, ByteCorpus, Fingerprinted, ImageBatcher, MnistItem, Subset, TokenBatcher};
+use burn_distill_loss::{Divergence, DivergenceLossConfig, HintonKdLossConfig, NamedDevice, devices_for_tests};
+use burn_distill_model::{
+    ConnectorConfig, Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, TransformerLm,
+    TransformerLmConfig, init_seeded,
+};
 use burn_distill_train::*;
 
 /// Inputs in [0, 1]^16 (stored as bytes, as images are) labelled by a fixed random network:
@@ -449,4 +454,105 @@ fn every_compiled_device_trains_and_evaluates() {
         );
         assert!(own.teacher_kl.unwrap().abs() < 1e-5);
     }
+}
+
+#[test]
+fn feature_terms_train_their_connectors_with_adamw_and_warm_up() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let teacher_module = oracle_module(&device);
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let train = Synthetic::new(64, 1, &oracle(&device), &device);
+    let batcher = ImageBatcher::new();
+    // A student half as wide: its hidden layer reaches the teacher's through a linear connector.
+    let narrow = init_seeded(5, &device, |d| MlpConfig::new(WIDTH, vec![16], CLASSES).init(d));
+    let schedule = LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
+        vec![
+            LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(1e-4, 1e-2, 8)),
+            LrSchedulerConfig::Cosine(CosineAnnealingLrSchedulerConfig::new(1e-2, 40)),
+        ],
+        vec![8],
+    ));
+    let config = DistillConfig::new(
+        10,
+        OptimizerConfig::AdamW(AdamWConfig::new().with_weight_decay(1e-4)),
+        schedule,
+        hinton(),
+    )
+    .with_batch_size(16)
+    .with_features(vec![
+        FeatureTermConfig::new("hidden.0".into(), "hidden.0".into())
+            .with_weight(2.0)
+            .with_connector(Some(ConnectorConfig::new(16, 32))),
+    ]);
+    let dir = scratch("features");
+    let outcome = Distiller::new(config, &dir)
+        .with_teacher(&teacher)
+        .fit::<_, _, Synthetic, _, _, _>(narrow, &train, &[], &batcher, &batcher, &device)
+        .unwrap();
+    let feature_losses: Vec<f64> = outcome.records.iter().map(|r| r.train.feature_loss.unwrap()).collect();
+    assert!(
+        feature_losses[9] < 0.5 * feature_losses[0],
+        "the connector and student learn the teacher's features: {feature_losses:?}"
+    );
+    // The learning rate warmed up, then decayed.
+    let rates: Vec<f64> = outcome.records.iter().map(|r| r.train.learning_rate).collect();
+    assert!(rates[0] < rates[1] && rates[9] < rates[3], "{rates:?}");
+
+    // A tap the teacher lacks is an error naming it.
+    let bad = DistillConfig::new(1, sgd(0.1, false).0, sgd(0.1, false).1, hinton())
+        .with_features(vec![FeatureTermConfig::new("hidden.0".into(), "hidden.7".into())]);
+    let error = Distiller::new(bad, scratch("bad-tap"))
+        .with_teacher(&teacher)
+        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .unwrap_err();
+    assert!(error.to_string().contains("hidden.7"), "{error}");
+}
+
+#[test]
+fn a_language_model_distils_on_text_windows_with_perplexity() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let windows = ByteCorpus::load_default().unwrap().windows(16, 16).unwrap();
+    let (train, valid) = windows.split(0.5).unwrap();
+    let train = Subset::new(train, (0..64).collect());
+    let valid = Subset::new(valid, (0..16).collect());
+    let config = TransformerLmConfig::new(BYTE_VOCAB, 16)
+        .with_layers(1)
+        .with_width(32)
+        .with_heads(2);
+    let teacher_module: TransformerLm = init_seeded(1, &device, |d| config.init(d));
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let student: TransformerLm = init_seeded(2, &device, |d| config.init(d));
+    let (optimizer, schedule) = sgd(0.05, true);
+    let objective = ObjectiveConfig::Divergence {
+        loss: DivergenceLossConfig::new(Divergence::ForwardKl),
+        hard_weight: 0.5,
+    };
+    let run = DistillConfig::new(2, optimizer, schedule, objective).with_batch_size(16);
+    let outcome = Distiller::new(run, scratch("lm"))
+        .with_teacher(&teacher)
+        .fit(
+            student,
+            &train,
+            &[EvalSet {
+                name: "valid",
+                dataset: &valid,
+            }],
+            &TokenBatcher,
+            &TokenBatcher,
+            &device,
+        )
+        .unwrap();
+    let record = &outcome.records[1];
+    assert_eq!((record.train.examples, record.train.positions), (64, 64 * 16));
+    let metrics = &record.eval[0].1;
+    assert_eq!(metrics.positions, 16 * 16);
+    let perplexity = metrics.perplexity.expect("a language model has a perplexity");
+    assert!(
+        (perplexity - metrics.loss.exp()).abs() < 1e-9 * perplexity && perplexity > 1.0,
+        "perplexity {perplexity}, loss {}",
+        metrics.loss
+    );
+    assert!(metrics.teacher_kl.unwrap().is_finite());
 }

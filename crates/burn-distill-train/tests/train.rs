@@ -9,10 +9,12 @@ use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamWConfig, SgdConfig};
+use burn::optim::{AdamConfig, AdamWConfig, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use burn_distill_data::{BYTE_VOCAB, ByteCorpus, Fingerprinted, ImageBatcher, MnistItem, Subset, TokenBatcher};
-use burn_distill_loss::{Divergence, DivergenceLossConfig, HintonKdLossConfig, NamedDevice, devices_for_tests};
+use burn_distill_loss::{
+    Divergence, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, NamedDevice, devices_for_tests,
+};
 use burn_distill_model::{
     ConnectorConfig, Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, TransformerLm,
     TransformerLmConfig, init_seeded,
@@ -555,4 +557,48 @@ fn a_language_model_distils_on_text_windows_with_perplexity() {
         metrics.loss
     );
     assert!(metrics.teacher_kl.unwrap().is_finite());
+}
+
+#[test]
+fn every_objective_trains_with_adam() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(64, 1, &oracle, &device);
+    let batcher = ImageBatcher::new();
+    let objectives = [
+        ObjectiveConfig::Supervised { label_smoothing: 0.1 },
+        hinton(),
+        ObjectiveConfig::Dkd(DkdLossConfig::new().with_temperature(2.0)),
+        ObjectiveConfig::Divergence {
+            loss: DivergenceLossConfig::new(Divergence::ReverseKl),
+            hard_weight: 0.0,
+        },
+    ];
+    for (index, objective) in objectives.into_iter().enumerate() {
+        let config = DistillConfig::new(
+            4,
+            OptimizerConfig::Adam(AdamConfig::new()),
+            LrSchedulerConfig::Constant(5e-3),
+            objective,
+        )
+        .with_batch_size(16);
+        let distiller = Distiller::new(config, scratch(&format!("objective-{index}")));
+        let distiller = if index == 0 {
+            distiller
+        } else {
+            distiller.with_teacher(&oracle)
+        };
+        let outcome = distiller
+            .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+            .unwrap();
+        let losses: Vec<f64> = outcome.records.iter().map(|r| r.train.loss).collect();
+        assert!(losses[3] < losses[0], "objective {index}: {losses:?}");
+    }
+    // An objective that needs a teacher refuses to run without one.
+    let config = DistillConfig::new(1, sgd(0.1, false).0, sgd(0.1, false).1, hinton());
+    let error = Distiller::<Tensor<2>, 2>::new(config, scratch("no-teacher"))
+        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .unwrap_err();
+    assert!(error.to_string().contains("needs a teacher"), "{error}");
 }

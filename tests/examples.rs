@@ -40,7 +40,7 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     assert!(omitted.digit_errors_after <= omitted.digit_test_examples);
 
     let written: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary-without-3.json")).unwrap()).unwrap();
     for key in [
         "teacher_test_errors",
         "student_alone_test_errors",
@@ -53,14 +53,18 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     ] {
         assert!(!written[key].is_null(), "summary.json lacks {key}");
     }
-    for phase in ["teacher", "student-alone", "student-distilled"] {
+    for phase in [
+        "teacher",
+        "student-alone-without-3",
+        "student-distilled-without-3-cached",
+    ] {
         let metrics = std::fs::read_to_string(run_dir.join(phase).join("metrics.jsonl")).unwrap();
         let record: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
         assert_eq!(record["epoch"], 1, "{phase}");
     }
-    let png = std::fs::read(run_dir.join("test-errors.png")).unwrap();
+    let png = std::fs::read(run_dir.join("test-errors-without-3.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    assert!(run_dir.join("teacher-outputs.bdkd").is_file());
+    assert!(run_dir.join("teacher-outputs-without-3.bdkd").is_file());
 
     // A second run finds every model finished and loads it instead of training.
     let again = pipeline::run(&options).unwrap();

@@ -16,8 +16,8 @@ use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_distill::data::{
-    Batch, CacheBuildOptions, CacheMode, CachedTeacher, ImageBatcher, Jitter, MnistDataset, MnistItem, MnistSplit,
-    Subset, build_cache,
+    Batch, CacheBuildOptions, CacheMode, CachedTeacher, Fingerprinted, ImageBatcher, Jitter, MnistDataset, MnistItem,
+    MnistSplit, Subset, build_cache,
 };
 use burn_distill::loss::{HintonKdLossConfig, device_by_name};
 use burn_distill::model::{Cost, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded, load_weights, save_weights};
@@ -191,6 +191,15 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         name: "test",
         dataset: &test,
     }];
+    // Students trained on another transfer set, or from the cache, are other runs.
+    let suffix = options
+        .omit_digit
+        .map_or(String::new(), |digit| format!("-without-{digit}"));
+    let alone_name = format!("student-alone{suffix}");
+    let distilled_name = format!(
+        "student-distilled{suffix}{}",
+        if options.use_cache { "-cached" } else { "" }
+    );
     say(
         options,
         &format!(
@@ -236,7 +245,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let start = Instant::now();
     let alone = train_or_load(
         options,
-        "student-alone",
+        &alone_name,
         student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 }),
         || init_seeded(options.seed + 1, &training, |d| MlpConfig::hinton_student().init(d)),
         None,
@@ -258,7 +267,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let start = Instant::now();
     let cached;
     let teacher_for_students: &dyn Teacher<Tensor<2>, 2> = if options.use_cache {
-        let path = options.run_dir.join("teacher-outputs.bdkd");
+        let path = options.run_dir.join(format!("teacher-outputs{suffix}.bdkd"));
         let report = build_cache(
             &path,
             &teacher,
@@ -285,7 +294,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     };
     let distilled = train_or_load(
         options,
-        "student-distilled",
+        &distilled_name,
         student_config(kd),
         || init_seeded(options.seed + 1, &training, |d| MlpConfig::hinton_student().init(d)),
         Some(teacher_for_students),
@@ -342,9 +351,9 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         paper_test_errors: [67, 146, 74],
         omitted_digit,
     };
-    let summary_path = options.run_dir.join("summary.json");
+    let summary_path = options.run_dir.join(format!("summary{suffix}.json"));
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)?;
-    let plot_path = options.run_dir.join("test-errors.png");
+    let plot_path = options.run_dir.join(format!("test-errors{suffix}.png"));
     plot(
         &plot_path,
         &[
@@ -357,7 +366,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     say(
         options,
         &format!(
-            "wrote {}, {} and metrics.jsonl in {}/{{teacher,student-alone,student-distilled}}",
+            "wrote {}, {} and metrics.jsonl in {}/{{teacher,{alone_name},{distilled_name}}}",
             summary_path.display(),
             plot_path.display(),
             options.run_dir.display()
@@ -424,6 +433,13 @@ fn train_or_load(
             .clone()
             .filter(|summary| summary.status != RunStatus::Stopped)
     {
+        if summary.train_data != train.fingerprint() {
+            return Err(format!(
+                "{} holds a {name} run on other training data; remove it or choose another --run-dir",
+                dir.display()
+            )
+            .into());
+        }
         say(
             options,
             &format!("{name}: loading the finished run in {}", dir.display()),

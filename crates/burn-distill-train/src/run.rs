@@ -178,6 +178,7 @@ impl RunDir {
             Err(error) => return Err(TrainError::file(&path, error)),
         };
         let mut records = Vec::new();
+        let line_count = text.lines().count();
         for (number, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -185,7 +186,7 @@ impl RunDir {
             let record: EpochRecord = match serde_json::from_str(line) {
                 Ok(record) => record,
                 // A torn last line from a killed run.
-                Err(_) if number + 1 == text.lines().count() => break,
+                Err(_) if number + 1 == line_count => break,
                 Err(error) => return Err(TrainError::file(&path, format!("line {}: {error}", number + 1))),
             };
             if record.epoch <= epoch {

@@ -24,6 +24,10 @@ pub trait Fingerprinted {
     fn fingerprint(&self) -> Fingerprint;
 }
 
+/// The target id that marks a position out of every loss and metric (padding, prompts):
+/// PyTorch's `ignore_index` default, and the loss crate's.
+pub const IGNORE_INDEX: i64 = -100;
+
 /// A batch ready for a model: inputs, flattened targets and the dataset index of each example.
 pub trait Batch {
     /// What the models take (for example `Tensor<2>` images, `Tensor<2, Int>` tokens).

@@ -14,6 +14,11 @@
 //!   `Batcher`s; their batches implement [`Batch`], which carries each example's dataset index.
 //! - [`split_validation`] holds out a seeded validation [`Subset`]; [`EpochSampler`] gives each
 //!   epoch's seeded batch order, a pure function of `(seed, epoch)`.
+//! - Sequence-level distillation: [`generate_transcripts`] samples a transfer set from a teacher
+//!   [`Generator`](burn_distill_model::Generator), [`write_transcripts`] / [`read_transcripts`]
+//!   keep it as JSONL; [`TranscriptDataset`] + [`SequenceBatcher`] (padding and prompt
+//!   positions get [`IGNORE_INDEX`] targets) train on it, and [`TranscriptTeacher`] serves text
+//!   someone already has as a `Teacher`, with no teacher model.
 //!
 //! # The teacher-output cache
 //!
@@ -35,8 +40,9 @@ mod idx;
 mod image;
 mod mnist;
 mod text;
+mod transcript;
 
-pub use batch::{Batch, EpochAware, EpochSampler, Fingerprinted, Indexed, Subset, split_validation};
+pub use batch::{Batch, EpochAware, EpochSampler, Fingerprinted, IGNORE_INDEX, Indexed, Subset, split_validation};
 pub use cache::{
     CacheBuildOptions, CacheHeader, CacheMode, CacheReport, CachedTeacher, ExpectedSource, FORMAT_VERSION,
     TeacherCache, build_cache, dense_from_top_k, partial_path,
@@ -47,4 +53,8 @@ pub use image::{ImageBatch, ImageBatcher, Jitter};
 pub use mnist::{MNIST_DIR_ENV, MnistDataset, MnistItem, MnistSplit, default_mnist_dir};
 pub use text::{
     BYTE_VOCAB, ByteCorpus, TEXT_FILE_ENV, TextItem, TextWindows, TokenBatch, TokenBatcher, default_text_file,
+};
+pub use transcript::{
+    SequenceBatcher, SequenceItem, Transcript, TranscriptDataset, TranscriptTeacher, generate_transcripts,
+    read_transcripts, write_transcripts,
 };

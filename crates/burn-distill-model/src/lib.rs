@@ -53,7 +53,7 @@ pub use error::{ModelError, Result};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use mlp::{Mlp, MlpConfig};
 pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};
-pub use sampling::{SamplingConfig, TokenRng, sample_token, sampling_distribution};
+pub use sampling::{Generator, SamplingConfig, TokenRng, sample_token, sampling_distribution};
 pub use seed::init_seeded;
 pub use transformer::{TransformerLm, TransformerLmConfig};
 pub use weights::{WeightFormat, import_pytorch_safetensors, load_weights, save_weights};

@@ -1,6 +1,7 @@
 //! Sampling the next token from logits: temperature, top-k, top-p, seeded.
 
 use burn::config::Config;
+use burn::tensor::{Int, Tensor};
 
 /// How to pick the next token.
 ///
@@ -121,4 +122,24 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut TokenRng)
         }
     }
     last
+}
+
+/// A model that continues token sequences: what sequence-level distillation (a teacher writing a
+/// transfer set) and on-policy distillation (the student writing the sequences it is scored on)
+/// need. [`TransformerLm`](crate::TransformerLm) is one.
+pub trait Generator {
+    /// Continues each prompt row by `new_tokens` tokens sampled per `sampling`, in inference mode
+    /// (no dropout, no autodiff). The same weights, prompt and config (seed included) give the
+    /// same tokens.
+    ///
+    /// # Shapes
+    /// - prompt: `[batch, prompt_len]`, at least one token per row
+    /// - output: `[batch, prompt_len + new_tokens]`, on the prompt's device
+    fn generate(&self, prompt: Tensor<2, Int>, new_tokens: usize, sampling: &SamplingConfig) -> Tensor<2, Int>;
+
+    /// The vocabulary size.
+    fn vocab(&self) -> usize;
+
+    /// The longest input the model attends to at once.
+    fn context(&self) -> usize;
 }

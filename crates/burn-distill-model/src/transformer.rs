@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::base::TappedForward;
 use crate::cost::Cost;
 use crate::output::{Feature, Features};
-use crate::sampling::{SamplingConfig, TokenRng, sample_token};
+use crate::sampling::{Generator, SamplingConfig, TokenRng, sample_token};
 
 /// Configuration of a [`TransformerLm`].
 ///
@@ -139,7 +139,9 @@ impl TransformerLm {
     /// - output: `[batch, prompt_len + new_tokens]`
     pub fn generate(&self, prompt: Tensor<2, Int>, new_tokens: usize, sampling: &SamplingConfig) -> Tensor<2, Int> {
         sampling.validate();
-        let device = prompt.device();
+        // The output lives where the prompt did; the forward passes run without autodiff.
+        let output_device = prompt.device();
+        let device = output_device.clone().without_autodiff();
         let [batch, prompt_len] = prompt.dims();
         assert!(prompt_len >= 1, "generate: the prompt needs at least one token");
         let mut rows: Vec<Vec<i64>> = {
@@ -174,7 +176,21 @@ impl TransformerLm {
             }
         }
         let total = rows[0].len();
-        Tensor::from_data(TensorData::new(rows.concat(), [batch, total]), &device)
+        Tensor::from_data(TensorData::new(rows.concat(), [batch, total]), &output_device)
+    }
+}
+
+impl Generator for TransformerLm {
+    fn generate(&self, prompt: Tensor<2, Int>, new_tokens: usize, sampling: &SamplingConfig) -> Tensor<2, Int> {
+        TransformerLm::generate(self, prompt, new_tokens, sampling)
+    }
+
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    fn context(&self) -> usize {
+        self.context
     }
 }
 

@@ -3,8 +3,8 @@
 use burn::config::Config;
 use burn::optim::lr_scheduler::LrSchedulerConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
-use burn_distill_loss::{DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig};
-use burn_distill_model::ConnectorConfig;
+use burn_distill_loss::{DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, SparseKlLossConfig};
+use burn_distill_model::{ConnectorConfig, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
@@ -26,6 +26,10 @@ use crate::error::TrainError;
 /// | `early_stopping` | none | stop when a validation metric stops improving | |
 /// | `eval_batch_size` | 500 | examples per evaluation batch | ≥ 1 |
 /// | `keep_checkpoints` | 2 | epoch checkpoints kept (plus the best) | ≥ 1 |
+/// | `on_policy` | none | GKD: the student writes some of the sequences it is scored on ([`Distiller::fit_on_policy`](crate::Distiller::fit_on_policy)) | |
+///
+/// Targets equal to [`IGNORE_INDEX`] (padding, prompts) are left out of every term and of the
+/// normalisation: losses are means over the valid positions of the step.
 #[derive(Config, Debug)]
 pub struct DistillConfig {
     /// Passes over the training set.
@@ -57,6 +61,39 @@ pub struct DistillConfig {
     /// Epoch checkpoints kept on disk (the best one is kept as well).
     #[config(default = 2)]
     pub keep_checkpoints: usize,
+    /// On-policy distillation (language models only).
+    #[config(default = "None")]
+    pub on_policy: Option<OnPolicyConfig>,
+}
+
+pub use burn_distill_data::IGNORE_INDEX;
+
+/// Generalised knowledge distillation (Agarwal et al., 2024, "On-Policy Distillation of Language
+/// Models"): at each optimizer step, with probability `lambda`, the batch's sequences are
+/// replaced by the student's own continuations of their first `prompt_tokens` tokens, and the
+/// teacher scores those token by token; otherwise the data sequences are used unchanged.
+///
+/// In a rolled-out batch only the generated positions count (the prompt's targets are
+/// [`IGNORE_INDEX`]). The coin and the sampling seed are functions of `(seed, global step)`, so a
+/// resumed run draws the same rollouts. The objective should be a divergence to the teacher
+/// (`ObjectiveConfig::Divergence` with `hard_weight` 0: the rolled-out tokens are not labels).
+///
+/// | Name | Default | Purpose | Range |
+/// |---|---|---|---|
+/// | `lambda` | 0.5 | share of steps trained on student-generated sequences | `[0, 1]` |
+/// | `prompt_tokens` | 16 | tokens of each data sequence kept as the prompt | ≥ 1, < sequence length |
+/// | `sampling` | temperature 1 | how the student samples (its `seed` is mixed with the step) | |
+#[derive(Config, Debug)]
+pub struct OnPolicyConfig {
+    /// Probability that a step uses student-generated sequences.
+    #[config(default = 0.5)]
+    pub lambda: f64,
+    /// Tokens of the data sequence kept as the prompt.
+    #[config(default = 16)]
+    pub prompt_tokens: usize,
+    /// Student sampling.
+    #[config(default = "SamplingConfig::new()")]
+    pub sampling: SamplingConfig,
 }
 
 impl DistillConfig {
@@ -98,6 +135,47 @@ impl DistillConfig {
             return Err(TrainError::Config(format!(
                 "hard_weight = {hard_weight} must be finite and >= 0"
             )));
+        }
+        if let ObjectiveConfig::Sparse { hard_weight, .. } = self.objective
+            && !(hard_weight.is_finite() && hard_weight >= 0.0)
+        {
+            return Err(TrainError::Config(format!(
+                "hard_weight = {hard_weight} must be finite and >= 0"
+            )));
+        }
+        let ignore = match &self.objective {
+            ObjectiveConfig::Hinton(config) => Some(config.ignore_index),
+            ObjectiveConfig::Dkd(config) => Some(config.ignore_index),
+            _ => None,
+        };
+        if let Some(ignore) = ignore
+            && ignore != IGNORE_INDEX
+        {
+            return Err(TrainError::Config(format!(
+                "the objective's ignore_index is {ignore}; the training loop marks padding with IGNORE_INDEX = {IGNORE_INDEX}"
+            )));
+        }
+        if let Some(on_policy) = &self.on_policy {
+            if !(0.0..=1.0).contains(&on_policy.lambda) {
+                return Err(TrainError::Config(format!(
+                    "on_policy.lambda = {} must be in [0, 1]",
+                    on_policy.lambda
+                )));
+            }
+            if on_policy.prompt_tokens == 0 {
+                return Err(TrainError::Config("on_policy.prompt_tokens must be at least 1".into()));
+            }
+            if !self.objective.needs_teacher() {
+                return Err(TrainError::Config("on-policy distillation needs a teacher objective".into()));
+            }
+            let t = on_policy.sampling.temperature;
+            let k_ok = on_policy.sampling.top_k != Some(0);
+            let p_ok = on_policy.sampling.top_p.is_none_or(|p| p > 0.0 && p <= 1.0);
+            if !(t.is_finite() && t >= 0.0 && k_ok && p_ok) {
+                return Err(TrainError::Config(format!(
+                    "on_policy.sampling: temperature {t} must be finite and >= 0, top_k >= 1, top_p in (0, 1]"
+                )));
+            }
         }
         if !self.objective.needs_teacher() && !self.features.is_empty() {
             return Err(TrainError::Config("feature losses need a teacher objective".into()));
@@ -144,6 +222,15 @@ pub enum ObjectiveConfig {
     Divergence {
         /// The divergence, its temperature and scaling.
         loss: DivergenceLossConfig,
+        /// Weight of the cross-entropy term (0: teacher only).
+        hard_weight: f64,
+    },
+    /// Forward KL to a sparse (top-k) teacher, as stored in a top-k teacher-output cache
+    /// (`CachedTeacher`), plus `hard_weight` × cross-entropy. The teacher must provide top-k
+    /// outputs (`TeacherOutput::top_k`); a dense teacher is an error.
+    Sparse {
+        /// The sparse loss: temperature, tail policy, scaling.
+        loss: SparseKlLossConfig,
         /// Weight of the cross-entropy term (0: teacher only).
         hard_weight: f64,
     },

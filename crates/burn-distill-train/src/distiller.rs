@@ -17,8 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{DistillConfig, Metric};
 use crate::error::{Result, TrainError};
-use crate::metrics::{EvalMetrics, evaluate, flatten_logits};
-use crate::objective::{LogitObjective, feature_loss};
+use crate::metrics::{EvalMetrics, evaluate, flatten_indices, flatten_logits};
+use crate::objective::{LogitObjective, TeacherLogits, feature_loss, valid_positions};
 use crate::run::{CheckpointState, EpochRecord, RunDir, RunStatus, RunSummary, TrainStats, read_json, write_json};
 
 /// The student with the connectors of its feature terms: what the optimizer trains and a
@@ -30,6 +30,10 @@ pub struct Trainee<M> {
     /// One connector per feature term that has one, in config order.
     pub connectors: Vec<Connector>,
 }
+
+/// Replaces a training batch before its step (on-policy rollouts): called with the student at
+/// the step's weights, the batch, the global step and the micro-batch's place in the step.
+pub(crate) type Rollout<'r, M, B> = dyn Fn(&M, B, usize, usize) -> Result<B> + 'r;
 
 /// A named evaluation set.
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +148,11 @@ where
         self
     }
 
+    /// The teacher, if any.
+    pub(crate) fn teacher(&self) -> Option<&'a dyn Teacher<I, D>> {
+        self.teacher
+    }
+
     /// The run's config.
     pub fn config(&self) -> &DistillConfig {
         &self.config
@@ -172,6 +181,33 @@ where
         train_batcher: &Bt,
         eval_batcher: &Bt,
         device: &Device,
+    ) -> Result<RunOutcome<M>>
+    where
+        M: Module + ModuleDisplay + Student<I, D>,
+        S: Dataset<It> + Fingerprinted,
+        V: Dataset<It>,
+        It: Indexed,
+        Bt: Batcher<It, B> + EpochAware,
+        B: Batch<Input = I>,
+    {
+        if self.config.on_policy.is_some() {
+            return Err(TrainError::Config(
+                "the config asks for on-policy distillation: call fit_on_policy (language models)".into(),
+            ));
+        }
+        self.fit_inner(student, train, evals, train_batcher, eval_batcher, device, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fit_inner<M, S, V, It, Bt, B>(
+        &self,
+        student: M,
+        train: &S,
+        evals: &[EvalSet<'_, V>],
+        train_batcher: &Bt,
+        eval_batcher: &Bt,
+        device: &Device,
+        rollout: Option<&Rollout<'_, M, B>>,
     ) -> Result<RunOutcome<M>>
     where
         M: Module + ModuleDisplay + Student<I, D>,
@@ -272,20 +308,25 @@ where
             for step in batches.chunks(config.accumulation) {
                 let data_start = Instant::now();
                 let mut micro_batches = Vec::with_capacity(step.len());
-                for positions in step {
+                for (micro, positions) in step.iter().enumerate() {
                     let items = positions
                         .iter()
                         .map(|&position| train.get(position))
                         .collect::<core::result::Result<Vec<_>, _>>()
                         .map_err(|error| TrainError::Config(format!("training data: {error}")))?;
-                    micro_batches.push(train_batcher.batch(items, device));
+                    let mut batch = train_batcher.batch(items, device);
+                    if let Some(rollout) = rollout {
+                        batch = rollout(&trainee.student, batch, state.global_step, micro)?;
+                    }
+                    let (mask, valid) = valid_positions(&batch.targets());
+                    micro_batches.push((batch, mask, valid));
                 }
-                let normaliser: usize = micro_batches.iter().map(|batch| batch.targets().dims()[0]).sum();
-                let examples_in_step: usize = micro_batches.iter().map(Batch::size).sum();
+                let normaliser: usize = micro_batches.iter().map(|(_, _, valid)| valid).sum();
+                let examples_in_step: usize = micro_batches.iter().map(|(batch, _, _)| batch.size()).sum();
                 totals.data_seconds += data_start.elapsed().as_secs_f64();
 
                 let mut accumulator = GradientsAccumulator::<Trainee<M>>::new();
-                for batch in micro_batches {
+                for (batch, mask, valid) in micro_batches {
                     let input = batch.input();
                     let teacher_output = match self.teacher {
                         Some(teacher) => {
@@ -299,8 +340,15 @@ where
                     let student_output = trainee.student.learn(input, &student_taps)?;
                     let (teacher_logits, teacher_features) = match teacher_output {
                         Some(output) => {
+                            let top_k = output
+                                .top_k()
+                                .map(|(indices, values)| (flatten_indices(indices.clone()), flatten_logits(values.clone())));
                             let (logits, features) = output.into_parts();
-                            (Some(flatten_logits(logits)), features)
+                            let logits = TeacherLogits {
+                                dense: flatten_logits(logits),
+                                top_k,
+                            };
+                            (Some(logits), features)
                         }
                         None => (None, Default::default()),
                     };
@@ -313,6 +361,7 @@ where
                         flatten_logits(student_output.logits),
                         teacher_logits,
                         batch.targets(),
+                        mask,
                         normaliser,
                     )?;
                     let features = feature_loss(
@@ -342,7 +391,7 @@ where
                     totals.hard += logit_loss.hard.as_ref().map(|t| scalar(t) * normaliser as f64);
                     totals.soft += logit_loss.soft.as_ref().map(|t| scalar(t) * normaliser as f64);
                     totals.features += features.as_ref().map(|t| scalar(t) * normaliser as f64);
-                    totals.positions += batch.targets().dims()[0];
+                    totals.positions += valid;
                     totals.examples += batch.size();
                     let gradients = GradientsParams::from_grads(total.backward(), &trainee);
                     accumulator.accumulate(&trainee, gradients);

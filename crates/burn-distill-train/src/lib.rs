@@ -29,10 +29,15 @@ mod distiller;
 mod error;
 mod metrics;
 mod objective;
+mod on_policy;
 mod run;
 
-pub use config::{DistillConfig, EarlyStoppingConfig, FeatureTermConfig, Metric, ObjectiveConfig, OptimizerConfig};
+pub use config::{
+    DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, Metric, ObjectiveConfig, OnPolicyConfig,
+    OptimizerConfig,
+};
 pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
 pub use error::{Result, TrainError};
 pub use metrics::{ECE_BINS, EvalMetrics, evaluate};
+pub use on_policy::roll_out;
 pub use run::{EpochRecord, RunStatus, RunSummary, TrainStats};

@@ -8,6 +8,7 @@ use burn_distill_data::{Batch, EpochSampler, Indexed};
 use burn_distill_model::{Student, Teacher, TeacherInput};
 use serde::{Deserialize, Serialize};
 
+use crate::config::IGNORE_INDEX;
 use crate::error::{Result, TrainError};
 
 /// Bins of the expected calibration error.
@@ -19,7 +20,7 @@ pub const ECE_BINS: usize = 15;
 pub struct EvalMetrics {
     /// Examples evaluated.
     pub examples: usize,
-    /// Predictions evaluated (examples × positions).
+    /// Predictions evaluated (positions whose target is not `IGNORE_INDEX`).
     pub positions: usize,
     /// Mean cross-entropy with the labels, in nats.
     pub loss: f64,
@@ -62,6 +63,11 @@ fn host_i64<const D: usize>(tensor: Tensor<D, Int>) -> Vec<i64> {
 /// Logits `[.., classes]` as `[positions, classes]`.
 pub(crate) fn flatten_logits<const D: usize>(logits: Tensor<D>) -> Tensor<2> {
     logits.flatten::<2>(0, D - 2)
+}
+
+/// Class ids `[.., k]` as `[positions, k]`.
+pub(crate) fn flatten_indices<const D: usize>(indices: Tensor<D, Int>) -> Tensor<2, Int> {
+    indices.flatten::<2>(0, D - 2)
 }
 
 /// Evaluates `student` (in inference mode: no dropout, no autodiff) on `dataset`, batched by
@@ -115,24 +121,25 @@ fn accumulate(
     teacher: Option<Tensor<2>>,
     examples: usize,
 ) {
-    let [positions, _] = logits.dims();
+    let host_targets = host_i64(targets.clone());
+    let valid: Vec<bool> = host_targets.iter().map(|&target| target != IGNORE_INDEX).collect();
+    let targets = targets.clone().mask_fill(targets.equal_elem(IGNORE_INDEX), 0);
     let log_probs = activation::log_softmax(logits, 1);
     let nll = host_f32(
         log_probs
             .clone()
-            .gather(1, targets.clone().unsqueeze_dim::<2>(1))
+            .gather(1, targets.unsqueeze_dim::<2>(1))
             .neg()
             .squeeze_dim::<1>(1),
     );
     let (confidence, predicted) = log_probs.clone().max_dim_with_indices(1);
     let confidence = host_f32(confidence.exp().squeeze_dim::<1>(1));
     let predicted = host_i64(predicted.squeeze_dim::<1>(1));
-    let targets = host_i64(targets);
     totals.examples += examples;
-    totals.positions += positions;
-    totals.nll += nll.iter().map(|&v| f64::from(v)).sum::<f64>();
-    for position in 0..positions {
-        let correct = predicted[position] == targets[position];
+    for position in (0..valid.len()).filter(|&position| valid[position]) {
+        totals.positions += 1;
+        totals.nll += f64::from(nll[position]);
+        let correct = predicted[position] == host_targets[position];
         totals.correct += usize::from(correct);
         let bin = ((f64::from(confidence[position]) * ECE_BINS as f64) as usize).min(ECE_BINS - 1);
         totals.bin_count[bin] += 1;
@@ -140,15 +147,32 @@ fn accumulate(
         totals.bin_correct[bin] += usize::from(correct);
     }
     if let Some(teacher) = teacher {
+        let [_, student_classes] = log_probs.dims();
+        let teacher_classes = teacher.dims()[1];
+        // A teacher with a larger vocabulary is compared on the student's classes.
+        let teacher = if teacher_classes == student_classes {
+            teacher
+        } else {
+            let rows = teacher.dims()[0];
+            teacher.slice([0..rows, 0..student_classes.min(teacher_classes)])
+        };
         let teacher_log_probs = activation::log_softmax(teacher, 1);
+        let student_log_probs = if teacher_classes < student_classes {
+            let rows = log_probs.dims()[0];
+            activation::log_softmax(log_probs.slice([0..rows, 0..teacher_classes]), 1)
+        } else {
+            log_probs
+        };
         let kl = host_f32(
-            (teacher_log_probs.clone().exp() * (teacher_log_probs.clone() - log_probs))
+            (teacher_log_probs.clone().exp() * (teacher_log_probs.clone() - student_log_probs))
                 .sum_dim(1)
                 .squeeze_dim::<1>(1),
         );
         let teacher_predicted = host_i64(teacher_log_probs.argmax(1).squeeze_dim::<1>(1));
-        totals.kl += kl.iter().map(|&v| f64::from(v)).sum::<f64>();
-        totals.agree += predicted.iter().zip(&teacher_predicted).filter(|(a, b)| a == b).count();
+        for position in (0..valid.len()).filter(|&position| valid[position]) {
+            totals.kl += f64::from(kl[position]);
+            totals.agree += usize::from(predicted[position] == teacher_predicted[position]);
+        }
     }
 }
 

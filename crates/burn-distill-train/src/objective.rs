@@ -1,10 +1,10 @@
 //! The training objective built from a config: logit loss plus feature terms.
 
-use burn::tensor::{Int, Tensor, activation};
-use burn_distill_loss::{DivergenceLoss, DkdLoss, HintonKdLoss, Reduction};
+use burn::tensor::{Bool, Int, Tensor, activation};
+use burn_distill_loss::{DivergenceLoss, DkdLoss, HintonKdLoss, Reduction, SparseKlLoss};
 use burn_distill_model::{Connector, Feature, Features, ModelError};
 
-use crate::config::{FeatureTermConfig, ObjectiveConfig};
+use crate::config::{FeatureTermConfig, IGNORE_INDEX, ObjectiveConfig};
 use crate::error::{Result, TrainError};
 
 /// The loss of one micro-batch and its parts, each already divided by the step's global count
@@ -22,6 +22,15 @@ pub(crate) enum LogitObjective {
     Hinton(HintonKdLoss),
     Dkd(DkdLoss),
     Divergence { loss: DivergenceLoss, hard_weight: f64 },
+    Sparse { loss: SparseKlLoss, hard_weight: f64 },
+}
+
+/// The teacher's side of one micro-batch, flattened to positions.
+pub(crate) struct TeacherLogits {
+    /// `[n, classes]`.
+    pub dense: Tensor<2>,
+    /// `[n, k]` class ids and log-probabilities, when the teacher gives them.
+    pub top_k: Option<(Tensor<2, Int>, Tensor<2>)>,
 }
 
 impl LogitObjective {
@@ -37,28 +46,46 @@ impl LogitObjective {
                 loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
                 hard_weight: *hard_weight,
             },
+            ObjectiveConfig::Sparse { loss, hard_weight } => Self::Sparse {
+                loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
+                hard_weight: *hard_weight,
+            },
         })
     }
 
-    /// The loss of `student` (`[n, classes]`) against `targets` (`[n]`) and, when the objective
-    /// has one, `teacher` (`[n, classes]`), summed over the `n` positions and divided by
-    /// `normaliser`.
+    /// The loss of `student` (`[n, classes]`) against `targets` (`[n]`, [`IGNORE_INDEX`] where a
+    /// position does not count) and, when the objective has one, `teacher`, summed over the
+    /// valid positions and divided by `normaliser`. `mask` is `None` when every position is
+    /// valid (the faster unmasked path), else `targets != IGNORE_INDEX`.
     pub fn loss(
         &self,
         student: Tensor<2>,
-        teacher: Option<Tensor<2>>,
+        teacher: Option<TeacherLogits>,
         targets: Tensor<1, Int>,
+        mask: Option<Tensor<1, Bool>>,
         normaliser: usize,
     ) -> Result<StepLoss> {
-        let reduction = Reduction::SumOver(normaliser);
-        let need_teacher = || {
-            teacher
-                .clone()
-                .ok_or_else(|| TrainError::Config("this objective needs a teacher; give the distiller one".into()))
+        let reduction = Reduction::SumOver(normaliser.max(1));
+        let no_teacher = || TrainError::Config("this objective needs a teacher; give the distiller one".into());
+        let hard_term = |student: Tensor<2>, weight: f64, soft: Tensor<1>| {
+            if weight > 0.0 {
+                let hard = cross_entropy(student, targets.clone(), mask.clone(), 0.0, normaliser);
+                StepLoss {
+                    total: soft.clone() + hard.clone().mul_scalar(weight),
+                    hard: Some(hard),
+                    soft: Some(soft),
+                }
+            } else {
+                StepLoss {
+                    total: soft.clone(),
+                    hard: None,
+                    soft: Some(soft),
+                }
+            }
         };
         Ok(match self {
             Self::Supervised { label_smoothing } => {
-                let hard = cross_entropy(student, targets, *label_smoothing, normaliser);
+                let hard = cross_entropy(student, targets, mask, *label_smoothing, normaliser);
                 StepLoss {
                     total: hard.clone(),
                     hard: Some(hard),
@@ -66,7 +93,8 @@ impl LogitObjective {
                 }
             }
             Self::Hinton(loss) => {
-                let terms = loss.forward_terms(student, need_teacher()?, targets, reduction)?;
+                let teacher = teacher.ok_or_else(no_teacher)?.dense;
+                let terms = loss.forward_terms(student, teacher, targets, reduction)?;
                 StepLoss {
                     total: terms.loss,
                     hard: Some(terms.hard),
@@ -74,7 +102,8 @@ impl LogitObjective {
                 }
             }
             Self::Dkd(loss) => {
-                let total = loss.forward(student, need_teacher()?, targets, reduction)?;
+                let teacher = teacher.ok_or_else(no_teacher)?.dense;
+                let total = loss.forward(student, teacher, targets, reduction)?;
                 StepLoss {
                     total: total.clone(),
                     hard: None,
@@ -82,42 +111,70 @@ impl LogitObjective {
                 }
             }
             Self::Divergence { loss, hard_weight } => {
-                let soft = loss.forward(student.clone(), need_teacher()?, reduction)?;
-                if *hard_weight > 0.0 {
-                    let hard = cross_entropy(student, targets, 0.0, normaliser);
-                    StepLoss {
-                        total: soft.clone() + hard.clone().mul_scalar(*hard_weight),
-                        hard: Some(hard),
-                        soft: Some(soft),
+                let teacher = teacher.ok_or_else(no_teacher)?.dense;
+                let soft = match &mask {
+                    Some(mask) => loss.forward_masked(student.clone(), teacher, mask.clone(), reduction)?,
+                    None => loss.forward(student.clone(), teacher, reduction)?,
+                };
+                hard_term(student, *hard_weight, soft)
+            }
+            Self::Sparse { loss, hard_weight } => {
+                let (indices, log_probs) = teacher.ok_or_else(no_teacher)?.top_k.ok_or_else(|| {
+                    TrainError::Config(
+                        "the sparse objective needs a teacher that gives top-k outputs (a top-k CachedTeacher); \
+                         this teacher gives dense logits only"
+                            .into(),
+                    )
+                })?;
+                let soft = match &mask {
+                    Some(mask) => {
+                        loss.forward_masked(student.clone(), indices, log_probs, mask.clone(), reduction)?
                     }
-                } else {
-                    StepLoss {
-                        total: soft.clone(),
-                        hard: None,
-                        soft: Some(soft),
-                    }
-                }
+                    None => loss.forward(student.clone(), indices, log_probs, reduction)?,
+                };
+                hard_term(student, *hard_weight, soft)
             }
         })
     }
 }
 
-/// `Σ_positions [(1 − ε) · (−log q_label) + ε · mean_c(−log q_c)] / normaliser`.
+/// `Σ_valid positions [(1 − ε) · (−log q_label) + ε · mean_c(−log q_c)] / normaliser`; positions
+/// outside `mask` (targets [`IGNORE_INDEX`]) count for nothing.
 pub(crate) fn cross_entropy(
     logits: Tensor<2>,
     targets: Tensor<1, Int>,
+    mask: Option<Tensor<1, Bool>>,
     smoothing: f64,
     normaliser: usize,
 ) -> Tensor<1> {
     let log_probs = activation::log_softmax(logits, 1);
-    let nll = log_probs.clone().gather(1, targets.unsqueeze_dim::<2>(1)).neg().sum();
-    let total = if smoothing > 0.0 {
-        let uniform = log_probs.clone().mean_dim(1).neg().sum();
-        nll.mul_scalar(1.0 - smoothing) + uniform.mul_scalar(smoothing)
-    } else {
-        nll
+    let targets = match &mask {
+        Some(mask) => targets.mask_fill(mask.clone().bool_not(), 0),
+        None => targets,
     };
-    total.div_scalar(normaliser as f64)
+    let mut per_position = log_probs.clone().gather(1, targets.unsqueeze_dim::<2>(1)).neg();
+    if smoothing > 0.0 {
+        let uniform = log_probs.mean_dim(1).neg();
+        per_position = per_position.mul_scalar(1.0 - smoothing) + uniform.mul_scalar(smoothing);
+    }
+    let per_position = per_position.squeeze_dim::<1>(1);
+    let total = match mask {
+        Some(mask) => per_position.mask_fill(mask.bool_not(), 0.0).sum(),
+        None => per_position.sum(),
+    };
+    total.div_scalar(normaliser.max(1) as f64)
+}
+
+/// `targets != IGNORE_INDEX`, or `None` when every target is valid; and the number of valid
+/// targets. One read of the targets from the device.
+pub(crate) fn valid_positions(targets: &Tensor<1, Int>) -> (Option<Tensor<1, Bool>>, usize) {
+    let host: Vec<i64> = targets.clone().into_data().iter::<i64>().collect();
+    let valid = host.iter().filter(|&&target| target != IGNORE_INDEX).count();
+    if valid == host.len() {
+        (None, valid)
+    } else {
+        (Some(targets.clone().not_equal_elem(IGNORE_INDEX)), valid)
+    }
 }
 
 /// Feature terms: `weight × Σ (connector(student) − teacher)² / (normaliser × elements per

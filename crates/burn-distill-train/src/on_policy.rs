@@ -1,0 +1,125 @@
+//! On-policy distillation (GKD): the student writes some of the sequences it is scored on.
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::module::{Module, ModuleDisplay};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill_data::{EpochAware, Fingerprinted, Indexed, TokenBatch};
+use burn_distill_model::{Generator, SamplingConfig, Student, TokenRng};
+
+use crate::config::{IGNORE_INDEX, OnPolicyConfig};
+use crate::distiller::{Distiller, EvalSet, RunOutcome};
+use crate::error::{Result, TrainError};
+
+impl Distiller<'_, Tensor<2, Int>, 3> {
+    /// [`fit`](Self::fit) for language models, with the config's
+    /// [`on_policy`](crate::DistillConfig::on_policy) rollouts (GKD): at each optimizer step,
+    /// with probability `lambda`, every micro-batch's sequences are replaced by the student's
+    /// continuations of their first `prompt_tokens` tokens and only the generated positions are
+    /// scored against the teacher. Without an `on_policy` config it is `fit`.
+    ///
+    /// With `lambda = 0` no rollout happens and every step is the data step `fit` would take.
+    ///
+    /// # Errors
+    /// As [`fit`](Self::fit); also a teacher that answers by example index (a cache cannot
+    /// score sequences it has never seen), and batches too short for the prompt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_on_policy<M, S, V, It, Bt>(
+        &self,
+        student: M,
+        train: &S,
+        evals: &[EvalSet<'_, V>],
+        train_batcher: &Bt,
+        eval_batcher: &Bt,
+        device: &Device,
+    ) -> Result<RunOutcome<M>>
+    where
+        M: Module + ModuleDisplay + Student<Tensor<2, Int>, 3> + Generator,
+        S: Dataset<It> + Fingerprinted,
+        V: Dataset<It>,
+        It: Indexed,
+        Bt: Batcher<It, TokenBatch> + EpochAware,
+    {
+        let config = self.config();
+        let Some(on_policy) = config.on_policy.clone() else {
+            return self.fit_inner(student, train, evals, train_batcher, eval_batcher, device, None);
+        };
+        config.validate()?;
+        if on_policy.lambda > 0.0 && self.teacher().is_some_and(|teacher| teacher.needs_indices()) {
+            return Err(TrainError::Config(
+                "on-policy distillation needs a live teacher: this one answers by example index (a cache) \
+                 and cannot score the student's own sequences"
+                    .into(),
+            ));
+        }
+        let seed = config.seed;
+        let rollout = move |student: &M, batch: TokenBatch, step: usize, micro: usize| {
+            roll_out(student, batch, &on_policy, seed, step, micro)
+        };
+        self.fit_inner(student, train, evals, train_batcher, eval_batcher, device, Some(&rollout))
+    }
+}
+
+/// SplitMix64 finaliser: decorrelates nearby seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed of one micro-batch's coin and sampling stream.
+fn step_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    mix(mix(mix(seed) ^ step as u64) ^ micro as u64)
+}
+
+/// With probability `lambda`, the batch rewritten from the student's own continuations; else the
+/// batch unchanged.
+///
+/// # Errors
+/// When the sequences are not longer than the prompt.
+pub fn roll_out<M: Generator>(
+    student: &M,
+    batch: TokenBatch,
+    config: &OnPolicyConfig,
+    seed: u64,
+    step: usize,
+    micro: usize,
+) -> Result<TokenBatch> {
+    let stream = step_seed(seed, step, micro);
+    if config.lambda <= 0.0 || TokenRng::new(stream).next_unit() >= config.lambda {
+        return Ok(batch);
+    }
+    let [rows, length] = batch.inputs.dims();
+    let prompt = config.prompt_tokens;
+    if prompt >= length {
+        return Err(TrainError::Config(format!(
+            "on_policy.prompt_tokens = {prompt} leaves nothing to generate in sequences of {length} tokens"
+        )));
+    }
+    let device = batch.inputs.device();
+    let sampling = SamplingConfig {
+        seed: mix(stream),
+        ..config.sampling.clone()
+    };
+    let prompt_tokens = batch.inputs.clone().slice([0..rows, 0..prompt]);
+    // `length + 1` tokens give `length` inputs and `length` next-token targets.
+    let sequence = student.generate(prompt_tokens, length + 1 - prompt, &sampling);
+    let host: Vec<i64> = sequence.into_data().iter::<i64>().collect();
+    let mut inputs = Vec::with_capacity(rows * length);
+    let mut targets = Vec::with_capacity(rows * length);
+    for row in host.chunks(length + 1) {
+        inputs.extend_from_slice(&row[..length]);
+        targets.extend(
+            row[1..]
+                .iter()
+                .enumerate()
+                .map(|(position, &token)| if position + 1 < prompt { IGNORE_INDEX } else { token }),
+        );
+    }
+    Ok(TokenBatch {
+        inputs: Tensor::from_data(TensorData::new(inputs, [rows, length]), &device),
+        targets: Tensor::from_data(TensorData::new(targets, [rows, length]), &device),
+        indices: batch.indices,
+    })
+}

@@ -13,9 +13,7 @@ use std::path::Path;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::{Dataset, DatasetError};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_distill_model::{
-    Fingerprint, Fingerprinter, Generator, ModelError, SamplingConfig, Teacher, TeacherOutput,
-};
+use burn_distill_model::{Fingerprint, Fingerprinter, Generator, ModelError, SamplingConfig, Teacher, TeacherOutput};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{EpochAware, Fingerprinted, IGNORE_INDEX, Indexed};
@@ -76,7 +74,10 @@ fn text_of(tokens: &[u32]) -> (String, Option<Vec<u32>>) {
     let bytes: Option<Vec<u8>> = tokens.iter().map(|&token| u8::try_from(token).ok()).collect();
     match bytes.map(String::from_utf8) {
         Some(Ok(text)) => (text, None),
-        Some(Err(error)) => (String::from_utf8_lossy(error.as_bytes()).into_owned(), Some(tokens.to_vec())),
+        Some(Err(error)) => (
+            String::from_utf8_lossy(error.as_bytes()).into_owned(),
+            Some(tokens.to_vec()),
+        ),
         None => (
             tokens
                 .iter()
@@ -197,7 +198,9 @@ pub fn generate_transcripts<G: Generator>(
                 .collect();
             let prompt = Tensor::<2, Int>::from_data(TensorData::new(flat, [chunk.len(), length]), device);
             let batch_sampling = SamplingConfig {
-                seed: sampling.seed.wrapping_add((chunk[0] as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                seed: sampling
+                    .seed
+                    .wrapping_add((chunk[0] as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
                 ..sampling.clone()
             };
             let generated = teacher.generate(prompt, new_tokens, &batch_sampling);
@@ -258,13 +261,19 @@ impl TranscriptDataset {
             let mut tokens = prompt.clone();
             tokens.extend(transcript.completion_ids());
             if let Some(&token) = tokens.iter().find(|&&token| token as usize >= vocab) {
-                return Err(invalid(format!("token id {token} is outside the vocabulary of {vocab}")));
+                return Err(invalid(format!(
+                    "token id {token} is outside the vocabulary of {vocab}"
+                )));
             }
             tokens.truncate(context + 1);
             if tokens.len() < 2 {
                 return Err(invalid("it has fewer than two tokens: nothing to predict".into()));
             }
-            let loss_from = if train_on_prompt { 0 } else { prompt.len().saturating_sub(1) };
+            let loss_from = if train_on_prompt {
+                0
+            } else {
+                prompt.len().saturating_sub(1)
+            };
             if loss_from >= tokens.len() - 1 {
                 return Err(invalid(format!(
                     "its prompt of {} tokens leaves no completion token within the context of {context}",
@@ -295,7 +304,10 @@ impl TranscriptDataset {
 
     /// Target tokens the loss counts, over all items.
     pub fn target_tokens(&self) -> usize {
-        self.items.iter().map(|item| item.tokens.len() - 1 - item.loss_from).sum()
+        self.items
+            .iter()
+            .map(|item| item.tokens.len() - 1 - item.loss_from)
+            .sum()
     }
 }
 
@@ -427,11 +439,12 @@ impl Teacher<Tensor<2, Int>, 3> for TranscriptTeacher<'_> {
         let high = (1.0 - self.smoothing + self.smoothing / vocab as f64).ln() as f32;
         let mut logits = vec![0.0f32; rows * length * vocab];
         for (row, &index) in indices.iter().enumerate() {
-            let item = self
-                .dataset
-                .items
-                .get(index)
-                .ok_or_else(|| Self::failed(format!("index {index} is outside the {} transcripts", self.dataset.len())))?;
+            let item = self.dataset.items.get(index).ok_or_else(|| {
+                Self::failed(format!(
+                    "index {index} is outside the {} transcripts",
+                    self.dataset.len()
+                ))
+            })?;
             let steps = (item.tokens.len() - 1).min(length);
             let given = &host[row * length..row * length + steps];
             if given.iter().zip(&item.tokens).any(|(&a, &b)| a != i64::from(b)) {

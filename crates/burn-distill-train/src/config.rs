@@ -166,7 +166,9 @@ impl DistillConfig {
                 return Err(TrainError::Config("on_policy.prompt_tokens must be at least 1".into()));
             }
             if !self.objective.needs_teacher() {
-                return Err(TrainError::Config("on-policy distillation needs a teacher objective".into()));
+                return Err(TrainError::Config(
+                    "on-policy distillation needs a teacher objective".into(),
+                ));
             }
             let t = on_policy.sampling.temperature;
             let k_ok = on_policy.sampling.top_k != Some(0);

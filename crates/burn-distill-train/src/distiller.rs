@@ -340,9 +340,9 @@ where
                     let student_output = trainee.student.learn(input, &student_taps)?;
                     let (teacher_logits, teacher_features) = match teacher_output {
                         Some(output) => {
-                            let top_k = output
-                                .top_k()
-                                .map(|(indices, values)| (flatten_indices(indices.clone()), flatten_logits(values.clone())));
+                            let top_k = output.top_k().map(|(indices, values)| {
+                                (flatten_indices(indices.clone()), flatten_logits(values.clone()))
+                            });
                             let (logits, features) = output.into_parts();
                             let logits = TeacherLogits {
                                 dense: flatten_logits(logits),

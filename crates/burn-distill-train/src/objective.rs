@@ -127,9 +127,7 @@ impl LogitObjective {
                     )
                 })?;
                 let soft = match &mask {
-                    Some(mask) => {
-                        loss.forward_masked(student.clone(), indices, log_probs, mask.clone(), reduction)?
-                    }
+                    Some(mask) => loss.forward_masked(student.clone(), indices, log_probs, mask.clone(), reduction)?,
                     None => loss.forward(student.clone(), indices, log_probs, reduction)?,
                 };
                 hard_term(student, *hard_weight, soft)

@@ -56,7 +56,15 @@ impl Distiller<'_, Tensor<2, Int>, 3> {
         let rollout = move |student: &M, batch: TokenBatch, step: usize, micro: usize| {
             roll_out(student, batch, &on_policy, seed, step, micro)
         };
-        self.fit_inner(student, train, evals, train_batcher, eval_batcher, device, Some(&rollout))
+        self.fit_inner(
+            student,
+            train,
+            evals,
+            train_batcher,
+            eval_batcher,
+            device,
+            Some(&rollout),
+        )
     }
 }
 

@@ -11,9 +11,14 @@ use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_distill_data::{BYTE_VOCAB, ByteCorpus, Fingerprinted, ImageBatcher, MnistItem, Subset, TokenBatcher};
+use burn_distill_data::{
+    BYTE_VOCAB, ByteCorpus, CacheBuildOptions, CacheMode, CachedTeacher, Fingerprinted, ImageBatcher, MnistItem,
+    SequenceBatcher, Subset, TextWindows, TokenBatcher, Transcript, TranscriptDataset, TranscriptTeacher, build_cache,
+    generate_transcripts, read_transcripts, write_transcripts,
+};
 use burn_distill_loss::{
-    Divergence, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, NamedDevice, devices_for_tests,
+    Divergence, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, NamedDevice, SparseKlLossConfig, TailPolicy,
+    VocabPolicy, devices_for_tests,
 };
 use burn_distill_model::{
     ConnectorConfig, Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, TransformerLm,
@@ -601,4 +606,472 @@ fn every_objective_trains_with_adam() {
         .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
         .unwrap_err();
     assert!(error.to_string().contains("needs a teacher"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Language-model distillation: padding masks, sequence-level, on-policy, top-k caches, vocabularies.
+
+fn tiny_lm(seed: u64, vocab: usize, width: usize, device: &Device) -> TransformerLm {
+    let config = TransformerLmConfig::new(vocab, 16)
+        .with_layers(1)
+        .with_width(width)
+        .with_heads(2);
+    init_seeded(seed, device, |d| config.init(d))
+}
+
+fn adam_config(epochs: usize, objective: ObjectiveConfig, batch_size: usize) -> DistillConfig {
+    DistillConfig::new(
+        epochs,
+        OptimizerConfig::Adam(AdamConfig::new()),
+        LrSchedulerConfig::Constant(3e-3),
+        objective,
+    )
+    .with_batch_size(batch_size)
+    .with_seed(4)
+}
+
+fn divergence_objective(divergence: Divergence) -> ObjectiveConfig {
+    ObjectiveConfig::Divergence {
+        loss: DivergenceLossConfig::new(divergence).with_temperature(2.0),
+        hard_weight: 0.0,
+    }
+}
+
+/// Transcripts of different lengths (2 to 15 completion bytes after a 3-byte prompt).
+fn ragged_transcripts() -> Vec<Transcript> {
+    let text = "the quick brown fox jumps over the lazy dog while the cat sleeps";
+    (0..6)
+        .map(|i| {
+            let start = i * 7;
+            let length = 2 + (i * 5) % 14;
+            Transcript::new(&text[start..start + 3], &text[start + 3..start + 3 + length])
+        })
+        .collect()
+}
+
+#[test]
+fn token_level_kd_is_a_mean_over_valid_tokens_for_every_divergence() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let transcripts = ragged_transcripts();
+    let teacher_module = tiny_lm(1, BYTE_VOCAB, 32, &device);
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let divergences = [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::GeneralizedJsd { beta: 0.3 },
+        Divergence::SkewKl { alpha: 0.1 },
+        Divergence::SkewReverseKl { alpha: 0.1 },
+        Divergence::TotalVariation,
+    ];
+    for train_on_prompt in [false, true] {
+        let dataset = TranscriptDataset::new(&transcripts, 16, BYTE_VOCAB, train_on_prompt).unwrap();
+        let valid_tokens = dataset.target_tokens();
+        for divergence in divergences {
+            // One step per epoch: the first epoch's loss is the loss at the initial weights.
+            let mut losses = Vec::new();
+            for pad in [0, 200] {
+                let student = tiny_lm(2, BYTE_VOCAB, 16, &device);
+                let outcome = Distiller::new(
+                    adam_config(1, divergence_objective(divergence), 6),
+                    scratch(&format!("masked-{pad}")),
+                )
+                .with_teacher(&teacher)
+                .with_progress(false)
+                .fit::<_, _, TranscriptDataset, _, _, _>(
+                    student,
+                    &dataset,
+                    &[],
+                    &SequenceBatcher { pad },
+                    &SequenceBatcher { pad },
+                    &device,
+                )
+                .unwrap();
+                assert_eq!(outcome.records[0].train.positions, valid_tokens, "{divergence:?}");
+                losses.push(outcome.records[0].train.loss);
+            }
+            // The reference: each sequence alone, unpadded, summed over its counted positions.
+            let student = tiny_lm(2, BYTE_VOCAB, 16, &device);
+            let loss = DivergenceLossConfig::new(divergence).with_temperature(2.0).init();
+            let mut total = 0.0;
+            for index in 0..dataset.len() {
+                let item = dataset.get(index).unwrap();
+                let steps = item.tokens.len() - 1;
+                let tokens: Vec<i64> = item.tokens[..steps].iter().map(|&t| i64::from(t)).collect();
+                let input = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(tokens, [1, steps]), &device);
+                let s = student.forward(input.clone()).slice([0..1, item.loss_from..steps]);
+                let t = teacher_module.forward(input).slice([0..1, item.loss_from..steps]);
+                total += f64::from(
+                    loss.forward(s, t, burn_distill_loss::Reduction::Sum)
+                        .unwrap()
+                        .into_scalar::<f32>(),
+                );
+            }
+            let expected = total / valid_tokens as f64;
+            for value in &losses {
+                assert!(
+                    (value - expected).abs() <= 1e-4 * expected.abs().max(1e-3),
+                    "{divergence:?} (train_on_prompt {train_on_prompt}): {value} vs {expected} (pads give {losses:?})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sequence_level_kd_generates_round_trips_and_trains_on_jsonl() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let teacher = tiny_lm(7, BYTE_VOCAB, 32, &device);
+    let prompts: Vec<Vec<u32>> = ["the ", "a ", "hacker ", "the ", "foo"]
+        .iter()
+        .map(|p| p.bytes().map(u32::from).collect())
+        .collect();
+    let sampling = burn_distill_model::SamplingConfig::new()
+        .with_temperature(3.0)
+        .with_top_k(Some(200))
+        .with_top_p(Some(0.99))
+        .with_seed(9);
+    let first = generate_transcripts(&teacher, &prompts, 10, &sampling, 2, &device).unwrap();
+    let again = generate_transcripts(&teacher, &prompts, 10, &sampling, 2, &device).unwrap();
+    assert_eq!(first, again, "the same seed must give the same transfer set");
+    let other = generate_transcripts(&teacher, &prompts, 10, &sampling.clone().with_seed(10), 2, &device).unwrap();
+    assert_ne!(first, other, "another seed must give another transfer set");
+    for (transcript, prompt) in first.iter().zip(&prompts) {
+        assert_eq!(&transcript.prompt_ids(), prompt);
+        assert_eq!(transcript.completion_ids().len(), 10);
+    }
+    // Same-length prompts in different batches (indices 0 and 3) are sampled independently.
+    assert_ne!(first[0].completion_ids(), first[3].completion_ids());
+
+    let dir = scratch("transcripts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("transfer.jsonl");
+    // Token ids that are not UTF-8 text survive the round trip exactly.
+    let mut written = first.clone();
+    written.push(Transcript::from_tokens(&[0xC3, 0x28], &[0xFF, 10, 65]));
+    write_transcripts(&path, &written).unwrap();
+    let read = read_transcripts(&path).unwrap();
+    assert_eq!(read, written);
+    assert_eq!(read[5].completion_ids(), vec![0xFF, 10, 65]);
+
+    // Bad files and ids are refused with a reason.
+    std::fs::write(
+        dir.join("bad.jsonl"),
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
+    let error = read_transcripts(&dir.join("bad.jsonl")).unwrap_err().to_string();
+    assert!(error.contains("line 2"), "{error}");
+    let error = read_transcripts(&dir.join("missing.jsonl")).unwrap_err().to_string();
+    assert!(error.contains("not found"), "{error}");
+    let error = TranscriptDataset::new(&[Transcript::from_tokens(&[1, 2], &[300])], 16, BYTE_VOCAB, false)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("300") && error.contains("256"), "{error}");
+
+    // Training on the text: forward KL to a TranscriptTeacher without smoothing is cross-entropy
+    // on the transcript's completions.
+    let dataset = TranscriptDataset::new(&read, 16, BYTE_VOCAB, false).unwrap();
+    let text_teacher = TranscriptTeacher::new(&dataset, 0.0);
+    let supervised = Distiller::<_, 3>::new(
+        adam_config(3, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 3),
+        scratch("seq-ce"),
+    )
+    .with_progress(false)
+    .fit::<_, _, TranscriptDataset, _, _, _>(
+        tiny_lm(3, BYTE_VOCAB, 16, &device),
+        &dataset,
+        &[],
+        &SequenceBatcher::default(),
+        &SequenceBatcher::default(),
+        &device,
+    )
+    .unwrap();
+    let distilled = Distiller::new(
+        adam_config(
+            3,
+            ObjectiveConfig::Divergence {
+                loss: DivergenceLossConfig::new(Divergence::ForwardKl),
+                hard_weight: 0.0,
+            },
+            3,
+        ),
+        scratch("seq-kl"),
+    )
+    .with_teacher(&text_teacher)
+    .with_progress(false)
+    .fit::<_, _, TranscriptDataset, _, _, _>(
+        tiny_lm(3, BYTE_VOCAB, 16, &device),
+        &dataset,
+        &[],
+        &SequenceBatcher::default(),
+        &SequenceBatcher::default(),
+        &device,
+    )
+    .unwrap();
+    for (a, b) in supervised.records.iter().zip(&distilled.records) {
+        assert!(
+            (a.train.loss - b.train.loss).abs() < 1e-4 * a.train.loss,
+            "CE {} vs forward KL to the transcripts {}",
+            a.train.loss,
+            b.train.loss
+        );
+    }
+    assert!(supervised.records[2].train.loss < supervised.records[0].train.loss);
+    // A smoothed transcript teacher keeps reverse KL finite.
+    let smoothed = TranscriptTeacher::new(&dataset, 0.1);
+    let outcome = Distiller::new(
+        adam_config(1, divergence_objective(Divergence::ReverseKl), 3),
+        scratch("seq-rkl"),
+    )
+    .with_teacher(&smoothed)
+    .with_progress(false)
+    .fit::<_, _, TranscriptDataset, _, _, _>(
+        tiny_lm(3, BYTE_VOCAB, 16, &device),
+        &dataset,
+        &[],
+        &SequenceBatcher::default(),
+        &SequenceBatcher::default(),
+        &device,
+    )
+    .unwrap();
+    assert!(outcome.records[0].train.loss.is_finite());
+}
+
+fn text_data() -> (Subset<TextWindows>, Subset<TextWindows>) {
+    let windows = ByteCorpus::load_default().unwrap().windows(16, 16).unwrap();
+    let (train, valid) = windows.split(0.5).unwrap();
+    (
+        Subset::new(train, (0..24).collect()),
+        Subset::new(valid, (0..8).collect()),
+    )
+}
+
+#[test]
+fn on_policy_rollouts_follow_lambda_and_score_only_generated_tokens() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let (train, valid) = text_data();
+    let teacher_module = tiny_lm(1, BYTE_VOCAB, 32, &device);
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let gkd = |lambda: f64| {
+        adam_config(2, divergence_objective(Divergence::GeneralizedJsd { beta: 0.5 }), 8)
+            .with_on_policy(Some(OnPolicyConfig::new().with_lambda(lambda).with_prompt_tokens(4)))
+    };
+    let evals = [EvalSet {
+        name: "valid",
+        dataset: &valid,
+    }];
+    let run = |config: DistillConfig, name: &str, on_policy: bool| {
+        let distiller = Distiller::new(config, scratch(name))
+            .with_teacher(&teacher)
+            .with_progress(false);
+        let student = tiny_lm(2, BYTE_VOCAB, 16, &device);
+        if on_policy {
+            distiller.fit_on_policy(student, &train, &evals, &TokenBatcher, &TokenBatcher, &device)
+        } else {
+            distiller.fit(student, &train, &evals, &TokenBatcher, &TokenBatcher, &device)
+        }
+        .unwrap()
+    };
+    // λ = 0: every step is the data step.
+    let data = run(gkd(0.0).with_on_policy(None), "gkd-data", false);
+    let zero = run(gkd(0.0), "gkd-zero", true);
+    assert_eq!(data.records.len(), zero.records.len());
+    for (a, b) in data.records.iter().zip(&zero.records) {
+        assert_eq!(a.train.loss, b.train.loss);
+        assert_eq!(a.train.positions, b.train.positions);
+        assert_eq!(a.eval[0].1.loss, b.eval[0].1.loss);
+    }
+    // fit refuses an on-policy config rather than ignoring it.
+    let error = Distiller::new(gkd(0.5), scratch("gkd-refused"))
+        .with_teacher(&teacher)
+        .fit(
+            tiny_lm(2, BYTE_VOCAB, 16, &device),
+            &train,
+            &evals,
+            &TokenBatcher,
+            &TokenBatcher,
+            &device,
+        )
+        .unwrap_err();
+    assert!(error.to_string().contains("fit_on_policy"), "{error}");
+
+    // λ = 1: every step is scored on the student's own continuations, prompts left out.
+    let full = run(gkd(1.0), "gkd-one", true);
+    let per_sequence = 16 - (4 - 1);
+    assert_eq!(full.records[0].train.positions, 24 * per_sequence);
+    assert!(full.records.iter().all(|r| r.train.loss.is_finite()));
+    assert_ne!(full.records[1].eval[0].1.loss, data.records[1].eval[0].1.loss);
+
+    // The rollout itself: prompt kept, targets are the next inputs, deterministic per step.
+    let student = tiny_lm(2, BYTE_VOCAB, 16, &device);
+    let items: Vec<_> = (0..3).map(|i| train.get(i).unwrap()).collect();
+    let batch = burn::data::dataloader::batcher::Batcher::batch(&TokenBatcher, items, &device);
+    let config = OnPolicyConfig::new().with_lambda(1.0).with_prompt_tokens(4);
+    let host = |t: Tensor<2, burn::tensor::Int>| t.into_data().iter::<i64>().collect::<Vec<_>>();
+    let a = roll_out(&student, batch.clone(), &config, 1, 5, 0).unwrap();
+    let b = roll_out(&student, batch.clone(), &config, 1, 5, 0).unwrap();
+    let c = roll_out(&student, batch.clone(), &config, 1, 6, 0).unwrap();
+    let (inputs, targets, original) = (
+        host(a.inputs.clone()),
+        host(a.targets.clone()),
+        host(batch.inputs.clone()),
+    );
+    assert_eq!(inputs, host(b.inputs.clone()));
+    assert_ne!(inputs, host(c.inputs));
+    for row in 0..3 {
+        let (i, t, o) = (
+            &inputs[row * 16..][..16],
+            &targets[row * 16..][..16],
+            &original[row * 16..][..16],
+        );
+        assert_eq!(i[..4], o[..4], "the prompt is the data's");
+        assert!(
+            t[..3].iter().all(|&x| x == IGNORE_INDEX),
+            "prompt targets are ignored: {t:?}"
+        );
+        assert_eq!(t[3..15], i[4..16], "targets are the generated tokens");
+    }
+    let never = OnPolicyConfig::new().with_lambda(0.0).with_prompt_tokens(4);
+    let kept = roll_out(&student, batch.clone(), &never, 1, 5, 0).unwrap();
+    assert_eq!(host(kept.inputs), original);
+    let too_long = OnPolicyConfig::new().with_lambda(1.0).with_prompt_tokens(16);
+    assert!(roll_out(&student, batch, &too_long, 1, 5, 0).is_err());
+}
+
+#[test]
+fn a_top_k_cache_trains_a_language_model_with_the_sparse_loss() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let (train, valid) = text_data();
+    let teacher_module = tiny_lm(1, BYTE_VOCAB, 32, &device);
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let dir = scratch("sparse");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("top8.bdkd");
+    let options = CacheBuildOptions::new(CacheMode::TopK { k: 8 })
+        .with_batch_size(8)
+        .with_progress(false);
+    build_cache(&path, &teacher, &train, &TokenBatcher, &device, &options).unwrap();
+    let fingerprint = Teacher::<Tensor<2, burn::tensor::Int>, 3>::fingerprint(&teacher).unwrap();
+    let cached = CachedTeacher::open(&path, &train, fingerprint, &device).unwrap();
+    let sparse = ObjectiveConfig::Sparse {
+        loss: SparseKlLossConfig::new().with_tail(TailPolicy::UniformTail),
+        hard_weight: 0.0,
+    };
+    let evals = [EvalSet {
+        name: "valid",
+        dataset: &valid,
+    }];
+    let outcome = Distiller::new(adam_config(3, sparse.clone(), 8), dir.join("run"))
+        .with_teacher(&cached)
+        .with_eval_teacher(&teacher)
+        .with_progress(false)
+        .fit(
+            tiny_lm(2, BYTE_VOCAB, 16, &device),
+            &train,
+            &evals,
+            &TokenBatcher,
+            &TokenBatcher,
+            &device,
+        )
+        .unwrap();
+    let kl: Vec<f64> = outcome
+        .records
+        .iter()
+        .map(|r| r.eval[0].1.teacher_kl.unwrap())
+        .collect();
+    assert!(kl[2] < kl[0], "KL to the teacher must fall: {kl:?}");
+    // A dense teacher cannot feed the sparse objective; a cache cannot score rollouts.
+    let error = Distiller::new(adam_config(1, sparse, 8), dir.join("dense"))
+        .with_teacher(&teacher)
+        .fit(
+            tiny_lm(2, BYTE_VOCAB, 16, &device),
+            &train,
+            &evals,
+            &TokenBatcher,
+            &TokenBatcher,
+            &device,
+        )
+        .unwrap_err();
+    assert!(error.to_string().contains("top-k"), "{error}");
+    let error = Distiller::new(
+        adam_config(1, divergence_objective(Divergence::ForwardKl), 8)
+            .with_on_policy(Some(OnPolicyConfig::new().with_prompt_tokens(4))),
+        dir.join("rollout"),
+    )
+    .with_teacher(&cached)
+    .fit_on_policy(
+        tiny_lm(2, BYTE_VOCAB, 16, &device),
+        &train,
+        &evals,
+        &TokenBatcher,
+        &TokenBatcher,
+        &device,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("live teacher"), "{error}");
+}
+
+#[test]
+fn a_teacher_with_a_larger_vocabulary_distils_under_a_vocabulary_policy() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let (train, valid) = text_data();
+    // The teacher has 4 extra ids (special tokens) the student lacks.
+    let teacher_module = tiny_lm(1, BYTE_VOCAB + 4, 32, &device);
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let evals = [EvalSet {
+        name: "valid",
+        dataset: &valid,
+    }];
+    let objective = |policy: VocabPolicy| ObjectiveConfig::Divergence {
+        // Padding the student with -inf logits puts a log(0) under forward KL (documented):
+        // pair it with reverse KL, which only weighs the student's own classes.
+        loss: DivergenceLossConfig::new(if policy == VocabPolicy::PadWithNegInf {
+            Divergence::ReverseKl
+        } else {
+            Divergence::ForwardKl
+        })
+        .with_vocab_policy(policy),
+        hard_weight: 0.0,
+    };
+    let error = Distiller::new(
+        adam_config(1, objective(VocabPolicy::Strict), 8),
+        scratch("vocab-strict"),
+    )
+    .with_teacher(&teacher)
+    .fit(
+        tiny_lm(2, BYTE_VOCAB, 16, &device),
+        &train,
+        &evals,
+        &TokenBatcher,
+        &TokenBatcher,
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("256") && error.contains("260"), "{error}");
+    for policy in [VocabPolicy::Truncate, VocabPolicy::PadWithNegInf] {
+        let outcome = Distiller::new(adam_config(3, objective(policy), 8), scratch("vocab-policy"))
+            .with_teacher(&teacher)
+            .with_progress(false)
+            .fit(
+                tiny_lm(2, BYTE_VOCAB, 16, &device),
+                &train,
+                &evals,
+                &TokenBatcher,
+                &TokenBatcher,
+                &device,
+            )
+            .unwrap();
+        let kl: Vec<f64> = outcome
+            .records
+            .iter()
+            .map(|r| r.eval[0].1.teacher_kl.unwrap())
+            .collect();
+        assert!(kl.iter().all(|k| k.is_finite()) && kl[2] < kl[0], "{policy:?}: {kl:?}");
+    }
 }

@@ -234,6 +234,26 @@ def main():
                 shape, s, t, labels, mask = make_inputs(3, scale, teacher_scale)
                 full = dict(spec, temperature=T)
                 cases.append(dict(case(full, 3, s, t, labels, mask, shape), group=f"stability: {label}"))
+    # Language-model batches: [3, 6, 40] logits, right-padded to lengths 6, 3 and 1 (the masked
+    # positions hold arbitrary logits), every token-level divergence: the mean is over the 10
+    # valid tokens.
+    lm_specs = [{"kind": "divergence", "divergence": d, "t2": False}
+                for d in ["ForwardKl", "ReverseKl", {"GeneralizedJsd": {"beta": 0.5}},
+                          {"GeneralizedJsd": {"beta": 0.1}}, {"SkewKl": {"alpha": 0.1}},
+                          {"SkewReverseKl": {"alpha": 0.1}}, "TotalVariation"]]
+    lm_specs.append({"kind": "hinton", "alpha": 0.5, "label_smoothing": 0.0, "t2": True})
+    lm_specs.append({"kind": "sparse", "tail": "UniformTail", "k": 8, "t2": False})
+    for spec in lm_specs:
+        for T in [1.0, 2.0]:
+            shape = [3, 6, 40]
+            s = f32(torch.randn(shape, dtype=torch.float64) * 3.0)
+            t = f32(torch.randn(shape, dtype=torch.float64) * 3.0)
+            lengths = torch.tensor([6, 3, 1])
+            mask = torch.arange(6)[None, :] < lengths[:, None]
+            labels = torch.randint(0, 40, shape[:-1])
+            labels = torch.where(mask, labels, torch.full_like(labels, IGNORE))
+            full = dict(spec, temperature=T)
+            cases.append(dict(case(full, 3, s, t, labels, mask, shape), group="lm: right-padded batch"))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     payload = {"generator": "scripts/make_loss_fixtures.py", "torch": torch.__version__,
                "ignore_index": IGNORE, "cases": cases}

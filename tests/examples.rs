@@ -1,10 +1,14 @@
-//! The facade crate's test harness: the MNIST example's whole pipeline in a tiny configuration
-//! (a few hundred examples, one epoch). The accuracy claims live in the example's results, not
-//! here.
+//! The facade crate's test harness: the MNIST and language-model examples' whole pipelines in
+//! tiny configurations (a few hundred examples, one epoch). The quality claims live in the
+//! examples' results, not here.
 
 #[path = "../examples/mnist/pipeline.rs"]
 #[allow(dead_code)]
 mod pipeline;
+
+#[path = "../examples/lm/pipeline.rs"]
+#[allow(dead_code)]
+mod lm_pipeline;
 
 #[test]
 fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
@@ -70,4 +74,109 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
         again.student_distilled_test_errors,
         summary.student_distilled_test_errors
     );
+}
+
+#[test]
+fn the_lm_pipeline_runs_every_objective_end_to_end_and_loads_finished_models() {
+    let device = burn_distill::loss::available_devices().remove(0);
+    let run_dir = std::env::temp_dir().join(format!("burn-distill-lm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let shape = |layers, width| lm_pipeline::Shape {
+        layers,
+        width,
+        heads: 2,
+    };
+    let options = lm_pipeline::Options {
+        device: device.name.to_string(),
+        run_dir: run_dir.clone(),
+        context: 24,
+        teacher: shape(1, 32),
+        student: shape(1, 16),
+        train_windows: 48,
+        valid_windows: 16,
+        teacher_epochs: 1,
+        student_epochs: 1,
+        batch_size: 16,
+        transcripts: 24,
+        prompt_tokens: 8,
+        lambda: 1.0,
+        top_k: vec![4],
+        progress: false,
+        ..lm_pipeline::Options::quick()
+    };
+    let summary = lm_pipeline::run(&options).unwrap();
+    let names: Vec<&str> = summary.students.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "student-alone",
+            "kd-forward-kl",
+            "kd-reverse-kl",
+            "kd-gjsd-0.5",
+            "kd-skew-kl-0.1",
+            "kd-skew-reverse-kl-0.1",
+            "kd-tvd",
+            "seq-kd",
+            "gkd",
+            "kd-top4-cache"
+        ]
+    );
+    for result in std::iter::once(&summary.teacher).chain(&summary.students) {
+        assert!(
+            result.valid_loss.is_finite() && result.valid_perplexity > 1.0,
+            "{}: {result:?}",
+            result.name
+        );
+        assert!(
+            (result.bits_per_byte - result.valid_loss / std::f64::consts::LN_2).abs() < 1e-12,
+            "{}",
+            result.name
+        );
+        // 48 windows (24 transcripts for seq-kd) in batches of 16.
+        let steps = if result.name == "seq-kd" { 2 } else { 3 };
+        assert_eq!(
+            result.valid_loss_per_step,
+            vec![(steps, result.valid_loss)],
+            "{}",
+            result.name
+        );
+        let metrics = std::fs::read_to_string(run_dir.join(&result.name).join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 1, "{}", result.name);
+    }
+    assert!(
+        summary
+            .students
+            .iter()
+            .all(|s| s.teacher_agreement.is_some() && s.parameters < summary.teacher.parameters)
+    );
+    let transcripts = burn_distill::data::read_transcripts(&run_dir.join("transfer.jsonl")).unwrap();
+    assert_eq!(transcripts.len(), 24);
+    assert!(
+        transcripts
+            .iter()
+            .all(|t| t.prompt_ids().len() == 8 && t.completion_ids().len() == 24 + 1 - 8)
+    );
+    assert!(summary.students[7].disk_bytes.is_some() && summary.students[9].disk_bytes.is_some());
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["best_distilled"], summary.best_distilled.as_str());
+    let png = std::fs::read(run_dir.join("valid-loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // A second run loads every finished model, the transfer set and the cache instead of
+    // training or generating again: same results, same training seconds.
+    let again = lm_pipeline::run(&options).unwrap();
+    for (a, b) in std::iter::once(&summary.teacher)
+        .chain(&summary.students)
+        .zip(std::iter::once(&again.teacher).chain(&again.students))
+    {
+        assert_eq!(
+            (a.valid_loss, a.train_seconds),
+            (b.valid_loss, b.train_seconds),
+            "{}",
+            a.name
+        );
+    }
+    assert_eq!(summary.transfer_set_seconds, again.transfer_set_seconds);
+    let _ = std::fs::remove_dir_all(&run_dir);
 }

@@ -221,7 +221,6 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         name: "valid",
         dataset: &valid,
     }];
-    let steps_per_epoch = train.len().div_ceil(options.batch_size);
     say(
         options,
         &format!(
@@ -247,14 +246,13 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let ctx = Context {
         options,
         device: &training,
-        steps_per_epoch,
     };
 
     // 1. The teacher.
     let teacher_phase = ctx.phase(
         "teacher",
         "cross-entropy",
-        config(options, options.teacher_epochs, supervised()),
+        config(options, options.teacher_epochs, supervised(), train.len()),
         &teacher_init,
         None,
         None,
@@ -273,7 +271,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let mut students = vec![ctx.phase(
         "student-alone",
         "cross-entropy (no teacher)",
-        config(options, student_epochs, supervised()),
+        config(options, student_epochs, supervised(), train.len()),
         &student_init,
         None,
         live,
@@ -286,8 +284,16 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let divergences = [
         ("kd-forward-kl", "forward KL", Divergence::ForwardKl),
         ("kd-reverse-kl", "reverse KL", Divergence::ReverseKl),
-        ("kd-gjsd-0.5", "generalised JSD, beta 0.5", Divergence::GeneralizedJsd { beta: 0.5 }),
-        ("kd-skew-kl-0.1", "skew KL, alpha 0.1", Divergence::SkewKl { alpha: 0.1 }),
+        (
+            "kd-gjsd-0.5",
+            "generalised JSD, beta 0.5",
+            Divergence::GeneralizedJsd { beta: 0.5 },
+        ),
+        (
+            "kd-skew-kl-0.1",
+            "skew KL, alpha 0.1",
+            Divergence::SkewKl { alpha: 0.1 },
+        ),
         (
             "kd-skew-reverse-kl-0.1",
             "skew reverse KL, alpha 0.1",
@@ -299,7 +305,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         students.push(ctx.phase(
             name,
             &format!("token-level {description}"),
-            config(options, student_epochs, divergence_objective(divergence)),
+            config(options, student_epochs, divergence_objective(divergence), train.len()),
             &student_init,
             live,
             live,
@@ -312,8 +318,14 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     // 4. Sequence-level KD: the teacher writes a transfer set, the student learns it by
     // cross-entropy on the completions.
     let transfer_path = options.run_dir.join("transfer.jsonl");
-    let (transcripts, transfer_set_seconds) =
-        transfer_set(options, &teacher_module, teacher_fingerprint, &train, &transfer_path, &device)?;
+    let (transcripts, transfer_set_seconds) = transfer_set(
+        options,
+        &teacher_module,
+        teacher_fingerprint,
+        &train,
+        &transfer_path,
+        &device,
+    )?;
     let transfer = TranscriptDataset::new(&transcripts, options.context, BYTE_VOCAB, false)?;
     let valid_sequences = TranscriptDataset::new(
         &(0..valid.len())
@@ -330,7 +342,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let mut sequence = ctx.phase(
         "seq-kd",
         "sequence-level (CE on teacher samples)",
-        config(options, student_epochs, supervised()),
+        config(options, student_epochs, supervised(), transfer.len()),
         &student_init,
         None,
         live,
@@ -346,6 +358,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         options,
         student_epochs,
         divergence_objective(Divergence::GeneralizedJsd { beta: 0.5 }),
+        train.len(),
     )
     .with_on_policy(Some(
         OnPolicyConfig::new()
@@ -375,7 +388,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         let mut phase = ctx.phase(
             &format!("kd-top{k}-cache"),
             &format!("forward KL from a top-{k} cache (uniform tail)"),
-            config(options, student_epochs, objective),
+            config(options, student_epochs, objective, train.len()),
             &student_init,
             Some(&cached),
             live,
@@ -444,8 +457,8 @@ fn divergence_objective(divergence: Divergence) -> ObjectiveConfig {
 }
 
 /// Adam, 5 % linear warm-up, cosine decay to a tenth.
-fn config(options: &Options, epochs: usize, objective: ObjectiveConfig) -> DistillConfig {
-    let steps = epochs * options.train_windows.div_ceil(options.batch_size);
+fn config(options: &Options, epochs: usize, objective: ObjectiveConfig, examples: usize) -> DistillConfig {
+    let steps = epochs * examples.div_ceil(options.batch_size);
     let warm_up = (steps / 20).max(1);
     let peak = options.learning_rate;
     let schedule = LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
@@ -471,7 +484,6 @@ struct Phase {
 struct Context<'a> {
     options: &'a Options,
     device: &'a Device,
-    steps_per_epoch: usize,
 }
 
 impl Context<'_> {
@@ -500,7 +512,8 @@ impl Context<'_> {
         let options = self.options;
         let dir = options.run_dir.join(name);
         let weights = dir.join("final.bpk");
-        let wanted = serde_json::to_value(&config)?;
+        // Through text, as config.json was written: f32 fields (Adam's betas) compare equal.
+        let wanted: serde_json::Value = serde_json::from_str(&serde_json::to_string(&config)?)?;
         let teacher_fingerprint = teacher.and_then(|teacher| teacher.fingerprint());
         let saved_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
             .ok()
@@ -516,16 +529,25 @@ impl Context<'_> {
                 && summary.teacher == teacher_fingerprint
         });
         let (model, summary, records) = if let Some(summary) = finished {
-            say(options, &format!("{name}: loading the finished run in {}", dir.display()));
+            say(
+                options,
+                &format!("{name}: loading the finished run in {}", dir.display()),
+            );
             let model = load_weights(init(), &weights)?;
             let records = read_records(&dir.join("metrics.jsonl"))?;
             (model, summary, records)
         } else {
             if dir.exists() {
-                say(options, &format!("{name}: replacing the earlier run in {}", dir.display()));
+                say(
+                    options,
+                    &format!("{name}: replacing the earlier run in {}", dir.display()),
+                );
                 std::fs::remove_dir_all(&dir)?;
             }
-            say(options, &format!("{name}: training, {} epochs ({objective})", config.epochs));
+            say(
+                options,
+                &format!("{name}: training, {} epochs ({objective})", config.epochs),
+            );
             let distiller = Distiller::new(config, &dir).with_progress(options.progress);
             let distiller = match teacher {
                 Some(teacher) => distiller.with_teacher(teacher),
@@ -555,7 +577,7 @@ impl Context<'_> {
             disk_bytes: None,
             valid_loss_per_step: records
                 .iter()
-                .map(|r| (r.epoch * self.steps_per_epoch, r.eval[0].1.loss))
+                .map(|r| (r.epoch * train.len().div_ceil(options.batch_size), r.eval[0].1.loss))
                 .collect(),
         };
         say(
@@ -670,7 +692,10 @@ fn open_or_build_cache(
             }
         }
     }
-    say(options, &format!("caching the teacher's top-{k} outputs in {}", path.display()));
+    say(
+        options,
+        &format!("caching the teacher's top-{k} outputs in {}", path.display()),
+    );
     let build = CacheBuildOptions::new(CacheMode::TopK { k })
         .with_batch_size(options.batch_size * 2)
         .with_progress(options.progress)
@@ -680,8 +705,13 @@ fn open_or_build_cache(
 }
 
 fn inference_tokens_per_second(model: &TransformerLm, valid: &Subset<TextWindows>, device: &Device) -> f64 {
-    let items: Vec<_> = (0..valid.len().min(256)).map(|i| valid.get(i).expect("in range")).collect();
-    let batches: Vec<TokenBatch> = items.chunks(32).map(|chunk| TokenBatcher.batch(chunk.to_vec(), device)).collect();
+    let items: Vec<_> = (0..valid.len().min(256))
+        .map(|i| valid.get(i).expect("in range"))
+        .collect();
+    let batches: Vec<TokenBatch> = items
+        .chunks(32)
+        .map(|chunk| TokenBatcher.batch(chunk.to_vec(), device))
+        .collect();
     // One warm-up pass (kernel compilation on GPU devices), then the timed pass.
     let _ = model.forward(batches[0].inputs.clone()).into_data();
     let start = Instant::now();
@@ -786,7 +816,11 @@ fn plot(path: &Path, summary: &Summary) -> Result<(), Error> {
             .x_label_area_size(45)
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..max_step, (min_loss * 0.97)..(max_loss * 1.02))?;
-        chart.configure_mesh().x_desc("optimizer step").y_desc("validation loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc("validation loss")
+            .draw()?;
         let teacher = summary.teacher.valid_loss;
         chart
             .draw_series(LineSeries::new(

@@ -420,7 +420,8 @@ fn train_or_load(
 ) -> Result<Phase, Box<dyn std::error::Error>> {
     let dir = options.run_dir.join(name);
     let weights = dir.join("final.bpk");
-    let wanted = serde_json::to_value(&config)?;
+    // Through text, as config.json was written: f32 fields (Adam's betas) compare equal.
+    let wanted: serde_json::Value = serde_json::from_str(&serde_json::to_string(&config)?)?;
     let saved_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());

@@ -19,6 +19,18 @@
 //! exactly as an uninterrupted one. A NaN or infinite loss stops the run with an error naming
 //! the step. [`evaluate`] measures any model on any dataset.
 //!
+//! # Language models
+//!
+//! Rank-3 logits `[batch, seq, vocab]` go through the same loop. Targets equal to
+//! [`IGNORE_INDEX`] (padding from `SequenceBatcher`, prompt tokens) are left out of every loss
+//! term, metric and normaliser: losses are means over the step's valid tokens, for every
+//! divergence. [`ObjectiveConfig::Sparse`] trains from a top-k teacher-output cache;
+//! [`Distiller::fit_on_policy`] with an [`OnPolicyConfig`] runs GKD (the student writes a share
+//! `λ` of the sequences it is scored on, [`roll_out`]); sequence-level distillation is
+//! [`ObjectiveConfig::Supervised`] on a `TranscriptDataset` (or any divergence to a
+//! `TranscriptTeacher`). A teacher with a larger vocabulary is handled by the loss's
+//! `VocabPolicy`.
+//!
 //! # Supported Rust versions
 //!
 //! Rust 1.95 or newer.

@@ -69,13 +69,13 @@ pub struct DistillConfig {
 pub use burn_distill_data::IGNORE_INDEX;
 
 /// Generalised knowledge distillation (Agarwal et al., 2024, "On-Policy Distillation of Language
-/// Models"): at each optimizer step, with probability `lambda`, the batch's sequences are
+/// Models"): for each micro-batch, with probability `lambda`, the batch's sequences are
 /// replaced by the student's own continuations of their first `prompt_tokens` tokens, and the
 /// teacher scores those token by token; otherwise the data sequences are used unchanged.
 ///
 /// In a rolled-out batch only the generated positions count (the prompt's targets are
-/// [`IGNORE_INDEX`]). The coin and the sampling seed are functions of `(seed, global step)`, so a
-/// resumed run draws the same rollouts. The objective should be a divergence to the teacher
+/// [`IGNORE_INDEX`]). The coin and the sampling seed are functions of `(seed, global step,
+/// micro-batch)`, so a resumed run draws the same rollouts. The objective should be a divergence to the teacher
 /// (`ObjectiveConfig::Divergence` with `hard_weight` 0: the rolled-out tokens are not labels).
 ///
 /// | Name | Default | Purpose | Range |

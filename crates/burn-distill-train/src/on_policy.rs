@@ -13,8 +13,8 @@ use crate::error::{Result, TrainError};
 
 impl Distiller<'_, Tensor<2, Int>, 3> {
     /// [`fit`](Self::fit) for language models, with the config's
-    /// [`on_policy`](crate::DistillConfig::on_policy) rollouts (GKD): at each optimizer step,
-    /// with probability `lambda`, every micro-batch's sequences are replaced by the student's
+    /// [`on_policy`](crate::DistillConfig::on_policy) rollouts (GKD): for each micro-batch, with
+    /// probability `lambda`, its sequences are replaced by the student's
     /// continuations of their first `prompt_tokens` tokens and only the generated positions are
     /// scored against the teacher. Without an `on_policy` config it is `fit`.
     ///

@@ -23,6 +23,7 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
         teacher_epochs: 1,
         student_epochs: 1,
         use_cache: true,
+        distill_jitter: false,
         omit_digit: Some(3),
         progress: false,
         batch_size: 64,

@@ -512,12 +512,17 @@ impl Context<'_> {
         let options = self.options;
         let dir = options.run_dir.join(name);
         let weights = dir.join("final.bpk");
-        // Through text, as config.json was written: f32 fields (Adam's betas) compare equal.
-        let wanted: serde_json::Value = serde_json::from_str(&serde_json::to_string(&config)?)?;
+        // Both through DistillConfig and text: f32 fields (Adam's betas) compare equal, and a
+        // config.json from before a field was added reads with that field's default.
+        let normalised = |config: &DistillConfig| -> Option<serde_json::Value> {
+            serde_json::from_str(&serde_json::to_string(config).ok()?).ok()
+        };
+        let wanted = normalised(&config).ok_or("the config does not serialize")?;
         let teacher_fingerprint = teacher.and_then(|teacher| teacher.fingerprint());
         let saved_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
             .ok()
-            .and_then(|text| serde_json::from_str(&text).ok());
+            .and_then(|text| serde_json::from_str::<DistillConfig>(&text).ok())
+            .and_then(|saved| normalised(&saved));
         let saved_summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok());

@@ -14,7 +14,10 @@
 //!
 //! Options: `--device ndarray|flex|wgpu|cuda`, `--quick`, `--run-dir DIR`, `--teacher-epochs N`,
 //! `--epochs N` (students), `--temperature T`, `--alpha A` (hard-label weight), `--cache`
-//! (distil from an offline cache of the teacher's outputs), `--omit-digit D`, `--seed S`,
+//! (distil from an offline cache of the teacher's outputs of plain images), `--no-distill-jitter`
+//! (the paper's distilled student: plain images; by default it sees ±2-pixel jittered images
+//! with the teacher's outputs for them), `--alone-jitter` (a control: jitter for the student
+//! alone too), `--omit-digit D`, `--seed S`,
 //! `--train-examples N`, `--test-examples N`, `--quiet`.
 
 mod pipeline;
@@ -32,7 +35,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match flag.as_str() {
             "--quick" => {}
             "--quiet" => options.progress = false,
-            "--cache" => options.use_cache = true,
+            // A cache holds the teacher's outputs for plain images: the cached student sees those.
+            "--cache" => {
+                options.use_cache = true;
+                options.distill_jitter = false;
+            }
+            "--no-distill-jitter" => options.distill_jitter = false,
+            "--alone-jitter" => options.alone_jitter = true,
             "--device" => options.device = value()?.clone(),
             "--run-dir" => options.run_dir = value()?.into(),
             "--teacher-epochs" => options.teacher_epochs = value()?.parse()?,

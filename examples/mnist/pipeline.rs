@@ -51,6 +51,13 @@ pub struct Options {
     pub batch_size: usize,
     /// Distil from an offline cache of the teacher's outputs instead of the live teacher.
     pub use_cache: bool,
+    /// Show the distilled student ±2-pixel jittered training images, each with the live
+    /// teacher's outputs for that very image ("function matching", Beyer et al. 2022); the
+    /// paper's student saw plain images. Not with `use_cache` (a cache holds plain images only).
+    pub distill_jitter: bool,
+    /// Show the student trained alone jittered images too (a control; the paper's was trained
+    /// without any regularisation).
+    pub alone_jitter: bool,
     /// Leave this digit out of the students' training (transfer) set.
     pub omit_digit: Option<u8>,
     /// Seed of everything.
@@ -67,13 +74,15 @@ impl Options {
             run_dir: PathBuf::from("runs/mnist"),
             train_examples: None,
             test_examples: None,
-            teacher_epochs: 40,
+            teacher_epochs: 120,
             student_epochs: 30,
             temperature: 20.0,
             alpha: 0.1,
             learning_rate: 0.05,
             batch_size: 128,
             use_cache: false,
+            distill_jitter: true,
+            alone_jitter: false,
             omit_digit: None,
             seed: 1,
             progress: true,
@@ -117,6 +126,12 @@ pub struct Summary {
     pub alpha: f64,
     /// Whether the distilled student learnt from the offline cache.
     pub used_cache: bool,
+    /// Whether the distilled student saw jittered images (with the teacher's outputs for them).
+    #[serde(default)]
+    pub distill_jitter: bool,
+    /// Whether the student alone saw jittered images.
+    #[serde(default)]
+    pub alone_jitter: bool,
     /// Wall seconds per phase (0 for a phase loaded from an earlier run).
     pub seconds: PhaseSeconds,
     /// Training seconds per epoch per phase.
@@ -195,10 +210,17 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let suffix = options
         .omit_digit
         .map_or(String::new(), |digit| format!("-without-{digit}"));
-    let alone_name = format!("student-alone{suffix}");
+    let alone_name = format!(
+        "student-alone{suffix}{}",
+        if options.alone_jitter { "-jitter" } else { "" }
+    );
+    if options.use_cache && options.distill_jitter {
+        return Err("--cache holds the teacher's outputs for plain images only: drop --distill-jitter".into());
+    }
     let distilled_name = format!(
-        "student-distilled{suffix}{}",
-        if options.use_cache { "-cached" } else { "" }
+        "student-distilled{suffix}{}{}",
+        if options.use_cache { "-cached" } else { "" },
+        if options.distill_jitter { "-jitter" } else { "" }
     );
     say(
         options,
@@ -252,7 +274,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         None,
         &transfer,
         &evals,
-        &plain,
+        if options.alone_jitter { &jitter } else { &plain },
         &plain,
         &training,
     )?;
@@ -302,7 +324,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         Some(&teacher),
         &transfer,
         &evals,
-        &plain,
+        if options.distill_jitter { &jitter } else { &plain },
         &plain,
         &training,
     )?;
@@ -334,6 +356,8 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         temperature: options.temperature,
         alpha: options.alpha,
         used_cache: options.use_cache,
+        distill_jitter: options.distill_jitter,
+        alone_jitter: options.alone_jitter,
         seconds: PhaseSeconds {
             teacher: if teacher_phase.loaded { 0.0 } else { teacher_seconds },
             student_alone: if alone.loaded { 0.0 } else { alone_seconds },
@@ -420,11 +444,16 @@ fn train_or_load(
 ) -> Result<Phase, Box<dyn std::error::Error>> {
     let dir = options.run_dir.join(name);
     let weights = dir.join("final.bpk");
-    // Through text, as config.json was written: f32 fields (Adam's betas) compare equal.
-    let wanted: serde_json::Value = serde_json::from_str(&serde_json::to_string(&config)?)?;
+    // Both through DistillConfig and text: f32 fields (Adam's betas) compare equal, and a
+    // config.json from before a field was added reads with that field's default.
+    let normalised = |config: &DistillConfig| -> Option<serde_json::Value> {
+        serde_json::from_str(&serde_json::to_string(config).ok()?).ok()
+    };
+    let wanted = normalised(&config).ok_or("the config does not serialize")?;
     let saved_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
         .ok()
-        .and_then(|text| serde_json::from_str(&text).ok());
+        .and_then(|text| serde_json::from_str::<DistillConfig>(&text).ok())
+        .and_then(|saved| normalised(&saved));
     let saved_summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());
@@ -609,14 +638,22 @@ fn print_table(summary: &Summary) {
         summary.seconds_per_epoch.teacher,
     );
     row(
-        "student 784-800-800-10 alone",
+        if summary.alone_jitter {
+            "student 784-800-800-10 alone (jittered images)"
+        } else {
+            "student 784-800-800-10 alone"
+        },
         summary.student_alone_test_errors,
         146,
         summary.student_parameters,
         summary.seconds_per_epoch.student_alone,
     );
     row(
-        "student 784-800-800-10 distilled",
+        if summary.distill_jitter {
+            "student 784-800-800-10 distilled (jittered images)"
+        } else {
+            "student 784-800-800-10 distilled"
+        },
         summary.student_distilled_test_errors,
         74,
         summary.student_parameters,

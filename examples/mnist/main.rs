@@ -14,10 +14,10 @@
 //!
 //! Options: `--device ndarray|flex|wgpu|cuda`, `--quick`, `--run-dir DIR`, `--teacher-epochs N`,
 //! `--epochs N` (students), `--temperature T`, `--alpha A` (hard-label weight), `--cache`
-//! (distil from an offline cache of the teacher's outputs of plain images), `--no-distill-jitter`
-//! (the paper's distilled student: plain images; by default it sees ±2-pixel jittered images
-//! with the teacher's outputs for them), `--alone-jitter` (a control: jitter for the student
-//! alone too), `--omit-digit D`, `--seed S`,
+//! (distil from an offline cache of the teacher's outputs of plain images), `--distill-jitter`
+//! (show the distilled student ±2-pixel jittered images with the teacher's outputs for them; the
+//! paper's saw plain images), `--alone-jitter` (jitter for the student alone too, the control
+//! for `--distill-jitter`), `--omit-digit D`, `--seed S`,
 //! `--train-examples N`, `--test-examples N`, `--quiet`.
 
 mod pipeline;
@@ -35,12 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match flag.as_str() {
             "--quick" => {}
             "--quiet" => options.progress = false,
-            // A cache holds the teacher's outputs for plain images: the cached student sees those.
-            "--cache" => {
-                options.use_cache = true;
-                options.distill_jitter = false;
-            }
-            "--no-distill-jitter" => options.distill_jitter = false,
+            "--cache" => options.use_cache = true,
+            "--distill-jitter" => options.distill_jitter = true,
             "--alone-jitter" => options.alone_jitter = true,
             "--device" => options.device = value()?.clone(),
             "--run-dir" => options.run_dir = value()?.into(),

@@ -81,7 +81,7 @@ impl Options {
             learning_rate: 0.05,
             batch_size: 128,
             use_cache: false,
-            distill_jitter: true,
+            distill_jitter: false,
             alone_jitter: false,
             omit_digit: None,
             seed: 1,

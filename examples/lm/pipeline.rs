@@ -134,7 +134,7 @@ impl Options {
             valid_windows: 256,
             teacher_epochs: 4,
             student_epochs: 2,
-            transcripts: 1024,
+            transcripts: 512,
             ..Self::full()
         }
     }

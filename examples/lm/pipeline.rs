@@ -27,8 +27,8 @@ use burn_distill::model::{
     save_weights,
 };
 use burn_distill::train::{
-    DistillConfig, Distiller, EpochRecord, EvalSet, ObjectiveConfig, OnPolicyConfig, OptimizerConfig, RunStatus,
-    RunSummary,
+    DistillConfig, Distiller, EvalSet, ObjectiveConfig, OnPolicyConfig, OptimizerConfig, RunStatus, RunSummary,
+    read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -539,7 +539,7 @@ impl Context<'_> {
                 &format!("{name}: loading the finished run in {}", dir.display()),
             );
             let model = load_weights(init(), &weights)?;
-            let records = read_records(&dir.join("metrics.jsonl"))?;
+            let records = read_metrics(&dir)?;
             (model, summary, records)
         } else {
             if dir.exists() {
@@ -727,15 +727,6 @@ fn inference_tokens_per_second(model: &TransformerLm, valid: &Subset<TextWindows
         tokens += rows * length;
     }
     tokens as f64 / start.elapsed().as_secs_f64()
-}
-
-fn read_records(path: &Path) -> Result<Vec<EpochRecord>, Error> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {

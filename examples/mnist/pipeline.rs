@@ -23,6 +23,7 @@ use burn_distill::loss::{HintonKdLossConfig, device_by_name};
 use burn_distill::model::{Cost, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded, load_weights, save_weights};
 use burn_distill::train::{
     DistillConfig, Distiller, EpochRecord, EvalSet, ObjectiveConfig, OptimizerConfig, RunStatus, RunSummary,
+    read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -475,7 +476,7 @@ fn train_or_load(
             &format!("{name}: loading the finished run in {}", dir.display()),
         );
         let model = load_weights(init(), &weights)?;
-        let records = read_records(&dir.join("metrics.jsonl"))?;
+        let records = read_metrics(&dir)?;
         return Ok(Phase {
             model,
             summary,
@@ -519,15 +520,6 @@ fn train_or_load(
         records: outcome.records,
         loaded: false,
     })
-}
-
-fn read_records(path: &Path) -> Result<Vec<EpochRecord>, Box<dyn std::error::Error>> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?)
 }
 
 /// Logits of every example of `dataset`, on the host, `[n × 10]`, with the labels.

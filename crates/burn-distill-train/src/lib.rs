@@ -52,4 +52,4 @@ pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
 pub use error::{Result, TrainError};
 pub use metrics::{ECE_BINS, EvalMetrics, evaluate};
 pub use on_policy::roll_out;
-pub use run::{EpochRecord, RunStatus, RunSummary, TrainStats};
+pub use run::{EpochRecord, RunStatus, RunSummary, TrainStats, read_metrics};

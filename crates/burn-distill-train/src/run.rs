@@ -107,6 +107,18 @@ pub(crate) struct CheckpointState {
     pub teacher: Option<Fingerprint>,
 }
 
+/// Every epoch record in a run directory's `metrics.jsonl` (none when it has no such file; a
+/// torn last line from a killed run is skipped).
+///
+/// # Errors
+/// When the file cannot be read, or a line other than the last is not an [`EpochRecord`].
+pub fn read_metrics(run_dir: &Path) -> Result<Vec<EpochRecord>> {
+    RunDir {
+        root: run_dir.to_path_buf(),
+    }
+    .metrics_up_to(usize::MAX)
+}
+
 /// Paths inside a run directory.
 #[derive(Debug, Clone)]
 pub(crate) struct RunDir {

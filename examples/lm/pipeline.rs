@@ -260,7 +260,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         &evals,
         &TokenBatcher,
     )?;
-    let teacher_module = teacher_phase.model.valid_copy();
+    let teacher_module = teacher_phase.model.clone().valid();
     let teacher = FrozenTeacher::new(&teacher_module);
     let teacher_fingerprint =
         Teacher::<Tensor<2, Int>, 3>::fingerprint(&teacher).ok_or("the teacher has no fingerprint")?;
@@ -401,7 +401,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     }
 
     let teacher_speed = inference_tokens_per_second(&teacher_module, &valid, &device);
-    let student_speed = inference_tokens_per_second(&students[0].model.valid_copy(), &valid, &device);
+    let student_speed = inference_tokens_per_second(&students[0].model.clone().valid(), &valid, &device);
     let dense_f32_cache_bytes = (train.len() * (8 + options.context * BYTE_VOCAB * 4)) as u64;
     let alone = students[0].result.clone();
     let best = students[1..]
@@ -593,17 +593,6 @@ impl Context<'_> {
             ),
         );
         Ok(Phase { model, result })
-    }
-}
-
-trait ValidCopy {
-    fn valid_copy(&self) -> TransformerLm;
-}
-
-impl ValidCopy for TransformerLm {
-    /// The model without autodiff, for inference and as a frozen teacher.
-    fn valid_copy(&self) -> TransformerLm {
-        self.clone().valid()
     }
 }
 

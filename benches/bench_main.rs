@@ -4,4 +4,4 @@ use criterion::criterion_main;
 
 mod benchmarks;
 
-criterion_main!(benchmarks::losses::benches);
+criterion_main!(benchmarks::losses::benches, benchmarks::fused::benches);

@@ -1,5 +1,6 @@
 //! Forward + backward of each divergence on every device this build has, at the shapes later
-//! speed work is measured on: 256×10, 256×1000 and 2048×32000.
+//! speed work is measured on: 256×10, 256×1000 and 2048×32000, through the composed tensor-op
+//! path (`Implementation::Composed`; `benchmarks/fused.rs` compares it with the fused kernel).
 //!
 //! Bench ids are `loss/<device>/<divergence>/<rows>x<classes>`, e.g.
 //! `cargo bench --bench bench_main -- loss/flex/forward_kl/256x1000`.
@@ -7,7 +8,7 @@
 use std::time::Duration;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_distill::loss::{Divergence, DivergenceLossConfig, Reduction, runnable_devices};
+use burn_distill::loss::{Divergence, DivergenceLossConfig, Implementation, Reduction, runnable_devices};
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group};
 
 const SHAPES: [(usize, usize); 3] = [(256, 10), (256, 1000), (2048, 32000)];
@@ -43,6 +44,7 @@ fn bench_losses(c: &mut Criterion) {
                 let loss = DivergenceLossConfig::new(divergence)
                     .with_temperature(2.0)
                     .with_check_inputs(false)
+                    .with_implementation(Implementation::Composed)
                     .init();
                 let id = BenchmarkId::new(divergence.name(), format!("{rows}x{classes}"));
                 group.bench_function(id, |bencher| {

@@ -1,1 +1,2 @@
+pub mod fused;
 pub mod losses;

@@ -6,9 +6,10 @@ use burn::tensor::{Bool, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_range, check_temperature};
-use crate::input::{flatten_pair, flatten_positions, unflatten};
+use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, use_fused};
+use crate::input::{check_logits, flatten_pair, flatten_positions, read_bools, unflatten};
 use crate::math::{cross_entropy_rows, kl_rows, mixture_kl_rows, total_variation_rows};
-use crate::reduction::{Reduction, reduce};
+use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::temperature::scaled_log_softmax;
 use crate::vocab::VocabPolicy;
 
@@ -141,6 +142,7 @@ fn scaled_mixture(log_a: Tensor<2>, log_b: Tensor<2>, weight: f64) -> Tensor<1> 
 /// | `scale_by_temperature_squared` | false | multiply by `T²` (Hinton's gradient scale) | |
 /// | `vocab_policy` | `Strict` | different class counts | see [`VocabPolicy`] |
 /// | `check_inputs` | true | refuse NaN/+inf logits and bad masks (one device read per call) | |
+/// | `implementation` | `Auto` | fused kernel or composed tensor ops | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct DivergenceLossConfig {
     /// Which divergence.
@@ -157,6 +159,9 @@ pub struct DivergenceLossConfig {
     /// Check inputs for NaN, +inf and empty masks.
     #[config(default = true)]
     pub check_inputs: bool,
+    /// Fused kernel or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl DivergenceLossConfig {
@@ -174,6 +179,7 @@ impl DivergenceLossConfig {
             scale_by_temperature_squared: self.scale_by_temperature_squared,
             vocab_policy: self.vocab_policy,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         })
     }
 
@@ -206,6 +212,9 @@ pub struct DivergenceLoss {
     pub vocab_policy: VocabPolicy,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Fused kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 impl DivergenceLoss {
@@ -226,6 +235,12 @@ impl DivergenceLoss {
         teacher_logits: Tensor<D>,
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
+        if self.fused(&student_logits, &teacher_logits)? {
+            let (student, teacher, _) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+            let [positions, classes] = student.dims();
+            let weights = reduction_weights(None, positions, classes, reduction)?;
+            return self.run_fused(student, teacher, weights, true);
+        }
         let (per_position, classes, _) = self.per_position(student_logits, teacher_logits)?;
         reduce(per_position, None, classes, reduction, self.check_inputs)
     }
@@ -250,6 +265,13 @@ impl DivergenceLoss {
         mask: Tensor<L, Bool>,
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
+        if self.fused(&student_logits, &teacher_logits)? {
+            let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+            let [positions, classes] = student.dims();
+            let valid = read_bools(flatten_positions(mask, &lead, "mask")?);
+            let weights = reduction_weights(Some(&valid), positions, classes, reduction)?;
+            return self.run_fused(student, teacher, weights, true);
+        }
         let (per_position, classes, lead) = self.per_position(student_logits, teacher_logits)?;
         let mask = flatten_positions(mask, &lead, "mask")?;
         reduce(per_position, Some(mask), classes, reduction, self.check_inputs)
@@ -269,8 +291,51 @@ impl DivergenceLoss {
         student_logits: Tensor<D>,
         teacher_logits: Tensor<D>,
     ) -> crate::Result<Tensor<D>> {
+        if self.fused(&student_logits, &teacher_logits)? {
+            let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+            let positions = student.dims()[0];
+            let per_position = self.run_fused(student, teacher, vec![1.0; positions], false)?;
+            return Ok(unflatten(per_position, &lead));
+        }
         let (per_position, _, lead) = self.per_position(student_logits, teacher_logits)?;
         Ok(unflatten(per_position, &lead))
+    }
+
+    /// Whether this call runs the fused kernel.
+    fn fused<const D: usize>(&self, student_logits: &Tensor<D>, teacher_logits: &Tensor<D>) -> crate::Result<bool> {
+        use_fused(self.implementation, student_logits, teacher_logits)
+    }
+
+    /// The fused kernel on aligned `[positions, classes]` rows; bad values found by the kernel
+    /// are named by the same checks as the composed path.
+    fn run_fused(
+        &self,
+        student: Tensor<2>,
+        teacher: Tensor<2>,
+        weights: Vec<f32>,
+        reduced: bool,
+    ) -> crate::Result<Tensor<1>> {
+        let temperature = self.temperature as f32;
+        let spec = RowSpec {
+            divergence: self.divergence,
+            temperature,
+            soft_weight: if self.scale_by_temperature_squared {
+                temperature * temperature
+            } else {
+                1.0
+            },
+            hard_weight: 0.0,
+            label_smoothing: 0.0,
+        };
+        let inputs = self.check_inputs.then(|| (student.clone(), teacher.clone()));
+        let output = fused_loss(student, teacher, spec, None, Some(weights), reduced);
+        if let Some((student, teacher)) = inputs
+            && has_nan(&output)
+        {
+            check_logits(&student, "student logits")?;
+            check_logits(&teacher, "teacher logits")?;
+        }
+        Ok(output)
     }
 
     fn per_position<const D: usize>(

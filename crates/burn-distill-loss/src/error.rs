@@ -71,6 +71,18 @@ pub enum LossError {
         /// The accepted range, in words.
         expected: &'static str,
     },
+    /// [`Implementation::Fused`](crate::Implementation::Fused) was asked for where the fused
+    /// kernel does not run.
+    #[error(
+        "the fused loss kernel runs on f32 tensors on the ndarray and flex devices, not on {device} with {dtype}; \
+         use Implementation::Auto or Implementation::Composed"
+    )]
+    FusedUnavailable {
+        /// The device of the student logits.
+        device: String,
+        /// Their dtype.
+        dtype: String,
+    },
     /// A loss needs more classes than were given.
     #[error("{loss} needs at least {min} classes, got {classes}")]
     TooFewClasses {

@@ -4,10 +4,11 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, activation};
 
-use crate::error::{check_range, check_temperature};
-use crate::input::{Labelled, flatten_labelled, unflatten};
+use crate::error::{LossError, check_range, check_temperature};
+use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, use_fused};
+use crate::input::{Labelled, check_logits, flatten_labelled, flatten_pair, flatten_positions, read_ints, unflatten};
 use crate::math::{kl_rows, row_sum};
-use crate::reduction::{Reduction, reduce};
+use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::temperature::scaled_log_softmax;
 use crate::vocab::VocabPolicy;
 
@@ -23,6 +24,7 @@ use crate::vocab::VocabPolicy;
 /// | `ignore_index` | -100 | labels equal to it mask their position out of both terms | |
 /// | `vocab_policy` | `Strict` | different class counts | see [`VocabPolicy`] |
 /// | `check_inputs` | true | refuse NaN/+inf logits and out-of-range labels | |
+/// | `implementation` | `Auto` | fused kernel or composed tensor ops ([`forward_terms`](HintonKdLoss::forward_terms) is always composed) | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct HintonKdLossConfig {
     /// Weight of the cross-entropy on the labels.
@@ -46,6 +48,9 @@ pub struct HintonKdLossConfig {
     /// Check inputs for NaN, +inf and out-of-range labels.
     #[config(default = true)]
     pub check_inputs: bool,
+    /// Fused kernel or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl HintonKdLossConfig {
@@ -66,6 +71,7 @@ impl HintonKdLossConfig {
             ignore_index: self.ignore_index,
             vocab_policy: self.vocab_policy,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         })
     }
 
@@ -112,6 +118,9 @@ pub struct HintonKdLoss {
     pub vocab_policy: VocabPolicy,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Fused kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 struct PerPosition {
@@ -142,6 +151,9 @@ impl HintonKdLoss {
         labels: Tensor<L, Int>,
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
+        if use_fused(self.implementation, &student_logits, &teacher_logits)? {
+            return self.run_fused(student_logits, teacher_logits, labels, Some(reduction));
+        }
         Ok(self
             .forward_terms(student_logits, teacher_logits, labels, reduction)?
             .loss)
@@ -190,9 +202,68 @@ impl HintonKdLoss {
         teacher_logits: Tensor<D>,
         labels: Tensor<L, Int>,
     ) -> crate::Result<Tensor<D>> {
+        if use_fused(self.implementation, &student_logits, &teacher_logits)? {
+            let lead = student_logits.dims()[..D - 1].to_vec();
+            let per_position = self.run_fused(student_logits, teacher_logits, labels, None)?;
+            return Ok(unflatten(per_position, &lead));
+        }
         let terms = self.per_position(student_logits, teacher_logits, labels)?;
         let combined = terms.hard.mul_scalar(self.alpha) + terms.soft.mul_scalar(1.0 - self.alpha);
         Ok(unflatten(combined.mask_fill(terms.valid.bool_not(), 0.0), &terms.lead))
+    }
+
+    /// The fused kernel: reduced to `[1]` with `reduction`, or per position (`None`).
+    fn run_fused<const D: usize, const L: usize>(
+        &self,
+        student_logits: Tensor<D>,
+        teacher_logits: Tensor<D>,
+        labels: Tensor<L, Int>,
+        reduction: Option<Reduction>,
+    ) -> crate::Result<Tensor<1>> {
+        let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+        let [positions, classes] = student.dims();
+        // The labels are read in any case: the kernel indexes the row with them.
+        let mut labels = read_ints(flatten_positions(labels, &lead, "labels")?.into_data());
+        let valid: Vec<bool> = labels.iter().map(|&label| label != self.ignore_index).collect();
+        if let Some(&index) = labels
+            .iter()
+            .find(|&&label| label != self.ignore_index && (label < 0 || label >= classes as i64))
+        {
+            return Err(LossError::IndexOutOfRange {
+                tensor: "labels",
+                index,
+                classes,
+            });
+        }
+        for label in labels.iter_mut().filter(|label| **label == self.ignore_index) {
+            *label = 0;
+        }
+        let weights = match reduction {
+            Some(reduction) => reduction_weights(Some(&valid), positions, classes, reduction)?,
+            None => valid.iter().map(|&valid| if valid { 1.0 } else { 0.0 }).collect(),
+        };
+        let temperature = self.temperature as f32;
+        let squared = if self.scale_by_temperature_squared {
+            temperature * temperature
+        } else {
+            1.0
+        };
+        let spec = RowSpec {
+            divergence: crate::Divergence::ForwardKl,
+            temperature,
+            soft_weight: (1.0 - self.alpha as f32) * squared,
+            hard_weight: self.alpha as f32,
+            label_smoothing: self.label_smoothing as f32,
+        };
+        let inputs = self.check_inputs.then(|| (student.clone(), teacher.clone()));
+        let output = fused_loss(student, teacher, spec, Some(labels), Some(weights), reduction.is_some());
+        if let Some((student, teacher)) = inputs
+            && has_nan(&output)
+        {
+            check_logits(&student, "student logits")?;
+            check_logits(&teacher, "teacher logits")?;
+        }
+        Ok(output)
     }
 
     fn per_position<const D: usize, const L: usize>(

@@ -182,6 +182,11 @@ fn split_ignored(labels: Tensor<1, Int>, ignore_index: i64) -> (Tensor<1, Int>, 
     (labels.mask_fill(ignored.clone(), 0), ignored.bool_not())
 }
 
-fn read_ints(data: TensorData) -> Vec<i64> {
+/// A boolean tensor's values on the host (one device read).
+pub(crate) fn read_bools(values: Tensor<1, Bool>) -> Vec<bool> {
+    values.into_data().iter::<bool>().collect()
+}
+
+pub(crate) fn read_ints(data: TensorData) -> Vec<i64> {
     data.iter::<i64>().collect()
 }

@@ -79,6 +79,36 @@ pub(crate) fn reduce(
     }
 }
 
+/// Per-position weights that fold a mask and a reduction into one weighted sum, for the fused
+/// kernel: `Σ_i w_i loss_i` equals [`reduce`]'s value.
+pub(crate) fn reduction_weights(
+    valid: Option<&[bool]>,
+    positions: usize,
+    classes: usize,
+    reduction: Reduction,
+) -> Result<Vec<f32>> {
+    let count = valid.map_or(positions, |valid| valid.iter().filter(|&&valid| valid).count());
+    let denominator = match reduction {
+        Reduction::Sum => 1.0,
+        Reduction::BatchMean | Reduction::ElementMean if count == 0 => return Err(LossError::NoValidPositions),
+        Reduction::BatchMean => count as f64,
+        Reduction::ElementMean => count as f64 * classes as f64,
+        Reduction::SumOver(0) => {
+            return Err(LossError::InvalidParameter {
+                name: "SumOver count",
+                value: 0.0,
+                expected: "a positive number of positions",
+            });
+        }
+        Reduction::SumOver(count) => count as f64,
+    };
+    let weight = (1.0 / denominator) as f32;
+    Ok(match valid {
+        None => vec![weight; positions],
+        Some(valid) => valid.iter().map(|&valid| if valid { weight } else { 0.0 }).collect(),
+    })
+}
+
 /// Positions whose label is not `ignore_index`: the mask for
 /// [`DivergenceLoss::forward_masked`](crate::DivergenceLoss::forward_masked).
 pub fn valid_mask<const L: usize>(labels: Tensor<L, Int>, ignore_index: i64) -> Tensor<L, Bool> {

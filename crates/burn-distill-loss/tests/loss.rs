@@ -9,6 +9,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use burn_distill_loss::*;
 use serde::Deserialize;
 
+#[path = "loss/fused.rs"]
+mod fused;
+
 // ---------------------------------------------------------------------------------------------
 // Devices
 

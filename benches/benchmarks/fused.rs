@@ -1,0 +1,195 @@
+//! Fused vs composed losses, forward + backward, and the machine's copy bandwidth.
+//!
+//! Bench ids:
+//! - `fused/<device>/<loss>/<fused|composed>/<rows>x<classes>`: one loss call, `backward()`,
+//!   and the student gradient read back; criterion reports the time and, as throughput, the
+//!   12 bytes per element a fused call must move (read student and teacher, write gradient).
+//! - `bandwidth/copy/1GiB`: a STREAM-like copy of 1 GiB between two buffers on every core;
+//!   its throughput (bytes read + written) is the limit the fused figures are compared with.
+//!
+//! Before timing a shape, the fused and composed results are compared (value and gradient,
+//! 1e-5 relative): a bench of a wrong kernel fails instead of reporting a figure.
+//!
+//! `cargo bench --bench bench_main --features flex -- '^fused/flex/forward_kl/'`
+//! `scripts/compare_fused.py` runs these and PyTorch side by side.
+
+use std::time::Duration;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill::loss::{
+    Divergence, DivergenceLossConfig, HintonKdLossConfig, Implementation, Reduction, fused_available, runnable_devices,
+};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group};
+use rayon::prelude::*;
+
+/// The shapes of issue 8; 8192 × 32000 only for the fused kernel and composed forward KL /
+/// Hinton (a composed call holds about 8 GB there).
+const SHAPES: [(usize, usize); 4] = [(256, 10), (256, 1000), (2048, 32000), (8192, 32000)];
+
+/// The losses benched: name, and the call.
+#[derive(Clone, Copy)]
+enum Loss {
+    Divergence(Divergence),
+    Hinton,
+}
+
+const LOSSES: [(&str, Loss); 5] = [
+    ("forward_kl", Loss::Divergence(Divergence::ForwardKl)),
+    ("reverse_kl", Loss::Divergence(Divergence::ReverseKl)),
+    (
+        "generalized_jsd",
+        Loss::Divergence(Divergence::GeneralizedJsd { beta: 0.5 }),
+    ),
+    ("total_variation", Loss::Divergence(Divergence::TotalVariation)),
+    ("hinton", Loss::Hinton),
+];
+
+/// Deterministic logits made on the host, identical on every device.
+pub fn logits(rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..rows * classes)
+        .into_par_iter()
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            (x >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, classes]), device)
+}
+
+fn labels(rows: usize, classes: usize, device: &Device) -> Tensor<1, Int> {
+    let values: Vec<i64> = (0..rows).map(|i| ((i * 7919) % classes) as i64).collect();
+    Tensor::from_data(TensorData::new(values, [rows]), device)
+}
+
+/// One forward + backward; returns the loss value and the gradient (read back to the host).
+fn step(
+    loss: Loss,
+    implementation: Implementation,
+    student: &Tensor<2>,
+    teacher: &Tensor<2>,
+    labels: &Tensor<1, Int>,
+) -> (f32, TensorData) {
+    let student = student.clone().require_grad();
+    let value = match loss {
+        Loss::Divergence(divergence) => DivergenceLossConfig::new(divergence)
+            .with_temperature(2.0)
+            .with_check_inputs(false)
+            .with_implementation(implementation)
+            .init()
+            .forward(student.clone(), teacher.clone(), Reduction::BatchMean),
+        Loss::Hinton => HintonKdLossConfig::new()
+            .with_alpha(0.5)
+            .with_temperature(4.0)
+            .with_check_inputs(false)
+            .with_implementation(implementation)
+            .init()
+            .forward(student.clone(), teacher.clone(), labels.clone(), Reduction::BatchMean),
+    }
+    .expect("valid inputs");
+    let grads = value.clone().backward();
+    let grad = student.grad(&grads).expect("gradient").into_data();
+    (value.into_scalar(), grad)
+}
+
+/// Panics unless fused and composed agree at this shape (value and gradient, 1e-5 relative).
+fn check_agreement(name: &str, loss: Loss, student: &Tensor<2>, teacher: &Tensor<2>, labels: &Tensor<1, Int>) {
+    let (fused_value, fused_grad) = step(loss, Implementation::Fused, student, teacher, labels);
+    let (composed_value, composed_grad) = step(loss, Implementation::Composed, student, teacher, labels);
+    let close = |a: f32, b: f32, scale: f32| (a - b).abs() <= 1e-5 * scale + 1e-9;
+    assert!(
+        close(fused_value, composed_value, composed_value.abs()),
+        "{name}: fused loss {fused_value} vs composed {composed_value}"
+    );
+    let (fused_grad, composed_grad) = (
+        fused_grad.as_slice::<f32>().unwrap(),
+        composed_grad.as_slice::<f32>().unwrap(),
+    );
+    let scale = composed_grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+    let worst = fused_grad
+        .iter()
+        .zip(composed_grad)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1e-5 * scale,
+        "{name}: gradients differ by {worst} (largest {scale})"
+    );
+}
+
+fn bench_fused(c: &mut Criterion) {
+    for named in runnable_devices() {
+        let has_fused = fused_available(&named.device);
+        let device = named.device.clone().autodiff();
+        for (rows, classes) in SHAPES {
+            let huge = rows * classes > 100_000_000;
+            if huge && !has_fused {
+                continue; // composed only: over 8 GB on lavapipe, and one buffer over 4 GiB
+            }
+            let mut group = c.benchmark_group(format!("fused/{}", named.name));
+            group.throughput(Throughput::Bytes(12 * (rows * classes) as u64));
+            if rows * classes > 1_000_000 {
+                group
+                    .sample_size(10)
+                    .sampling_mode(SamplingMode::Flat)
+                    .measurement_time(Duration::from_secs(if huge { 20 } else { 10 }));
+            }
+            let student = logits(rows, classes, 1, &device);
+            let teacher = logits(rows, classes, 2, &device);
+            let labels = labels(rows, classes, &device);
+            for (name, loss) in LOSSES {
+                let mut implementations = vec![];
+                if has_fused {
+                    implementations.push(("fused", Implementation::Fused));
+                }
+                let composed_too = !huge || matches!(loss, Loss::Hinton | Loss::Divergence(Divergence::ForwardKl));
+                if composed_too {
+                    implementations.push(("composed", Implementation::Composed));
+                }
+                if has_fused && composed_too && !huge {
+                    check_agreement(
+                        &format!("{}/{name}/{rows}x{classes}", named.name),
+                        loss,
+                        &student,
+                        &teacher,
+                        &labels,
+                    );
+                }
+                for (label, implementation) in implementations {
+                    let id = BenchmarkId::new(format!("{name}/{label}"), format!("{rows}x{classes}"));
+                    group.bench_function(id, |bencher| {
+                        bencher.iter(|| step(loss, implementation, &student, &teacher, &labels))
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+}
+
+/// STREAM-like copy: 1 GiB from one buffer to another, split across the cores.
+fn bench_bandwidth(c: &mut Criterion) {
+    const BYTES: usize = 1 << 30;
+    let source = vec![1.0f32; BYTES / 4];
+    let mut target = vec![0.0f32; BYTES / 4];
+    let mut group = c.benchmark_group("bandwidth");
+    // STREAM counts a copy as the bytes read plus the bytes written.
+    group
+        .throughput(Throughput::Bytes(2 * BYTES as u64))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(10));
+    let chunk = BYTES / 4 / rayon::current_num_threads().max(1) / 16;
+    group.bench_function("copy/1GiB", |bencher| {
+        bencher.iter(|| {
+            target
+                .par_chunks_mut(chunk)
+                .zip(source.par_chunks(chunk))
+                .for_each(|(to, from)| to.copy_from_slice(from));
+        })
+    });
+    group.finish();
+    assert_eq!(target[BYTES / 4 - 1], 1.0);
+}
+
+criterion_group!(benches, bench_bandwidth, bench_fused);

@@ -1,0 +1,303 @@
+//! A language model's last linear layer and the KD loss in one chunked operation.
+
+use std::sync::Arc;
+
+use burn::backend::Dispatch;
+use burn::config::Config;
+use burn::tensor::{Int, Tensor};
+
+use super::kernel::RowSpec;
+use super::op::{FusedLossBackend, HeadJob};
+use super::{Implementation, decide};
+use crate::divergence::{Divergence, DivergenceLossConfig};
+use crate::error::{LossError, check_range, check_temperature};
+use crate::hinton::HintonKdLossConfig;
+use crate::input::read_ints;
+use crate::reduction::{Reduction, reduction_weights};
+
+/// The teacher side of a [`LinearHeadKd`].
+#[derive(Debug, Clone)]
+pub enum HeadTeacher {
+    /// The teacher's logits, `[positions, classes]`.
+    Logits(Tensor<2>),
+    /// The teacher's last hidden states `[positions, teacher_width]` and head weight
+    /// `[classes, teacher_width]`: its logits are computed chunk by chunk too.
+    Head {
+        /// Hidden states.
+        hidden: Tensor<2>,
+        /// Head weight (PyTorch's `nn.Linear` layout, `[out, in]`).
+        weight: Tensor<2>,
+    },
+}
+
+/// Configuration of [`LinearHeadKd`]: `α · CE(student, labels) + (1 − α) · [T²] · D(teacher_T ‖
+/// student_T)` with `student = hidden · weightᵀ`, computed `chunk_rows` positions at a time.
+///
+/// | Name | Default | Purpose | Range |
+/// |---|---|---|---|
+/// | `divergence` | `ForwardKl` | the soft term | see [`Divergence`] |
+/// | `temperature` | 1.0 | softens both sides of the soft term | `T > 0` |
+/// | `scale_by_temperature_squared` | false | multiply the soft term by `T²` | |
+/// | `alpha` | 0.0 | weight of the hard-label cross-entropy (`T = 1`) | `[0, 1]` |
+/// | `chunk_rows` | 1024 | positions per chunk: the student logits exist `chunk_rows × classes` at a time | `≥ 1` |
+/// | `ignore_index` | -100 | labels equal to it mask their position out | |
+/// | `implementation` | `Auto` | chunked fused kernel (ndarray, flex) or a plain matmul + composed loss | see [`Implementation`] |
+#[derive(Config, Debug)]
+pub struct LinearHeadKdConfig {
+    /// The soft term.
+    #[config(default = "Divergence::ForwardKl")]
+    pub divergence: Divergence,
+    /// Temperature of the soft term.
+    #[config(default = 1.0)]
+    pub temperature: f64,
+    /// Multiply the soft term by `T²`.
+    #[config(default = false)]
+    pub scale_by_temperature_squared: bool,
+    /// Weight of the cross-entropy with the labels.
+    #[config(default = 0.0)]
+    pub alpha: f64,
+    /// Positions per chunk.
+    #[config(default = 1024)]
+    pub chunk_rows: usize,
+    /// Label value that masks a position.
+    #[config(default = -100)]
+    pub ignore_index: i64,
+    /// Chunked fused kernel or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
+}
+
+impl LinearHeadKdConfig {
+    /// Builds the loss, or says which hyper-parameter is out of range.
+    ///
+    /// # Errors
+    /// [`LossError::InvalidParameter`] for a temperature that is not positive, `alpha` outside
+    /// `[0, 1]`, `chunk_rows` of 0 or an invalid divergence parameter.
+    pub fn try_init(&self) -> crate::Result<LinearHeadKd> {
+        check_temperature(self.temperature)?;
+        check_range("alpha", self.alpha, 0.0, 1.0, "a value in [0, 1]")?;
+        self.divergence.validate()?;
+        if self.chunk_rows == 0 {
+            return Err(LossError::InvalidParameter {
+                name: "chunk_rows",
+                value: 0.0,
+                expected: "at least 1 position per chunk",
+            });
+        }
+        Ok(LinearHeadKd { config: self.clone() })
+    }
+
+    /// Builds the loss.
+    ///
+    /// # Panics
+    /// When a hyper-parameter is out of range; the message names it and its range.
+    pub fn init(&self) -> LinearHeadKd {
+        self.try_init()
+            .unwrap_or_else(|error| panic!("invalid LinearHeadKdConfig: {error}"))
+    }
+}
+
+/// Distillation through a linear head without the full `[positions, classes]` student logits.
+///
+/// At a language model's vocabulary (32k–152k) the logits of a batch are gigabytes. This loss
+/// takes the student's last hidden states and head weight and, on the ndarray and flex
+/// devices, computes the logits, the loss and the gradients w.r.t. `hidden` and `weight`
+/// `chunk_rows` positions at a time: peak memory is one chunk of logits plus the gradients,
+/// whatever the number of positions. Elsewhere it falls back to one matmul and the composed
+/// loss (same values, memory growing with the positions). There is no bias: LM heads have none.
+#[derive(Debug, Clone)]
+pub struct LinearHeadKd {
+    config: LinearHeadKdConfig,
+}
+
+impl LinearHeadKd {
+    /// The reduced loss.
+    ///
+    /// # Shapes
+    /// - hidden: `[positions, width]` (flatten `[batch, seq, width]` first)
+    /// - weight: `[classes, width]`
+    /// - teacher: see [`HeadTeacher`], `classes` columns
+    /// - labels: `[positions]`; needed when `alpha > 0`, and marks ignored positions in any case
+    /// - output: `[1]`
+    ///
+    /// # Errors
+    /// A [`LossError`] for shapes that do not fit, labels out of range or missing when
+    /// `alpha > 0`, no valid position under a mean reduction, NaN or +inf logits, or
+    /// [`Implementation::Fused`] where the fused kernel does not run.
+    pub fn forward(
+        &self,
+        hidden: Tensor<2>,
+        weight: Tensor<2>,
+        teacher: HeadTeacher,
+        labels: Option<Tensor<1, Int>>,
+        reduction: Reduction,
+    ) -> crate::Result<Tensor<1>> {
+        let config = &self.config;
+        let [positions, width] = hidden.dims();
+        let [classes, weight_width] = weight.dims();
+        expect_shape("student head weight", &[classes, width], &[classes, weight_width])?;
+        let teacher_rows = match &teacher {
+            HeadTeacher::Logits(logits) => {
+                expect_shape("teacher logits", &[positions, classes], &logits.dims())?;
+                logits.clone()
+            }
+            HeadTeacher::Head {
+                hidden: t_hidden,
+                weight: t_weight,
+            } => {
+                let [t_positions, t_width] = t_hidden.dims();
+                expect_shape("teacher hidden states", &[positions, t_width], &[t_positions, t_width])?;
+                expect_shape("teacher head weight", &[classes, t_width], &t_weight.dims())?;
+                t_hidden.clone()
+            }
+        };
+        if config.alpha > 0.0 && labels.is_none() {
+            return Err(LossError::InvalidParameter {
+                name: "alpha",
+                value: config.alpha,
+                expected: "0 when no labels are given",
+            });
+        }
+        let labels = match labels {
+            Some(labels) => {
+                expect_shape("labels", &[positions], &labels.dims())?;
+                Some(read_ints(labels.into_data()))
+            }
+            None => None,
+        };
+        let devices = [weight.device(), teacher_rows.device()];
+        let dtypes = [hidden.dtype(), weight.dtype(), teacher_rows.dtype()];
+        if !decide(config.implementation, &hidden.device(), &devices, &dtypes)? {
+            return self.composed(hidden, weight, teacher, labels, reduction);
+        }
+
+        let valid: Vec<bool> = match &labels {
+            Some(labels) => labels.iter().map(|&label| label != config.ignore_index).collect(),
+            None => vec![true; positions],
+        };
+        let labels = labels
+            .map(|labels| {
+                labels
+                    .into_iter()
+                    .map(|label| match label {
+                        label if label == config.ignore_index => Ok(0),
+                        label if label < 0 || label >= classes as i64 => Err(LossError::IndexOutOfRange {
+                            tensor: "labels",
+                            index: label,
+                            classes,
+                        }),
+                        label => Ok(label),
+                    })
+                    .collect::<crate::Result<Vec<i64>>>()
+            })
+            .transpose()?;
+        let weights = reduction_weights(Some(&valid), positions, classes, reduction)?;
+        let temperature = config.temperature as f32;
+        let squared = if config.scale_by_temperature_squared {
+            temperature * temperature
+        } else {
+            1.0
+        };
+        let job = HeadJob {
+            spec: RowSpec {
+                divergence: config.divergence,
+                temperature,
+                soft_weight: (1.0 - config.alpha as f32) * squared,
+                hard_weight: config.alpha as f32,
+                label_smoothing: 0.0,
+            },
+            chunk_rows: config.chunk_rows,
+            labels: labels.map(Arc::new),
+            weights: Arc::new(weights),
+        };
+        let output = match teacher {
+            HeadTeacher::Logits(logits) => <Dispatch as FusedLossBackend>::fused_head_loss_logits(
+                hidden.into_dispatch(),
+                weight.into_dispatch(),
+                logits.into_dispatch(),
+                job,
+            ),
+            HeadTeacher::Head {
+                hidden: t_hidden,
+                weight: t_weight,
+            } => <Dispatch as FusedLossBackend>::fused_head_loss(
+                hidden.into_dispatch(),
+                weight.into_dispatch(),
+                t_hidden.into_dispatch(),
+                t_weight.into_dispatch(),
+                job,
+            ),
+        };
+        let output = Tensor::<1>::from_dispatch(output);
+        if super::has_nan(&output) {
+            return Err(LossError::NonFinite {
+                tensor: "student or teacher logits of the linear head",
+                kind: "NaN, +inf or all -inf",
+            });
+        }
+        Ok(output)
+    }
+
+    /// One matmul and the composed loss: the reference, and the path on other devices.
+    fn composed(
+        &self,
+        hidden: Tensor<2>,
+        weight: Tensor<2>,
+        teacher: HeadTeacher,
+        labels: Option<Vec<i64>>,
+        reduction: Reduction,
+    ) -> crate::Result<Tensor<1>> {
+        let config = &self.config;
+        let device = hidden.device();
+        let student = hidden.matmul(weight.transpose());
+        let teacher = match teacher {
+            HeadTeacher::Logits(logits) => logits,
+            HeadTeacher::Head { hidden, weight } => hidden.matmul(weight.transpose()),
+        };
+        let positions = student.dims()[0];
+        let labels = Tensor::<1, Int>::from_data(
+            burn::tensor::TensorData::new(labels.unwrap_or_else(|| vec![0; positions]), [positions]),
+            &device,
+        );
+        if config.divergence == Divergence::ForwardKl {
+            return HintonKdLossConfig::new()
+                .with_alpha(config.alpha)
+                .with_temperature(config.temperature)
+                .with_scale_by_temperature_squared(config.scale_by_temperature_squared)
+                .with_ignore_index(config.ignore_index)
+                .with_implementation(Implementation::Composed)
+                .try_init()?
+                .forward(student, teacher, labels, reduction);
+        }
+        let mask = labels.clone().not_equal_elem(config.ignore_index);
+        let soft = DivergenceLossConfig::new(config.divergence)
+            .with_temperature(config.temperature)
+            .with_scale_by_temperature_squared(config.scale_by_temperature_squared)
+            .with_implementation(Implementation::Composed)
+            .try_init()?
+            .forward_masked(student.clone(), teacher.clone(), mask, reduction)?;
+        if config.alpha == 0.0 {
+            return Ok(soft);
+        }
+        // α = 1 leaves Hinton KD's cross-entropy alone.
+        let hard = HintonKdLossConfig::new()
+            .with_alpha(1.0)
+            .with_ignore_index(config.ignore_index)
+            .with_implementation(Implementation::Composed)
+            .try_init()?
+            .forward(student, teacher, labels, reduction)?;
+        Ok(soft.mul_scalar(1.0 - config.alpha) + hard.mul_scalar(config.alpha))
+    }
+}
+
+fn expect_shape(tensor: &'static str, expected: &[usize], actual: &[usize]) -> crate::Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(LossError::ShapeMismatch {
+            tensor,
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        })
+    }
+}

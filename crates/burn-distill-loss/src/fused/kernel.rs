@@ -1,0 +1,716 @@
+//! The host kernel of the fused losses: every row of `[positions, classes]` student and
+//! teacher logits is read from memory once, and its loss and its gradient w.r.t. the student
+//! logits come out of the same visit.
+//!
+//! Per row: one sweep over memory finds both maxima (and NaN / +inf); the exponentials are
+//! then written once into the gradient row (student) and a per-task scratch row (teacher), and
+//! every later step reads them from cache. That is the memory traffic of an online softmax
+//! (one read of each input, one write of the gradient) with one exponential per element
+//! instead of two: an online softmax rescales its running sum, so it has to recompute the
+//! exponentials after it. Rows run in parallel on rayon's pool; the inner loops are plain
+//! arrays of [`LANES`] that LLVM vectorises, compiled twice (baseline and AVX2 + FMA, picked
+//! at run time).
+
+use rayon::prelude::*;
+
+use crate::divergence::Divergence;
+
+/// Lanes of every explicit reduction (8 × f32 = one AVX2 register).
+const LANES: usize = 8;
+/// Rows per rayon task: enough work per task to amortise scheduling at small vocabularies.
+const MIN_ELEMENTS_PER_TASK: usize = 1 << 16;
+
+/// What to compute for every row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowSpec {
+    /// The divergence between the softened distributions (teacher `p`, student `q`).
+    pub divergence: Divergence,
+    /// Softening temperature of both sides.
+    pub temperature: f32,
+    /// Factor on the divergence (`T²`, Hinton's `1 − α`).
+    pub soft_weight: f32,
+    /// Factor on the cross-entropy with the label at `T = 1` (Hinton's `α`); 0 = no hard term.
+    pub hard_weight: f32,
+    /// Label smoothing of the hard term.
+    pub label_smoothing: f32,
+}
+
+/// The result of [`fused_rows`].
+#[derive(Debug)]
+pub(crate) struct RowsOut {
+    /// `soft_weight · D + hard_weight · CE` per row; 0 for rows of weight 0, NaN for rows with
+    /// NaN or +inf logits or no finite logit.
+    pub losses: Vec<f32>,
+    /// `weight_i · ∂loss_i/∂student_logits`, `[positions · classes]`, when asked for.
+    pub grad: Option<Vec<f32>>,
+}
+
+/// Runs the fused loss over `positions = student.len() / classes` rows.
+///
+/// `labels` (one per row, in `0..classes`) are needed when `spec.hard_weight > 0`. `weights`
+/// scale each row's gradient; a row of weight 0 is only checked for bad values (its loss is 0,
+/// its gradient 0). `None` means weight 1 everywhere.
+pub(crate) fn fused_rows(
+    spec: &RowSpec,
+    student: &[f32],
+    teacher: &[f32],
+    classes: usize,
+    labels: Option<&[i64]>,
+    weights: Option<&[f32]>,
+    want_grad: bool,
+) -> RowsOut {
+    assert!(classes > 0 && student.len() == teacher.len() && student.len() % classes == 0);
+    let positions = student.len() / classes;
+    let rows_per_task = (MIN_ELEMENTS_PER_TASK / classes).max(1);
+    let mut losses = vec![0.0f32; positions];
+    let simd = Simd::detect();
+    let task = |index: usize, losses: &mut [f32], grad: Option<&mut [f32]>, scratch: &mut Scratch| {
+        let first = index * rows_per_task;
+        let block = Block {
+            spec,
+            student: &student[first * classes..(first + losses.len()) * classes],
+            teacher: &teacher[first * classes..(first + losses.len()) * classes],
+            classes,
+            labels: labels.map(|labels| &labels[first..first + losses.len()]),
+            weights: weights.map(|weights| &weights[first..first + losses.len()]),
+        };
+        simd.run(&block, losses, grad, scratch);
+    };
+    let grad = if want_grad {
+        let mut grad = vec![0.0f32; student.len()];
+        losses
+            .par_chunks_mut(rows_per_task)
+            .zip(grad.par_chunks_mut(rows_per_task * classes))
+            .enumerate()
+            .for_each_init(
+                || Scratch::new(classes, false),
+                |scratch, (index, (losses, grad))| task(index, losses, Some(grad), scratch),
+            );
+        Some(grad)
+    } else {
+        losses.par_chunks_mut(rows_per_task).enumerate().for_each_init(
+            || Scratch::new(classes, true),
+            |scratch, (index, losses)| task(index, losses, None, scratch),
+        );
+        None
+    };
+    RowsOut { losses, grad }
+}
+
+/// A contiguous block of rows handed to one task.
+struct Block<'a> {
+    spec: &'a RowSpec,
+    student: &'a [f32],
+    teacher: &'a [f32],
+    classes: usize,
+    labels: Option<&'a [i64]>,
+    weights: Option<&'a [f32]>,
+}
+
+/// Per-task rows: teacher exponentials, and `q · ∂D/∂q` for the divergences that need it
+/// (and the student exponentials when no gradient row is written).
+struct Scratch {
+    teacher_exp: Vec<f32>,
+    student_term: Vec<f64>,
+    student_exp: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(classes: usize, own_student_row: bool) -> Self {
+        Self {
+            teacher_exp: vec![0.0; classes],
+            student_term: vec![0.0; classes],
+            student_exp: if own_student_row {
+                vec![0.0; classes]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Which compiled copy of the kernel runs.
+#[derive(Clone, Copy)]
+enum Simd {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return Simd::Avx2;
+        }
+        Simd::Baseline
+    }
+
+    fn run(self, block: &Block<'_>, losses: &mut [f32], grad: Option<&mut [f32]>, scratch: &mut Scratch) {
+        match self {
+            Simd::Baseline => run_block(block, losses, grad, scratch),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` returned `Avx2` only after checking that this CPU has AVX2 and
+            // FMA, the features `run_block_avx2` is compiled for.
+            #[allow(unsafe_code)]
+            Simd::Avx2 => unsafe { run_block_avx2(block, losses, grad, scratch) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_block_avx2(block: &Block<'_>, losses: &mut [f32], grad: Option<&mut [f32]>, scratch: &mut Scratch) {
+    run_block(block, losses, grad, scratch);
+}
+
+#[inline(always)]
+fn run_block(block: &Block<'_>, losses: &mut [f32], mut grad: Option<&mut [f32]>, scratch: &mut Scratch) {
+    let classes = block.classes;
+    for (row, loss) in losses.iter_mut().enumerate() {
+        let span = row * classes..(row + 1) * classes;
+        let weight = block.weights.map_or(1.0, |weights| weights[row]);
+        let label = block.labels.map(|labels| labels[row]);
+        let Scratch {
+            teacher_exp,
+            student_term,
+            student_exp,
+        } = scratch;
+        let (student_exp, write_grad) = match grad.as_deref_mut() {
+            Some(grad) => (&mut grad[span.clone()], true),
+            None => (&mut student_exp[..], false),
+        };
+        *loss = fused_row(
+            block.spec,
+            &block.student[span.clone()],
+            &block.teacher[span],
+            label,
+            weight,
+            RowBuffers {
+                student_exp,
+                teacher_exp,
+                student_term,
+            },
+            write_grad,
+        );
+    }
+}
+
+struct RowBuffers<'a> {
+    /// Receives `exp((s − max s)/T)`, then the gradient when it is written.
+    student_exp: &'a mut [f32],
+    teacher_exp: &'a mut [f32],
+    student_term: &'a mut [f64],
+}
+
+/// One row: returns its loss and, when `write_grad`, leaves `weight · ∂loss/∂s` in
+/// `buffers.student_exp`.
+#[inline(always)]
+fn fused_row(
+    spec: &RowSpec,
+    student: &[f32],
+    teacher: &[f32],
+    label: Option<i64>,
+    weight: f32,
+    buffers: RowBuffers<'_>,
+    write_grad: bool,
+) -> f32 {
+    let RowBuffers {
+        student_exp,
+        teacher_exp,
+        student_term,
+    } = buffers;
+    let classes = student.len();
+    let (student_max, teacher_max, bad) = maxima(student, teacher);
+    if bad || weight == 0.0 {
+        if write_grad {
+            student_exp.fill(0.0);
+        }
+        return if bad { f32::NAN } else { 0.0 };
+    }
+    // Logits are divided by T (not multiplied by 1/T) and the maximum is subtracted before the
+    // log-sum, in the composed path's order: at logits of 1e4 a rounded `max/T + log Σ` would
+    // swallow the log-sum.
+    let temperature = spec.temperature;
+    let student_sum = exp_into(student, student_max, temperature, student_exp);
+    let teacher_sum = exp_into(teacher, teacher_max, temperature, teacher_exp);
+    let logs = LogShifts {
+        temperature,
+        student_offset: student_max / temperature,
+        teacher_offset: teacher_max / temperature,
+        student_log_sum: (student_sum as f64).ln(),
+        teacher_log_sum: (teacher_sum as f64).ln(),
+        inv_student_sum: 1.0 / student_sum,
+        inv_teacher_sum: 1.0 / teacher_sum,
+    };
+    let inv_t = 1.0 / temperature;
+
+    // The hard term needs softmax(s) at T = 1: the same exponentials when T = 1.
+    let hard = if spec.hard_weight > 0.0 {
+        let label = label.expect("a hard term needs labels") as usize;
+        let hard_sum = if spec.temperature == 1.0 {
+            student_sum
+        } else {
+            exp_sum(student, student_max)
+        };
+        let log_sum = hard_sum.ln();
+        let mut cross_entropy = -(1.0 - spec.label_smoothing) * ((student[label] - student_max) - log_sum);
+        if spec.label_smoothing > 0.0 {
+            let log_prob_sum = sum_f64(student) - classes as f64 * (student_max as f64 + log_sum as f64);
+            cross_entropy -= (spec.label_smoothing as f64 / classes as f64 * log_prob_sum) as f32;
+        }
+        Some(Hard {
+            label,
+            max: student_max,
+            inv_sum: 1.0 / hard_sum,
+            cross_entropy,
+        })
+    } else {
+        None
+    };
+
+    let soft_scale = weight * spec.soft_weight * inv_t;
+    let divergence = match spec.divergence {
+        Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
+            let value = forward_kl_value(student, teacher, teacher_exp, &logs, spec.divergence);
+            if write_grad {
+                // ∂/∂s_j = (q_j − p_j) / T.
+                for (out, &e_p) in student_exp.iter_mut().zip(teacher_exp.iter()) {
+                    let q = *out * logs.inv_student_sum;
+                    let p = e_p * logs.inv_teacher_sum;
+                    *out = soft_scale * (q - p);
+                }
+            }
+            value
+        }
+        _ => {
+            // Every other divergence: ∂/∂s_j = (q_j g_j − q_j Σ_k q_k g_k) / T, g = ∂D/∂q;
+            // `student_term` holds q_j g_j.
+            let value = term_pass(
+                spec.divergence,
+                student,
+                teacher,
+                student_exp,
+                teacher_exp,
+                student_term,
+                &logs,
+            );
+            if write_grad {
+                // The centre Σ q g is summed from the very terms it is subtracted from, and Σ q
+                // (1 only to f32 rounding) divides it: each gradient row then sums to zero even
+                // when one class holds all the mass.
+                let mut weighted = [0.0f64; LANES];
+                for (j, &term) in student_term.iter().enumerate() {
+                    weighted[j % LANES] += term;
+                }
+                let mass = sum_f64(student_exp) * logs.inv_student_sum as f64;
+                let centre = weighted.iter().sum::<f64>() / mass;
+                // In f64: at β near 1 or small T the two sides nearly cancel.
+                for (out, &term) in student_exp.iter_mut().zip(student_term.iter()) {
+                    let q = (*out * logs.inv_student_sum) as f64;
+                    *out = soft_scale * (term - q * centre) as f32;
+                }
+            }
+            value
+        }
+    };
+
+    let mut loss = spec.soft_weight as f64 * divergence;
+    if let Some(hard) = hard {
+        loss += spec.hard_weight as f64 * hard.cross_entropy as f64;
+        if write_grad {
+            let scale = weight * spec.hard_weight;
+            let smooth = spec.label_smoothing / classes as f32;
+            for (out, &logit) in student_exp.iter_mut().zip(student) {
+                let q1 = fast_exp(logit - hard.max) * hard.inv_sum;
+                *out += scale * (q1 - smooth);
+            }
+            student_exp[hard.label] -= scale * (1.0 - spec.label_smoothing);
+        }
+    }
+    loss as f32
+}
+
+struct Hard {
+    label: usize,
+    max: f32,
+    inv_sum: f32,
+    cross_entropy: f32,
+}
+
+/// `log q_j = (s_j / T − student_offset) − student_log_sum`, likewise for `p`.
+struct LogShifts {
+    temperature: f32,
+    student_offset: f32,
+    teacher_offset: f32,
+    student_log_sum: f64,
+    teacher_log_sum: f64,
+    inv_student_sum: f32,
+    inv_teacher_sum: f32,
+}
+
+impl LogShifts {
+    /// `log p − log q` in f64, from the same rounded arguments `x/T − max/T` the exponentials
+    /// were taken of: the log-ratios then agree with the probabilities they come with (at
+    /// T = 0.05 a rounding of `s/T` is 4e-6, far above what the gradient tolerates if `q` and
+    /// `log q` disagree by it).
+    #[inline(always)]
+    fn log_ratio(&self, s: f32, t: f32) -> f64 {
+        let log_q = (s / self.temperature - self.student_offset) as f64 - self.student_log_sum;
+        let log_p = (t / self.temperature - self.teacher_offset) as f64 - self.teacher_log_sum;
+        log_p - log_q
+    }
+}
+
+/// Row maxima of both inputs, and whether either holds NaN or +inf or has no finite maximum.
+#[inline(always)]
+fn maxima(student: &[f32], teacher: &[f32]) -> (f32, f32, bool) {
+    let mut max_s = [f32::NEG_INFINITY; LANES];
+    let mut max_t = [f32::NEG_INFINITY; LANES];
+    let mut bad = [false; LANES];
+    let chunks = student.chunks_exact(LANES).zip(teacher.chunks_exact(LANES));
+    for (s, t) in chunks {
+        for lane in 0..LANES {
+            max_s[lane] = if s[lane] > max_s[lane] { s[lane] } else { max_s[lane] };
+            max_t[lane] = if t[lane] > max_t[lane] { t[lane] } else { max_t[lane] };
+            // NaN fails `x == x`; +inf is caught by the maximum below.
+            bad[lane] |= (s[lane] != s[lane]) | (t[lane] != t[lane]);
+        }
+    }
+    let tail = student.len() / LANES * LANES;
+    let (mut ms, mut mt, mut any_bad) = (f32::NEG_INFINITY, f32::NEG_INFINITY, false);
+    for (&s, &t) in student[tail..].iter().zip(&teacher[tail..]) {
+        ms = if s > ms { s } else { ms };
+        mt = if t > mt { t } else { mt };
+        any_bad |= s.is_nan() | t.is_nan();
+    }
+    for lane in 0..LANES {
+        ms = ms.max(max_s[lane]);
+        mt = mt.max(max_t[lane]);
+        any_bad |= bad[lane];
+    }
+    let no_mass = |max: f32| !max.is_finite();
+    (ms, mt, any_bad || no_mass(ms) || no_mass(mt))
+}
+
+/// Writes `exp(x / T − max / T)` into `out` and returns its sum.
+#[inline(always)]
+fn exp_into(values: &[f32], max: f32, temperature: f32, out: &mut [f32]) -> f32 {
+    let offset = max / temperature;
+    for (o, &x) in out.iter_mut().zip(values) {
+        *o = fast_exp(x / temperature - offset);
+    }
+    sum_f32(out)
+}
+
+/// `Σ exp(x − max)`.
+#[inline(always)]
+fn exp_sum(values: &[f32], max: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..LANES {
+            acc[lane] += fast_exp(chunk[lane] - max);
+        }
+    }
+    tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn sum_f32(values: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..LANES {
+            acc[lane] += chunk[lane];
+        }
+    }
+    tail.iter().sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn sum_f64(values: &[f32]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..LANES {
+            acc[lane] += chunk[lane] as f64;
+        }
+    }
+    tail.iter().map(|&x| x as f64).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
+/// `Σ p (log p − log q)` (forward KL) or `−Σ p log q` (soft cross-entropy), summed in f64;
+/// elements with `p = 0` count 0. Written as `Σ p d − c Σ p` with `d = t/T − s/T` (or `−s/T`)
+/// and the row constants gathered in `c` in f64: the per-element log-probabilities are never
+/// rounded on their own, which keeps small divergences (high `T`) accurate.
+#[inline(always)]
+fn forward_kl_value(
+    student: &[f32],
+    teacher: &[f32],
+    teacher_exp: &[f32],
+    logs: &LogShifts,
+    divergence: Divergence,
+) -> f64 {
+    let cross_entropy = divergence == Divergence::SoftCrossEntropy;
+    let temperature = logs.temperature;
+    let mut weighted = [0.0f64; LANES];
+    let mut mass = [0.0f64; LANES];
+    let element = |s: f32, t: f32, e_p: f32| -> (f32, f32) {
+        let p = e_p * logs.inv_teacher_sum;
+        let d = if cross_entropy {
+            -(s / temperature)
+        } else {
+            (t - s) / temperature
+        };
+        if p > 0.0 { (p * d, p) } else { (0.0, 0.0) }
+    };
+    let chunks = student
+        .chunks_exact(LANES)
+        .zip(teacher.chunks_exact(LANES))
+        .zip(teacher_exp.chunks_exact(LANES));
+    for ((s, t), e) in chunks {
+        for lane in 0..LANES {
+            let (pd, p) = element(s[lane], t[lane], e[lane]);
+            weighted[lane] += pd as f64;
+            mass[lane] += p as f64;
+        }
+    }
+    let tail = student.len() / LANES * LANES;
+    let (mut weighted, mut mass): (f64, f64) = (weighted.iter().sum(), mass.iter().sum());
+    for j in tail..student.len() {
+        let (pd, p) = element(student[j], teacher[j], teacher_exp[j]);
+        weighted += pd as f64;
+        mass += p as f64;
+    }
+    let student_norm = logs.student_offset as f64 + logs.student_log_sum;
+    let teacher_norm = logs.teacher_offset as f64 + logs.teacher_log_sum;
+    let constant = if cross_entropy {
+        -student_norm
+    } else {
+        teacher_norm - student_norm
+    };
+    weighted - constant * mass
+}
+
+/// Fills `terms` with `q_j ∂D/∂q_j` and returns `D`, for the divergences other than forward KL.
+#[inline(always)]
+fn term_pass(
+    divergence: Divergence,
+    student: &[f32],
+    teacher: &[f32],
+    student_exp: &[f32],
+    teacher_exp: &[f32],
+    terms: &mut [f64],
+    logs: &LogShifts,
+) -> f64 {
+    // log p_j − log q_j in f64: at small T these log-ratios are large, and rounding them to
+    // f32 would show in the gradient.
+    let log_ratio = |j: usize| logs.log_ratio(student[j], teacher[j]);
+    let q = |j: usize| student_exp[j] * logs.inv_student_sum;
+    let p = |j: usize| teacher_exp[j] * logs.inv_teacher_sum;
+    match divergence {
+        Divergence::ReverseKl | Divergence::SymmetricKl => {
+            let symmetric = divergence == Divergence::SymmetricKl;
+            // Reverse KL: q g = q (log q − log p) (+ q, which cancels), Σ q g = KL(q ‖ p).
+            // Forward KL adds (q − p) to the gradient, which has no centre.
+            let mut reverse = [0.0f64; LANES];
+            let mut forward = [0.0f64; LANES];
+            for j in 0..student.len() {
+                let (qj, pj) = (q(j), p(j));
+                let ratio = -log_ratio(j);
+                let rev = if qj > 0.0 { qj as f64 * ratio } else { 0.0 };
+                let fwd = if pj > 0.0 { -pj as f64 * ratio } else { 0.0 };
+                reverse[j % LANES] += rev;
+                forward[j % LANES] += fwd;
+                terms[j] = if symmetric { rev + (qj - pj) as f64 } else { rev };
+            }
+            let reverse: f64 = reverse.iter().sum();
+            if symmetric {
+                reverse + forward.iter().sum::<f64>()
+            } else {
+                reverse
+            }
+        }
+        Divergence::TotalVariation => {
+            let mut value = [0.0f64; LANES];
+            for j in 0..student.len() {
+                let (qj, pj) = (q(j), p(j));
+                let half_sign = if qj > pj {
+                    0.5
+                } else if qj < pj {
+                    -0.5
+                } else {
+                    0.0
+                };
+                value[j % LANES] += (0.5 * (pj - qj).abs()) as f64;
+                terms[j] = (half_sign * qj) as f64;
+            }
+            value.iter().sum()
+        }
+        Divergence::GeneralizedJsd { beta } => {
+            if beta == 0.0 || beta == 1.0 {
+                let end = if beta == 0.0 {
+                    Divergence::ForwardKl
+                } else {
+                    Divergence::ReverseKl
+                };
+                return end_point(end, student, teacher, student_exp, teacher_exp, terms, logs);
+            }
+            // D = KL(p ‖ m)/(1 − β) + KL(q ‖ m)/β, m = β p + (1 − β) q; q g = −q log(m/q)/β.
+            let (mut teacher_side, mut student_side) = (0.0f64, 0.0f64);
+            for j in 0..student.len() {
+                let (qj, pj) = (q(j) as f64, p(j) as f64);
+                let ratio = log_ratio(j);
+                teacher_side += mixture_element(pj, qj, 1.0 - beta, -ratio);
+                student_side += mixture_element(qj, pj, beta, ratio);
+                terms[j] = if qj > 0.0 {
+                    -qj * (beta * ratio.exp_m1()).ln_1p() / beta
+                } else {
+                    0.0
+                };
+            }
+            teacher_side / (1.0 - beta) + student_side / beta
+        }
+        Divergence::SkewKl { alpha } => {
+            if alpha == 1.0 {
+                terms.fill(0.0);
+                return 0.0;
+            }
+            // D = KL(p ‖ m), m = α p + (1 − α) q; q g = −(1 − α) p q / m.
+            let mut value = 0.0f64;
+            for j in 0..student.len() {
+                let (qj, pj) = (q(j) as f64, p(j) as f64);
+                value += mixture_element(pj, qj, 1.0 - alpha, -log_ratio(j));
+                let mix = alpha * pj + (1.0 - alpha) * qj;
+                let term = if mix > 0.0 { -(1.0 - alpha) * pj * qj / mix } else { 0.0 };
+                terms[j] = term;
+            }
+            value
+        }
+        Divergence::SkewReverseKl { alpha } => {
+            if alpha == 1.0 {
+                terms.fill(0.0);
+                return 0.0;
+            }
+            // D = KL(q ‖ m), m = (1 − α) p + α q; q g = q (log(q/m) − α q/m) (+ q, cancels).
+            let mut value = 0.0f64;
+            for j in 0..student.len() {
+                let (qj, pj) = (q(j) as f64, p(j) as f64);
+                let ratio = log_ratio(j);
+                value += mixture_element(qj, pj, 1.0 - alpha, ratio);
+                let term = if qj > 0.0 {
+                    let x = (1.0 - alpha) * ratio.exp_m1();
+                    let mix = (1.0 - alpha) * pj + alpha * qj;
+                    qj * (-x.ln_1p() - alpha * qj / mix)
+                } else {
+                    0.0
+                };
+                terms[j] = term;
+            }
+            value
+        }
+        Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
+            end_point(divergence, student, teacher, student_exp, teacher_exp, terms, logs)
+        }
+    }
+}
+
+/// An end of GJSD: forward KL written as terms (`q g = q − p`, whose centre is 0), or reverse KL.
+#[inline(always)]
+fn end_point(
+    divergence: Divergence,
+    student: &[f32],
+    teacher: &[f32],
+    student_exp: &[f32],
+    teacher_exp: &[f32],
+    terms: &mut [f64],
+    logs: &LogShifts,
+) -> f64 {
+    if divergence == Divergence::ReverseKl {
+        return term_pass(divergence, student, teacher, student_exp, teacher_exp, terms, logs);
+    }
+    for (j, term) in terms.iter_mut().enumerate() {
+        *term = (student_exp[j] * logs.inv_student_sum - teacher_exp[j] * logs.inv_teacher_sum) as f64;
+    }
+    forward_kl_value(student, teacher, teacher_exp, logs, Divergence::ForwardKl)
+}
+
+/// One element of `KL(a ‖ (1 − w) a + w b)`, written as `a · g(x)`, `x = w (b/a − 1)`,
+/// `g(x) = x − log(1 + x) ≥ 0` (no cancellation; the `w Σ (b − a)` this adds is zero over a
+/// row), or `w b` where `a = 0`. `log_ratio = log b − log a`.
+#[inline(always)]
+fn mixture_element(a: f64, b: f64, w: f64, log_ratio: f64) -> f64 {
+    if a > 0.0 {
+        a * x_minus_log1p(w * log_ratio.exp_m1())
+    } else {
+        w * b
+    }
+}
+
+/// `x − log(1 + x) ≥ 0`, by its series near 0 where the difference cancels.
+fn x_minus_log1p(x: f64) -> f64 {
+    if x.abs() < 0.15 {
+        let mut acc = 0.0;
+        for k in (2..=14).rev() {
+            acc = acc * x + if k % 2 == 0 { 1.0 } else { -1.0 } / k as f64;
+        }
+        acc * x * x
+    } else {
+        x - x.ln_1p()
+    }
+}
+
+/// `e^x` for `x ≤ 0` (and moderately positive `x`) to about 1 ulp, in arithmetic LLVM
+/// vectorises (Cephes `expf`: `2^n · P(r)`); 0 below the normal range and for `-inf`.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let clamped = x.clamp(-87.0, 88.0);
+    let n = (clamped * LOG2E + ROUND) - ROUND;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut poly = 1.987_569_1e-4f32;
+    poly = poly * r + 1.398_199_9e-3;
+    poly = poly * r + 8.333_452e-3;
+    poly = poly * r + 4.166_579_6e-2;
+    poly = poly * r + 0.166_666_65;
+    poly = poly * r + 0.5;
+    let mantissa = poly * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { mantissa * scale }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_std_to_two_ulp() {
+        let mut x = -87.0f32;
+        while x < 80.0 {
+            let (fast, exact) = (fast_exp(x), (x as f64).exp());
+            assert!(
+                ((fast as f64 - exact) / exact).abs() < 2.5e-7,
+                "exp({x}) = {fast}, expected {exact}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn series_and_direct_forms_of_x_minus_log1p_meet() {
+        for x in [-0.1499999, 0.1499999] {
+            let direct = x - f64::ln_1p(x);
+            assert!((x_minus_log1p(x) - direct).abs() < 1e-10 * direct.abs());
+        }
+    }
+}

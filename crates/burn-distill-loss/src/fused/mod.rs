@@ -1,0 +1,120 @@
+//! Fused forward + backward of the logit losses on the CPU devices.
+//!
+//! A KD loss is memory-bound: composed from tensor ops it sweeps the `[positions, classes]`
+//! logits 5–10 times and holds several temporaries of that size. The fused path reads the
+//! student and teacher logits once and writes the gradient once, in the forward pass; the
+//! backward pass only scales it. It runs on the ndarray and flex devices (rows in parallel,
+//! vectorised exponentials) for f32 tensors; the losses pick it by themselves
+//! ([`Implementation::Auto`]) and fall back to the composed tensor-op path elsewhere.
+
+mod head;
+mod kernel;
+mod op;
+
+use std::sync::Arc;
+
+use burn::backend::Dispatch;
+use burn::tensor::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LossError, Result};
+pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
+
+pub(crate) use kernel::RowSpec;
+use op::{FusedJob, FusedLossBackend};
+
+/// Which implementation a loss runs.
+///
+/// | Value | Runs |
+/// |---|---|
+/// | `Auto` (default) | the fused kernel where it exists (f32 logits on an ndarray or flex device, with or without autodiff), the composed tensor ops elsewhere |
+/// | `Fused` | the fused kernel, or an error naming the device and dtype where it does not exist |
+/// | `Composed` | burn tensor ops, on every device (the reference the fused kernel is tested against) |
+///
+/// Both give the same values and gradients to about 1e-6 relative; the fused kernel computes
+/// `exp` with its own polynomial and sums in a different order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Implementation {
+    /// Fused where available, composed elsewhere.
+    #[default]
+    Auto,
+    /// Always fused; an error where the fused kernel does not exist.
+    Fused,
+    /// Always composed from burn tensor operations.
+    Composed,
+}
+
+/// Whether the fused losses run on `device` (with or without autodiff) for f32 tensors.
+pub fn fused_available(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    #[allow(unreachable_patterns)] // with neither CPU backend compiled in, nothing matches
+    match device.as_dispatch().clone().inner() {
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        _ => false,
+    }
+}
+
+/// Decides whether a call runs fused; `Err` when `Fused` is forced where it cannot run.
+pub(crate) fn use_fused<const D: usize>(
+    implementation: Implementation,
+    student: &Tensor<D>,
+    teacher: &Tensor<D>,
+) -> Result<bool> {
+    decide(
+        implementation,
+        &student.device(),
+        &[teacher.device()],
+        &[student.dtype(), teacher.dtype()],
+    )
+}
+
+/// [`use_fused`] for any set of inputs: all on `device` (`others` are their devices), every
+/// dtype f32.
+pub(crate) fn decide(
+    implementation: Implementation,
+    device: &Device,
+    others: &[Device],
+    dtypes: &[DType],
+) -> Result<bool> {
+    let possible = fused_available(device)
+        && others.iter().all(|other| other == device)
+        && dtypes.iter().all(|&dtype| dtype == DType::F32);
+    match implementation {
+        Implementation::Composed => Ok(false),
+        Implementation::Auto => Ok(possible),
+        Implementation::Fused if possible => Ok(true),
+        Implementation::Fused => Err(LossError::FusedUnavailable {
+            device: format!("{device:?}"),
+            dtype: format!("{dtypes:?}"),
+        }),
+    }
+}
+
+/// The fused loss over `[positions, classes]` rows: `[1]` (`Σ w_i loss_i`) when `reduced`, else
+/// `[positions]` (`w_i loss_i`).
+pub(crate) fn fused_loss(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    spec: RowSpec,
+    labels: Option<Vec<i64>>,
+    weights: Option<Vec<f32>>,
+    reduced: bool,
+) -> Tensor<1> {
+    let job = FusedJob {
+        spec,
+        labels: labels.map(Arc::new),
+        weights: weights.map(Arc::new),
+        reduced,
+    };
+    let output = <Dispatch as FusedLossBackend>::fused_loss(student.into_dispatch(), teacher.into_dispatch(), job);
+    Tensor::from_dispatch(output)
+}
+
+/// Whether any value of a fused result is NaN (a bad input row): one host read of `[1]` or
+/// `[positions]` values.
+pub(crate) fn has_nan(values: &Tensor<1>) -> bool {
+    values.to_data().iter::<f32>().any(f32::is_nan)
+}

@@ -1,0 +1,431 @@
+//! The fused loss as a burn backend extension with its own backward.
+//!
+//! The forward pass computes the loss and the gradient w.r.t. the student logits together;
+//! the backward pass only scales that gradient by the upstream one (and returns it untouched
+//! when the upstream gradient is exactly 1, the usual `loss.backward()`).
+
+// burn 0.22 deprecates ndarray in favour of flex; our users still ask for it, and the
+// extension macro names its backend in generated code.
+#![allow(deprecated)]
+
+use std::sync::Arc;
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, backend_extension};
+use burn::tensor::{Shape, Slice};
+
+use super::kernel::{RowSpec, RowsOut, fused_rows};
+
+/// One call of the fused loss: what to compute, on which rows, reduced how.
+#[derive(Debug, Clone)]
+pub(crate) struct FusedJob {
+    pub spec: RowSpec,
+    /// One label per row (`0..classes`) when the loss has a hard term.
+    pub labels: Option<Arc<Vec<i64>>>,
+    /// A weight per row (mask and reduction folded in); `None` is 1 everywhere. A row of
+    /// weight 0 has loss 0 and gradient 0.
+    pub weights: Option<Arc<Vec<f32>>>,
+    /// `true`: the output is `[1]`, `Σ_i w_i loss_i`. `false`: the output is `[positions]`,
+    /// `w_i loss_i` per row.
+    pub reduced: bool,
+}
+
+/// Backends whose float tensors the host kernel can read in place.
+pub(crate) trait HostTensor: Backend {
+    /// Calls `f` with the tensor's values in row-major order (copied only when the tensor is
+    /// not a contiguous f32 buffer).
+    fn with_values<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> R;
+    /// A tensor of `shape` holding `values`, without copying them.
+    fn from_values(values: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self>;
+}
+
+#[cfg(feature = "ndarray")]
+#[allow(deprecated)]
+impl HostTensor for burn::backend::NdArray {
+    fn with_values<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> R {
+        use burn::backend::ndarray::NdArrayTensor;
+        if let NdArrayTensor::F32(storage) = tensor {
+            let view = storage.view();
+            if let Some(values) = view.as_slice() {
+                return f(values);
+            }
+            let values: Vec<f32> = view.iter().copied().collect();
+            return f(&values);
+        }
+        panic!("the fused losses take f32 tensors, got {:?}", tensor.dtype())
+    }
+
+    fn from_values(values: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self> {
+        burn::backend::ndarray::NdArrayTensor::from_data(burn::tensor::TensorData::new(values, shape))
+    }
+}
+
+#[cfg(feature = "flex")]
+impl HostTensor for burn::backend::Flex {
+    fn with_values<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> R {
+        if let Some(values) = tensor.as_slice::<f32>() {
+            return f(values);
+        }
+        let contiguous = tensor.to_contiguous();
+        match contiguous.as_slice::<f32>() {
+            Some(values) => f(values),
+            None => panic!("the fused losses take f32 tensors, got {:?}", tensor.dtype()),
+        }
+    }
+
+    fn from_values(values: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self> {
+        burn::backend::flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
+    }
+}
+
+/// One call of the chunked linear-head loss.
+#[derive(Debug, Clone)]
+pub(crate) struct HeadJob {
+    pub spec: RowSpec,
+    /// Rows per chunk: the student logits exist `chunk_rows × classes` at a time.
+    pub chunk_rows: usize,
+    pub labels: Option<Arc<Vec<i64>>>,
+    /// A weight per row (mask and reduction folded in); the output is `Σ_i w_i loss_i`.
+    pub weights: Arc<Vec<f32>>,
+}
+
+/// The fused losses as backend operations.
+#[backend_extension(Autodiff, NdArray: cfg(feature = "ndarray"), Flex: cfg(feature = "flex"))]
+pub(crate) trait FusedLossBackend: Backend {
+    /// `student`, `teacher`: `[positions, classes]` logits. Output: `[1]` or `[positions]`
+    /// (see [`FusedJob::reduced`]).
+    fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self>;
+
+    /// The loss of the student logits `hidden · weightᵀ` against `teacher_hidden ·
+    /// teacher_weightᵀ`, chunk by chunk. `hidden`: `[positions, width]`, `weight`:
+    /// `[classes, width]`; the teacher likewise, with its own width. Output: `[1]`.
+    fn fused_head_loss(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        teacher_hidden: FloatTensor<Self>,
+        teacher_weight: FloatTensor<Self>,
+        job: HeadJob,
+    ) -> FloatTensor<Self>;
+
+    /// As [`fused_head_loss`](Self::fused_head_loss), with the teacher's logits given
+    /// (`[positions, classes]`).
+    fn fused_head_loss_logits(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        teacher_logits: FloatTensor<Self>,
+        job: HeadJob,
+    ) -> FloatTensor<Self>;
+}
+
+/// Where the teacher's logits of a chunk come from.
+enum TeacherRows<'a, B: Backend> {
+    Logits(&'a FloatTensor<B>),
+    Head {
+        hidden: &'a FloatTensor<B>,
+        weight: &'a FloatTensor<B>,
+    },
+}
+
+fn rows<B: Backend>(tensor: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
+    let all = Slice {
+        start: 0,
+        end: None,
+        step: 1,
+    };
+    let span = Slice {
+        start: start as isize,
+        end: Some(end as isize),
+        step: 1,
+    };
+    B::float_slice(tensor, &[span, all])
+}
+
+/// Output of [`run_head`]: `[1]`, and the gradients w.r.t. `hidden` and `weight` when asked for.
+type HeadOut<B> = (FloatTensor<B>, Option<(FloatTensor<B>, FloatTensor<B>)>);
+
+/// The chunked linear-head loss: per chunk of rows, the student logits (and the teacher's when
+/// it is a head) are computed, run through the row kernel, and their gradient is folded into
+/// the gradients of `hidden` and `weight` before the next chunk.
+fn run_head<B: HostTensor>(
+    hidden: &FloatTensor<B>,
+    weight: &FloatTensor<B>,
+    teacher: TeacherRows<'_, B>,
+    job: &HeadJob,
+    want_grad: bool,
+) -> HeadOut<B> {
+    let positions = hidden.shape()[0];
+    let classes = weight.shape()[0];
+    let weight_t = B::float_transpose(weight.clone());
+    let teacher_weight_t = match &teacher {
+        TeacherRows::Head { weight, .. } => Some(B::float_transpose((*weight).clone())),
+        TeacherRows::Logits(_) => None,
+    };
+    let mut total = 0.0f64;
+    let mut hidden_grads = Vec::new();
+    let mut weight_grad: Option<FloatTensor<B>> = None;
+    let chunk_rows = job.chunk_rows.max(1);
+    for start in (0..positions).step_by(chunk_rows) {
+        let end = (start + chunk_rows).min(positions);
+        let hidden_rows = rows::<B>(hidden.clone(), start, end);
+        let student = B::float_matmul(hidden_rows.clone(), weight_t.clone());
+        let teacher_logits = match (&teacher, &teacher_weight_t) {
+            (TeacherRows::Logits(logits), _) => rows::<B>((*logits).clone(), start, end),
+            (TeacherRows::Head { hidden, .. }, Some(weight_t)) => {
+                B::float_matmul(rows::<B>((*hidden).clone(), start, end), weight_t.clone())
+            }
+            (TeacherRows::Head { .. }, None) => unreachable!("a teacher head has its weight"),
+        };
+        let weights = &job.weights[start..end];
+        let RowsOut { losses, grad } = B::with_values(&student, |student| {
+            B::with_values(&teacher_logits, |teacher| {
+                fused_rows(
+                    &job.spec,
+                    student,
+                    teacher,
+                    classes,
+                    job.labels.as_deref().map(|labels| &labels[start..end]),
+                    Some(weights),
+                    want_grad,
+                )
+            })
+        });
+        total += losses
+            .iter()
+            .zip(weights)
+            .map(|(&loss, &weight)| {
+                if loss.is_nan() {
+                    f64::NAN
+                } else {
+                    loss as f64 * weight as f64
+                }
+            })
+            .sum::<f64>();
+        if let Some(grad) = grad {
+            let grad = B::from_values(grad, vec![end - start, classes]);
+            hidden_grads.push(B::float_matmul(grad.clone(), weight.clone()));
+            let chunk_weight_grad = B::float_matmul(B::float_transpose(grad), hidden_rows);
+            weight_grad = Some(match weight_grad {
+                None => chunk_weight_grad,
+                Some(sum) => B::float_add(sum, chunk_weight_grad),
+            });
+        }
+    }
+    let output = B::from_values(vec![total as f32], vec![1]);
+    let grads = match weight_grad {
+        Some(weight_grad) => Some((B::float_cat(hidden_grads, 0), weight_grad)),
+        None => None,
+    };
+    (output, grads)
+}
+
+/// Runs the host kernel on two primitives; returns the output and, when asked, the gradient.
+fn run<B: HostTensor>(
+    student: &FloatTensor<B>,
+    teacher: &FloatTensor<B>,
+    job: &FusedJob,
+    want_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let shape = student.shape();
+    let classes = shape[1];
+    let RowsOut { losses, grad } = B::with_values(student, |student| {
+        B::with_values(teacher, |teacher| {
+            fused_rows(
+                &job.spec,
+                student,
+                teacher,
+                classes,
+                job.labels.as_deref().map(Vec::as_slice),
+                job.weights.as_deref().map(Vec::as_slice),
+                want_grad,
+            )
+        })
+    });
+    let weight = |row: usize| job.weights.as_ref().map_or(1.0, |weights| weights[row]);
+    // A bad row (NaN) keeps its NaN even at weight 0, so that checks see it.
+    let weighted = |row: usize, loss: f32| if loss.is_nan() { loss } else { loss * weight(row) };
+    let output = if job.reduced {
+        let total: f64 = losses
+            .iter()
+            .enumerate()
+            .map(|(row, &loss)| weighted(row, loss) as f64)
+            .sum();
+        B::from_values(vec![total as f32], vec![1])
+    } else {
+        let positions = losses.len();
+        let losses = losses
+            .iter()
+            .enumerate()
+            .map(|(row, &loss)| weighted(row, loss))
+            .collect();
+        B::from_values(losses, vec![positions])
+    };
+    let grad = grad.map(|grad| B::from_values(grad, shape.to_vec()));
+    (output, grad)
+}
+
+macro_rules! host_impl {
+    ($backend:ty, $feature:literal) => {
+        #[cfg(feature = $feature)]
+        #[allow(deprecated)]
+        impl FusedLossBackend for $backend {
+            fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self> {
+                run::<Self>(&student, &teacher, &job, false).0
+            }
+
+            fn fused_head_loss(
+                hidden: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                teacher_hidden: FloatTensor<Self>,
+                teacher_weight: FloatTensor<Self>,
+                job: HeadJob,
+            ) -> FloatTensor<Self> {
+                let teacher = TeacherRows::Head {
+                    hidden: &teacher_hidden,
+                    weight: &teacher_weight,
+                };
+                run_head::<Self>(&hidden, &weight, teacher, &job, false).0
+            }
+
+            fn fused_head_loss_logits(
+                hidden: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                teacher_logits: FloatTensor<Self>,
+                job: HeadJob,
+            ) -> FloatTensor<Self> {
+                run_head::<Self>(
+                    &hidden,
+                    &weight,
+                    TeacherRows::Logits(&teacher_logits),
+                    &job,
+                    false,
+                )
+                .0
+            }
+        }
+    };
+}
+
+host_impl!(burn::backend::NdArray, "ndarray");
+host_impl!(burn::backend::Flex, "flex");
+
+/// Saved by the forward pass: the gradient of the output w.r.t. the student logits (already
+/// weighted per row for a reduced output), and whether the output was per row.
+#[derive(Debug)]
+struct FusedBackward;
+
+impl<B: HostTensor> Backward<B, 1> for FusedBackward {
+    type State = (FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let upstream = grads.consume::<B>(&ops.node);
+        let (grad, per_row) = ops.state;
+        let Some(parent) = parent else { return };
+        let grad = if per_row {
+            let positions = upstream.shape()[0];
+            B::float_mul(grad, B::float_reshape(upstream, Shape::new([positions, 1])))
+        } else {
+            let scale = B::with_values(&upstream, |values| values[0]);
+            if scale == 1.0 {
+                grad
+            } else {
+                B::float_mul_scalar(grad, scale.into())
+            }
+        };
+        grads.register::<B>(parent.id, grad);
+    }
+}
+
+/// Saved by the chunked head's forward pass: the gradients w.r.t. `hidden` and `weight`.
+#[derive(Debug)]
+struct HeadBackward;
+
+impl<B: HostTensor> Backward<B, 2> for HeadBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [hidden_node, weight_node] = ops.parents;
+        let upstream = grads.consume::<B>(&ops.node);
+        let scale = B::with_values(&upstream, |values| values[0]);
+        let scaled = |grad: FloatTensor<B>| {
+            if scale == 1.0 {
+                grad
+            } else {
+                B::float_mul_scalar(grad, scale.into())
+            }
+        };
+        let (hidden_grad, weight_grad) = ops.state;
+        if let Some(node) = hidden_node {
+            grads.register::<B>(node.id, scaled(hidden_grad));
+        }
+        if let Some(node) = weight_node {
+            grads.register::<B>(node.id, scaled(weight_grad));
+        }
+    }
+}
+
+/// The autodiff form of the chunked head: both gradients come out of the forward pass.
+fn head_autodiff<B: FusedLossBackend + HostTensor, C: CheckpointStrategy>(
+    hidden: FloatTensor<Autodiff<B, C>>,
+    weight: FloatTensor<Autodiff<B, C>>,
+    teacher: TeacherRows<'_, B>,
+    job: HeadJob,
+) -> FloatTensor<Autodiff<B, C>> {
+    match HeadBackward
+        .prepare::<C>([hidden.node(), weight.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (output, grads) = run_head::<B>(hidden.primitive(), weight.primitive(), teacher, &job, true);
+            prep.finish(grads.expect("the gradients were asked for"), output)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(run_head::<B>(hidden.primitive(), weight.primitive(), teacher, &job, false).0)
+        }
+    }
+}
+
+impl<B: FusedLossBackend + HostTensor, C: CheckpointStrategy> FusedLossBackend for Autodiff<B, C> {
+    fn fused_head_loss(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        teacher_hidden: FloatTensor<Self>,
+        teacher_weight: FloatTensor<Self>,
+        job: HeadJob,
+    ) -> FloatTensor<Self> {
+        let teacher = TeacherRows::Head {
+            hidden: teacher_hidden.primitive(),
+            weight: teacher_weight.primitive(),
+        };
+        head_autodiff::<B, C>(hidden, weight, teacher, job)
+    }
+
+    fn fused_head_loss_logits(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        teacher_logits: FloatTensor<Self>,
+        job: HeadJob,
+    ) -> FloatTensor<Self> {
+        head_autodiff::<B, C>(hidden, weight, TeacherRows::Logits(teacher_logits.primitive()), job)
+    }
+
+    fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self> {
+        match FusedBackward.prepare::<C>([student.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (output, grad) = run::<B>(student.primitive(), teacher.primitive(), &job, true);
+                let grad = grad.expect("the gradient was asked for");
+                prep.finish((grad, !job.reduced), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fused_loss(student.into_primitive(), teacher.into_primitive(), job))
+            }
+        }
+    }
+}

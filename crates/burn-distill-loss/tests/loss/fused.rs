@@ -1,0 +1,554 @@
+//! The fused kernel against the composed tensor-op path: values and gradients, every loss it
+//! serves, rank 2 and masked rank 3, extreme logits, errors, and the chunked linear head.
+//! (The PyTorch fixtures above already run through the fused kernel on ndarray and flex,
+//! since `Implementation::Auto` picks it there.)
+
+use super::*;
+
+const RTOL: f64 = 1e-5;
+
+/// The devices with a fused kernel (the others run the composed path under `Auto`).
+fn fused_devices() -> Vec<&'static NamedDevice> {
+    devices()
+        .iter()
+        .filter(|named| fused_available(&named.device))
+        .collect()
+}
+
+/// The loss value(s) and the gradient w.r.t. the student logits of `loss(student)`.
+fn value_and_grad<const D: usize>(
+    device: &Device,
+    student: &[f64],
+    shape: &[usize],
+    loss: impl Fn(Tensor<D>) -> Tensor<1>,
+) -> (Vec<f64>, Vec<f64>) {
+    let student = floats::<D>(student, shape, &device.clone().autodiff()).require_grad();
+    let value = loss(student.clone());
+    // A weighted sum, so per-position outputs get a gradient that is not all ones.
+    let positions = value.dims()[0];
+    let weights: Vec<f64> = (0..positions).map(|i| 1.0 + (i % 3) as f64 * 0.5).collect();
+    let weighted = (value.clone() * floats::<1>(&weights, &[positions], &value.device())).sum();
+    let grads = weighted.backward();
+    let grad = student.grad(&grads).expect("student gradient");
+    (to_vec(value), to_vec(grad.without_autodiff()))
+}
+
+fn assert_same(what: &str, fused: &(Vec<f64>, Vec<f64>), composed: &(Vec<f64>, Vec<f64>)) {
+    assert_same_within(what, fused, composed, RTOL, 1e-8);
+}
+
+/// Values and gradients within `rtol` of the largest; gradients also within `grad_atol`.
+fn assert_same_within(
+    what: &str,
+    fused: &(Vec<f64>, Vec<f64>),
+    composed: &(Vec<f64>, Vec<f64>),
+    rtol: f64,
+    grad_atol: f64,
+) {
+    assert_close(&format!("{what}: value"), &fused.0, &composed.0, rtol, 1e-7);
+    assert_close(&format!("{what}: gradient"), &fused.1, &composed.1, rtol, grad_atol);
+}
+
+fn divergences() -> Vec<Divergence> {
+    let mut all = Divergence::ALL.to_vec();
+    all.extend([
+        Divergence::GeneralizedJsd { beta: 1e-3 },
+        Divergence::GeneralizedJsd { beta: 0.0 },
+        Divergence::GeneralizedJsd { beta: 1.0 },
+        Divergence::SkewKl { alpha: 0.9 },
+        Divergence::SkewReverseKl { alpha: 0.5 },
+    ]);
+    all
+}
+
+/// Teacher and student logits where the same classes are `-inf` on both sides (a padded
+/// vocabulary) and, when `teacher_only`, more classes are `-inf` in the teacher alone.
+fn with_neg_inf(
+    mut student: Vec<f64>,
+    mut teacher: Vec<f64>,
+    classes: usize,
+    teacher_only: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    for (index, (s, t)) in student.iter_mut().zip(teacher.iter_mut()).enumerate() {
+        let class = index % classes;
+        if class % 7 == 3 {
+            *s = f64::NEG_INFINITY;
+            *t = f64::NEG_INFINITY;
+        } else if teacher_only && class % 5 == 1 {
+            *t = f64::NEG_INFINITY;
+        }
+    }
+    (student, teacher)
+}
+
+#[test]
+fn fused_divergences_equal_composed_on_rank_2() {
+    let cases: [(&str, [usize; 2], f64, f64); 5] = [
+        ("256x10", [256, 10], 4.0, 2.0),
+        ("256x1000", [256, 1000], 4.0, 1.0),
+        ("odd 9x37 at T=0.25", [9, 37], 3.0, 0.25),
+        ("extreme 1e4 logits", [16, 50], 1e4, 1.0),
+        ("extreme at T=100", [16, 50], 1e3, 100.0),
+    ];
+    for named in fused_devices() {
+        for (name, shape, scale, temperature) in cases {
+            let student = random_logits(&shape, scale, 11);
+            let teacher = random_logits(&shape, scale, 12);
+            for divergence in divergences() {
+                for reduction in [Reduction::BatchMean, Reduction::Sum] {
+                    let run = |implementation| {
+                        let loss = DivergenceLossConfig::new(divergence)
+                            .with_temperature(temperature)
+                            .with_scale_by_temperature_squared(true)
+                            .with_implementation(implementation)
+                            .init();
+                        value_and_grad::<2>(&named.device, &student, &shape, |s| {
+                            let t = floats::<2>(&teacher, &shape, &s.device());
+                            loss.forward(s, t, reduction).unwrap()
+                        })
+                    };
+                    let what = format!("{} {name} {divergence:?} {reduction:?}", named.name);
+                    // One-hot rows at logits of 1e4: the gradient is 0 up to the composed
+                    // path's rounding noise (3e-8, 1e-7 for GJSD at β = 1e-3, which divides by β).
+                    let grad_atol = if scale >= 1e3 { 1e-6 } else { 1e-8 };
+                    assert_same_within(
+                        &what,
+                        &run(Implementation::Fused),
+                        &run(Implementation::Composed),
+                        RTOL,
+                        grad_atol,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_divergences_equal_composed_on_masked_rank_3_and_per_position() {
+    let shape = [3, 6, 40];
+    let mask = [1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0];
+    let student = random_logits(&shape, 5.0, 21);
+    let teacher = random_logits(&shape, 5.0, 22);
+    let finite = (student.clone(), teacher.clone());
+    let padded = with_neg_inf(student.clone(), teacher.clone(), 40, false);
+    let teacher_zeros = with_neg_inf(student, teacher, 40, true);
+    for named in fused_devices() {
+        for divergence in divergences() {
+            let infinite_reverse = matches!(divergence, Divergence::ReverseKl | Divergence::SymmetricKl)
+                || divergence == (Divergence::GeneralizedJsd { beta: 1.0 });
+            let mut inputs = vec![("finite", &finite), ("padded vocabulary", &padded)];
+            if !infinite_reverse {
+                inputs.push(("teacher zeros", &teacher_zeros));
+            }
+            for (input, (student, teacher)) in inputs {
+                let loss = |implementation| {
+                    DivergenceLossConfig::new(divergence)
+                        .with_temperature(1.5)
+                        .with_implementation(implementation)
+                        .init()
+                };
+                let masked = |implementation| {
+                    let loss = loss(implementation);
+                    value_and_grad::<3>(&named.device, student, &shape, |s| {
+                        let t = floats::<3>(teacher, &shape, &s.device());
+                        let m = bools::<2>(&mask, &[3, 6], &s.device());
+                        loss.forward_masked(s, t, m, Reduction::BatchMean).unwrap()
+                    })
+                };
+                let per_position = |implementation| {
+                    let loss = loss(implementation);
+                    value_and_grad::<3>(&named.device, student, &shape, |s| {
+                        let t = floats::<3>(teacher, &shape, &s.device());
+                        loss.forward_no_reduction(s, t).unwrap().reshape([18])
+                    })
+                };
+                let what = format!("{} {divergence:?} {input}", named.name);
+                assert_same(
+                    &format!("{what} masked"),
+                    &masked(Implementation::Fused),
+                    &masked(Implementation::Composed),
+                );
+                assert_same(
+                    &format!("{what} per position"),
+                    &per_position(Implementation::Fused),
+                    &per_position(Implementation::Composed),
+                );
+            }
+        }
+    }
+}
+
+/// `log_softmax(row / T)` in f64.
+fn log_softmax_f64(row: &[f64], temperature: f64) -> Vec<f64> {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v / temperature));
+    let log_sum = row.iter().map(|&v| (v / temperature - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v / temperature - max - log_sum).collect()
+}
+
+/// Hinton KD per position in f64 (0 where the label is ignored), T² on.
+fn hinton_reference(
+    student: &[f64],
+    teacher: &[f64],
+    labels: &[i64],
+    classes: usize,
+    alpha: f64,
+    temperature: f64,
+    smoothing: f64,
+) -> Vec<f64> {
+    student
+        .chunks(classes)
+        .zip(teacher.chunks(classes))
+        .zip(labels)
+        .map(|((s, t), &label)| {
+            if label < 0 {
+                return 0.0;
+            }
+            let (q, p, q1) = (
+                log_softmax_f64(s, temperature),
+                log_softmax_f64(t, temperature),
+                log_softmax_f64(s, 1.0),
+            );
+            let kl: f64 = p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum();
+            let uniform: f64 = q1.iter().sum::<f64>() / classes as f64;
+            let cross_entropy = -(1.0 - smoothing) * q1[label as usize] - smoothing * uniform;
+            alpha * cross_entropy + (1.0 - alpha) * temperature * temperature * kl
+        })
+        .collect()
+}
+
+#[test]
+fn fused_hinton_equals_composed_with_labels_ignore_and_smoothing() {
+    let shape = [4, 5, 30];
+    let student = random_logits(&shape, 6.0, 31);
+    let teacher = random_logits(&shape, 6.0, 32);
+    let labels: Vec<i64> = (0..20).map(|i| if i % 6 == 5 { -100 } else { (i * 7) % 30 }).collect();
+    for named in fused_devices() {
+        for (alpha, temperature, smoothing) in [(0.5, 4.0, 0.0), (0.1, 20.0, 0.1), (1.0, 1.0, 0.0), (0.0, 2.0, 0.0)] {
+            for reduction in [
+                Reduction::BatchMean,
+                Reduction::Sum,
+                Reduction::ElementMean,
+                Reduction::SumOver(50),
+            ] {
+                let run = |implementation| {
+                    let loss = HintonKdLossConfig::new()
+                        .with_alpha(alpha)
+                        .with_temperature(temperature)
+                        .with_label_smoothing(smoothing)
+                        .with_implementation(implementation)
+                        .init();
+                    value_and_grad::<3>(&named.device, &student, &shape, |s| {
+                        let t = floats::<3>(&teacher, &shape, &s.device());
+                        let y = ints::<2>(&labels, &[4, 5], &s.device());
+                        loss.forward(s, t, y, reduction).unwrap()
+                    })
+                };
+                let what = format!(
+                    "{} hinton α={alpha} T={temperature} ε={smoothing} {reduction:?}",
+                    named.name
+                );
+                assert_same(&what, &run(Implementation::Fused), &run(Implementation::Composed));
+            }
+            let per_position = |implementation| {
+                let loss = HintonKdLossConfig::new()
+                    .with_alpha(alpha)
+                    .with_temperature(temperature)
+                    .with_label_smoothing(smoothing)
+                    .with_implementation(implementation)
+                    .init();
+                value_and_grad::<3>(&named.device, &student, &shape, |s| {
+                    let t = floats::<3>(&teacher, &shape, &s.device());
+                    let y = ints::<2>(&labels, &[4, 5], &s.device());
+                    loss.forward_no_reduction(s, t, y).unwrap().reshape([20])
+                })
+            };
+            let fused = per_position(Implementation::Fused);
+            let reference = hinton_reference(&student, &teacher, &labels, 30, alpha, temperature, smoothing);
+            assert_close(
+                &format!("{} hinton α={alpha} per position vs f64", named.name),
+                &fused.0,
+                &reference,
+                RTOL,
+                1e-7,
+            );
+            // At T = 20 with T² the soft term is a small KL times 400: the composed f32 path is
+            // itself 1.3e-5 (relative) away from the f64 reference there, the fused one within 1e-5.
+            let rtol = if temperature >= 20.0 { 3e-5 } else { RTOL };
+            let composed = per_position(Implementation::Composed);
+            assert_same_within(
+                &format!("{} hinton α={alpha} per position", named.name),
+                &fused,
+                &composed,
+                rtol,
+                1e-8,
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_gradient_is_scaled_by_the_upstream_gradient() {
+    let shape = [8, 12];
+    let student = random_logits(&shape, 3.0, 41);
+    let teacher = random_logits(&shape, 3.0, 42);
+    for named in fused_devices() {
+        let loss = DivergenceLossConfig::new(Divergence::ForwardKl)
+            .with_temperature(2.0)
+            .init();
+        let grad_times = |factor: f64| {
+            let s = floats::<2>(&student, &shape, &named.device.clone().autodiff()).require_grad();
+            let t = floats::<2>(&teacher, &shape, &s.device());
+            let value = loss.forward(s.clone(), t, Reduction::BatchMean).unwrap();
+            to_vec(s.grad(&value.mul_scalar(factor).backward()).unwrap().without_autodiff())
+        };
+        let once = grad_times(1.0);
+        let scaled: Vec<f64> = grad_times(-3.0).iter().map(|g| g / -3.0).collect();
+        assert_close("gradient of -3 · loss, divided by -3", &scaled, &once, 1e-6, 1e-9);
+        // (q − p) / (T · N) sums to zero in each row.
+        for row in once.chunks(12) {
+            assert!(
+                row.iter().sum::<f64>().abs() < 1e-7,
+                "row gradient sums to {}",
+                row.iter().sum::<f64>()
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_path_rejects_bad_values_by_name() {
+    let shape = [4, 6];
+    for named in fused_devices() {
+        let loss = DivergenceLossConfig::new(Divergence::ForwardKl)
+            .with_implementation(Implementation::Fused)
+            .init();
+        let good = random_logits(&shape, 2.0, 51);
+        let cases: [(&str, usize, f64, LossError); 4] = [
+            (
+                "student NaN",
+                0,
+                f64::NAN,
+                LossError::NonFinite {
+                    tensor: "student logits",
+                    kind: "NaN",
+                },
+            ),
+            (
+                "teacher NaN",
+                1,
+                f64::NAN,
+                LossError::NonFinite {
+                    tensor: "teacher logits",
+                    kind: "NaN",
+                },
+            ),
+            (
+                "student +inf",
+                0,
+                f64::INFINITY,
+                LossError::NonFinite {
+                    tensor: "student logits",
+                    kind: "+inf",
+                },
+            ),
+            (
+                "teacher +inf",
+                1,
+                f64::INFINITY,
+                LossError::NonFinite {
+                    tensor: "teacher logits",
+                    kind: "+inf",
+                },
+            ),
+        ];
+        for (what, side, bad, expected) in cases {
+            let mut values = [good.clone(), good.clone()];
+            values[side][13] = bad;
+            let s = floats::<2>(&values[0], &shape, &named.device);
+            let t = floats::<2>(&values[1], &shape, &named.device);
+            assert_eq!(
+                loss.forward(s, t, Reduction::BatchMean).unwrap_err(),
+                expected,
+                "{what}"
+            );
+        }
+        let mut empty = good.clone();
+        empty[6..12].fill(f64::NEG_INFINITY);
+        let s = floats::<2>(&good, &shape, &named.device);
+        let t = floats::<2>(&empty, &shape, &named.device);
+        assert_eq!(
+            loss.forward(s, t, Reduction::BatchMean).unwrap_err(),
+            LossError::EmptyDistribution {
+                tensor: "teacher logits"
+            }
+        );
+        let s = floats::<2>(&good, &shape, &named.device);
+        let t = floats::<2>(&good, &shape, &named.device);
+        let mask = bools::<1>(&[0, 0, 0, 0], &[4], &named.device);
+        assert_eq!(
+            loss.forward_masked(s, t, mask, Reduction::BatchMean).unwrap_err(),
+            LossError::NoValidPositions
+        );
+        let hinton = HintonKdLossConfig::new()
+            .with_implementation(Implementation::Fused)
+            .init();
+        let s = floats::<2>(&good, &shape, &named.device);
+        let t = floats::<2>(&good, &shape, &named.device);
+        let labels = ints::<1>(&[0, 6, 1, 2], &[4], &named.device);
+        assert_eq!(
+            hinton.forward(s, t, labels, Reduction::BatchMean).unwrap_err(),
+            LossError::IndexOutOfRange {
+                tensor: "labels",
+                index: 6,
+                classes: 6
+            }
+        );
+    }
+}
+
+#[test]
+fn forcing_the_fused_kernel_elsewhere_is_an_error_and_auto_falls_back() {
+    for named in devices() {
+        let student = floats::<2>(&random_logits(&[2, 3], 1.0, 61), &[2, 3], &named.device);
+        let forced = DivergenceLossConfig::new(Divergence::ForwardKl)
+            .with_implementation(Implementation::Fused)
+            .init()
+            .forward(student.clone(), student.clone(), Reduction::Sum);
+        let auto = DivergenceLossConfig::new(Divergence::ForwardKl)
+            .init()
+            .forward(student.clone(), student, Reduction::Sum)
+            .unwrap();
+        assert!(scalar(auto).abs() < 1e-6);
+        if fused_available(&named.device) {
+            assert!(forced.is_ok(), "{}", named.name);
+        } else {
+            assert!(
+                matches!(forced, Err(LossError::FusedUnavailable { .. })),
+                "{}: {forced:?}",
+                named.name
+            );
+        }
+    }
+    #[cfg(feature = "ndarray")]
+    {
+        #[allow(deprecated)]
+        let device = Device::ndarray();
+        let f64_logits = Tensor::<2>::zeros([2, 3], &device).cast(burn::tensor::DType::F64);
+        let forced = DivergenceLossConfig::new(Divergence::ForwardKl)
+            .with_implementation(Implementation::Fused)
+            .init()
+            .forward(f64_logits.clone(), f64_logits, Reduction::Sum);
+        assert!(
+            matches!(forced, Err(LossError::FusedUnavailable { .. })),
+            "f64: {forced:?}"
+        );
+    }
+}
+
+/// `(loss, ∂/∂hidden, ∂/∂weight)` of the linear-head loss.
+fn head_run(device: &Device, config: &LinearHeadKdConfig, data: &HeadData, teacher_head: bool) -> [Vec<f64>; 3] {
+    let device = device.clone().autodiff();
+    let hidden = floats::<2>(&data.hidden, &[data.positions, data.width], &device).require_grad();
+    let weight = floats::<2>(&data.weight, &[data.classes, data.width], &device).require_grad();
+    let teacher = if teacher_head {
+        HeadTeacher::Head {
+            hidden: floats::<2>(&data.teacher_hidden, &[data.positions, 5], &device),
+            weight: floats::<2>(&data.teacher_weight, &[data.classes, 5], &device),
+        }
+    } else {
+        let logits: Vec<f64> = (0..data.positions * data.classes)
+            .map(|index| {
+                let (row, class) = (index / data.classes, index % data.classes);
+                (0..5)
+                    .map(|k| data.teacher_hidden[row * 5 + k] * data.teacher_weight[class * 5 + k])
+                    .sum()
+            })
+            .collect();
+        HeadTeacher::Logits(floats::<2>(&logits, &[data.positions, data.classes], &device))
+    };
+    let labels = ints::<1>(&data.labels, &[data.positions], &device);
+    let loss = config
+        .init()
+        .forward(
+            hidden.clone(),
+            weight.clone(),
+            teacher,
+            Some(labels),
+            Reduction::BatchMean,
+        )
+        .unwrap();
+    let grads = loss.clone().mul_scalar(0.5).backward();
+    [
+        to_vec(loss),
+        to_vec(hidden.grad(&grads).unwrap().without_autodiff()),
+        to_vec(weight.grad(&grads).unwrap().without_autodiff()),
+    ]
+}
+
+struct HeadData {
+    positions: usize,
+    width: usize,
+    classes: usize,
+    hidden: Vec<f64>,
+    weight: Vec<f64>,
+    teacher_hidden: Vec<f64>,
+    teacher_weight: Vec<f64>,
+    labels: Vec<i64>,
+}
+
+#[test]
+fn chunked_linear_head_equals_matmul_and_composed_loss() {
+    let (positions, width, classes) = (23, 8, 41);
+    let data = HeadData {
+        positions,
+        width,
+        classes,
+        hidden: random_logits(&[positions, width], 1.0, 71),
+        weight: random_logits(&[classes, width], 1.0, 72),
+        teacher_hidden: random_logits(&[positions, 5], 1.5, 73),
+        teacher_weight: random_logits(&[classes, 5], 1.5, 74),
+        labels: (0..positions as i64)
+            .map(|i| if i % 5 == 4 { -100 } else { (i * 3) % classes as i64 })
+            .collect(),
+    };
+    for named in fused_devices() {
+        for (divergence, alpha) in [
+            (Divergence::ForwardKl, 0.0),
+            (Divergence::ForwardKl, 0.3),
+            (Divergence::ReverseKl, 0.0),
+            (Divergence::TotalVariation, 0.2),
+        ] {
+            let base = LinearHeadKdConfig::new()
+                .with_divergence(divergence)
+                .with_alpha(alpha)
+                .with_temperature(2.0)
+                .with_scale_by_temperature_squared(true);
+            let reference = head_run(
+                &named.device,
+                &base.clone().with_implementation(Implementation::Composed),
+                &data,
+                true,
+            );
+            for chunk_rows in [1, 7, 23, 64] {
+                for teacher_head in [true, false] {
+                    let config = base
+                        .clone()
+                        .with_chunk_rows(chunk_rows)
+                        .with_implementation(Implementation::Fused);
+                    let fused = head_run(&named.device, &config, &data, teacher_head);
+                    let what = format!(
+                        "{} head {divergence:?} α={alpha} chunk={chunk_rows} teacher head={teacher_head}",
+                        named.name
+                    );
+                    for (part, (got, expected)) in ["loss", "d hidden", "d weight"]
+                        .iter()
+                        .zip(fused.iter().zip(&reference))
+                    {
+                        assert_close(&format!("{what}: {part}"), got, expected, 1e-5, 1e-8);
+                    }
+                }
+            }
+        }
+    }
+}

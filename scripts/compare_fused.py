@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Fused vs composed burn vs PyTorch CPU eager: KD losses, forward + backward, in one run.
+
+Runs PyTorch on the same losses, conventions and shapes as `benches/benchmarks/fused.rs`, then
+the criterion benches (`fused/...` and `bandwidth/copy/1GiB`), and prints one Markdown table
+with the ratios and each fused figure as a share of the measured copy bandwidth (12 bytes per
+element: read student and teacher logits, write the gradient).
+
+    pip install torch numpy          # CPU wheels are enough
+    python3 scripts/compare_fused.py                     # everything (about an hour on 2 cores)
+    python3 scripts/compare_fused.py --devices flex --shapes 2048x32000
+    python3 scripts/compare_fused.py --skip-cargo        # reuse criterion's last results
+
+PyTorch is used only here, never by the crates.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ["256x10", "256x1000", "2048x32000", "8192x32000"]
+LOSSES = ["forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "hinton"]
+# At 8192 x 32000 the composed paths (burn and PyTorch) only run these two.
+HUGE_LOSSES = {"forward_kl", "hinton"}
+
+
+def logits(rows, classes, seed):
+    """The bench's deterministic logits: uniform in [-4, 4) from a multiplicative hash."""
+    i = torch.arange(rows * classes, dtype=torch.int64)
+    x = (i * 2_654_435_761 + seed * 40_503) & 0xFFFFFFFF
+    return ((x >> 8).to(torch.float32) / float(1 << 24) * 8.0 - 4.0).reshape(rows, classes)
+
+
+def kl(log_a, log_b):
+    """Sum over classes of a (log a - log b), rows averaged (batchmean)."""
+    return F.kl_div(log_b, log_a, reduction="batchmean", log_target=True)
+
+
+def loss_fn(name, student, teacher, labels):
+    if name == "hinton":  # alpha 0.5, T 4, T^2 on: alpha CE + (1 - alpha) T^2 KL
+        t = 4.0
+        soft = kl(F.log_softmax(teacher / t, -1), F.log_softmax(student / t, -1)) * t * t
+        return 0.5 * F.cross_entropy(student, labels) + 0.5 * soft
+    t = 2.0
+    q = F.log_softmax(student / t, -1)
+    p = F.log_softmax(teacher / t, -1)
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "generalized_jsd":  # beta 0.5, normalised by beta (1 - beta)
+        beta = 0.5
+        m = torch.logsumexp(torch.stack([p + torch.log(torch.tensor(beta)), q + torch.log(torch.tensor(1 - beta))]), 0)
+        return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+    if name == "total_variation":
+        return 0.5 * (p.exp() - q.exp()).abs().sum(-1).mean()
+    raise ValueError(name)
+
+
+def time_torch(name, rows, classes, repeats):
+    teacher = logits(rows, classes, 2)
+    student_data = logits(rows, classes, 1)
+    labels = (torch.arange(rows) * 7919) % classes
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        student = student_data.clone().requires_grad_(True)
+        start = time.perf_counter()
+        loss_fn(name, student, teacher, labels).backward()
+        _ = student.grad.sum().item()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def criterion_results(target):
+    """{(group, function, value): median seconds, bytes} from criterion's JSON files."""
+    results = {}
+    for bench in (target / "criterion").rglob("new/benchmark.json"):
+        meta = json.loads(bench.read_text())
+        estimates = json.loads((bench.parent / "estimates.json").read_text())
+        throughput = meta.get("throughput") or {}
+        key = (meta["group_id"], meta["function_id"], meta.get("value_str"))
+        results[key] = (estimates["median"]["point_estimate"] / 1e9, throughput.get("Bytes"))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", default="ndarray,flex", help="burn devices to bench (comma-separated)")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--repeats", type=int, default=5, help="PyTorch repetitions per case (median)")
+    parser.add_argument("--skip-cargo", action="store_true", help="do not run cargo bench; read its last results")
+    parser.add_argument("--output", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    devices, shapes, losses = args.devices.split(","), args.shapes.split(","), args.losses.split(",")
+    torch.set_num_threads(os.cpu_count())
+
+    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
+    torch_times = {}
+    for shape in shapes:
+        rows, classes = map(int, shape.split("x"))
+        for name in losses:
+            if rows * classes > 100_000_000 and name not in HUGE_LOSSES:
+                continue
+            torch_times[(name, shape)] = time_torch(name, rows, classes, args.repeats if rows * classes < 1e8 else 3)
+            print(f"  torch {name} {shape}: {torch_times[(name, shape)] * 1e3:.1f} ms", file=sys.stderr)
+
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    if not args.skip_cargo:
+        pattern = "^(bandwidth/|fused/({})/({})/.*/({})$)".format("|".join(devices), "|".join(losses), "|".join(shapes))
+        command = ["cargo", "bench", "--bench", "bench_main", "--features", "flex", "--", pattern, "--noplot"]
+        print("running:", " ".join(command), file=sys.stderr)
+        subprocess.run(command, cwd=ROOT, check=True)
+    results = criterion_results(target)
+    copy = results.get(("bandwidth", "copy/1GiB", None))
+    copy_bandwidth = copy[1] / copy[0] if copy else None
+
+    lines = []
+    if copy_bandwidth:
+        lines.append(f"Copy bandwidth (`bandwidth/copy/1GiB`): {copy_bandwidth / 1e9:.1f} GB/s.\n")
+    lines.append("| shape | loss | device | fused | composed | PyTorch eager | composed / fused | PyTorch / fused | fused GB/s (12 B/elem) | share of copy bandwidth |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda seconds: "-" if seconds is None else (f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs")
+    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.1f}×"
+    for shape in shapes:
+        rows, classes = map(int, shape.split("x"))
+        for name in losses:
+            for device in devices:
+                fused = results.get((f"fused/{device}", f"{name}/fused", shape))
+                composed = results.get((f"fused/{device}", f"{name}/composed", shape))
+                if fused is None and composed is None:
+                    continue
+                fused_s = fused[0] if fused else None
+                composed_s = composed[0] if composed else None
+                torch_s = torch_times.get((name, shape))
+                gbps = 12 * rows * classes / fused_s if fused_s else None
+                share = f"{100 * gbps / copy_bandwidth:.0f} %" if gbps and copy_bandwidth else "-"
+                lines.append(
+                    f"| {shape} | {name} | {device} | {fmt(fused_s)} | {fmt(composed_s)} | {fmt(torch_s)} | "
+                    f"{ratio(composed_s, fused_s)} | {ratio(torch_s, fused_s)} | "
+                    f"{'-' if gbps is None else f'{gbps / 1e9:.1f}'} | {share} |"
+                )
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        args.output.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

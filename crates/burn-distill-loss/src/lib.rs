@@ -31,6 +31,15 @@
 //! | Zero probabilities | `-inf` logits mean probability 0; `0 · log 0 = 0`. NaN and `+inf` logits are an error. |
 //! | Vocabulary | different class counts are an error unless a [`VocabPolicy`] pads or truncates. |
 //! | Teacher gradients | the teacher side is detached: no gradient reaches it. |
+//! | Implementation | f32 logits on an ndarray or flex device run a fused kernel (loss and gradient in one visit of each row, see [`Implementation`]); other devices run the composed tensor ops. Both agree to 1e-5. |
+//!
+//! ## Fused kernel and chunked linear head
+//!
+//! [`DivergenceLoss`] and [`HintonKdLoss`] pick a fused forward + backward by themselves where
+//! it exists ([`Implementation::Auto`]); `Fused` and `Composed` force either. For language
+//! models, [`LinearHeadKd`] takes the student's hidden states and head weight and never holds
+//! the whole `[positions, vocab]` logits: it computes them, the loss and the gradients chunk by
+//! chunk.
 //!
 //! # Usage
 //!

@@ -111,8 +111,8 @@ fn check_agreement(name: &str, loss: Loss, student: &Tensor<2>, teacher: &Tensor
         (fused_value - composed_value).abs() <= 1e-5 * composed_value.abs(),
         "{name}: fused loss {fused_value} vs composed {composed_value}"
     );
-    let fused_grad = fused_grad.to_vec::<f32>().unwrap();
-    let composed_grad = composed_grad.to_vec::<f32>().unwrap();
+    let fused_grad = fused_grad.try_to_vec::<f32>().unwrap();
+    let composed_grad = composed_grad.try_to_vec::<f32>().unwrap();
     let scale = composed_grad.iter().fold(0.0f32, |m, g| m.max(g.abs())) as f64;
     let worst = |grad: &[f32], reference: &[f64]| {
         grad.iter()
@@ -169,7 +169,7 @@ fn softmax_rows_f64(tensor: &Tensor<2>, count: usize, temperature: f64) -> Vec<V
         .clone()
         .slice([0..count, 0..classes])
         .into_data()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .unwrap();
     values
         .chunks(classes)
@@ -226,7 +226,7 @@ fn forward_kl_grad_f64(
             .clone()
             .slice([0..count, 0..classes])
             .into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .unwrap()
     };
     let softmax = |row: &[f32]| {

@@ -16,6 +16,8 @@ use crate::input::read_ints;
 use crate::reduction::{Reduction, reduction_weights};
 
 /// The teacher side of a [`LinearHeadKd`].
+// One value per loss call: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum HeadTeacher {
     /// The teacher's logits, `[positions, classes]`.

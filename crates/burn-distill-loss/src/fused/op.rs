@@ -217,10 +217,7 @@ fn run_head<B: HostTensor>(
         }
     }
     let output = B::from_values(vec![total as f32], vec![1]);
-    let grads = match weight_grad {
-        Some(weight_grad) => Some((B::float_cat(hidden_grads, 0), weight_grad)),
-        None => None,
-    };
+    let grads = weight_grad.map(|weight_grad| (B::float_cat(hidden_grads, 0), weight_grad));
     (output, grads)
 }
 

@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, activation};
 
-use crate::error::{LossError, check_range, check_temperature};
-use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, use_fused};
+use crate::error::{check_range, check_temperature};
+use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, kernel_labels, use_fused};
 use crate::input::{Labelled, check_logits, flatten_labelled, flatten_pair, flatten_positions, read_ints, unflatten};
 use crate::math::{kl_rows, row_sum};
 use crate::reduction::{Reduction, reduce, reduction_weights};
@@ -223,21 +223,8 @@ impl HintonKdLoss {
         let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
         let [positions, classes] = student.dims();
         // The labels are read in any case: the kernel indexes the row with them.
-        let mut labels = read_ints(flatten_positions(labels, &lead, "labels")?.into_data());
-        let valid: Vec<bool> = labels.iter().map(|&label| label != self.ignore_index).collect();
-        if let Some(&index) = labels
-            .iter()
-            .find(|&&label| label != self.ignore_index && (label < 0 || label >= classes as i64))
-        {
-            return Err(LossError::IndexOutOfRange {
-                tensor: "labels",
-                index,
-                classes,
-            });
-        }
-        for label in labels.iter_mut().filter(|label| **label == self.ignore_index) {
-            *label = 0;
-        }
+        let labels = read_ints(flatten_positions(labels, &lead, "labels")?.into_data());
+        let (labels, valid) = kernel_labels(labels, self.ignore_index, classes)?;
         let weights = match reduction {
             Some(reduction) => reduction_weights(Some(&valid), positions, classes, reduction)?,
             None => valid.iter().map(|&valid| if valid { 1.0 } else { 0.0 }).collect(),

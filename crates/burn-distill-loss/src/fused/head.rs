@@ -8,7 +8,7 @@ use burn::tensor::{Int, Tensor};
 
 use super::kernel::RowSpec;
 use super::op::{FusedLossBackend, HeadJob};
-use super::{Implementation, decide};
+use super::{Implementation, decide, kernel_labels};
 use crate::divergence::{Divergence, DivergenceLossConfig};
 use crate::error::{LossError, check_range, check_temperature};
 use crate::hinton::HintonKdLossConfig;
@@ -173,26 +173,13 @@ impl LinearHeadKd {
             return self.composed(hidden, weight, teacher, labels, reduction);
         }
 
-        let valid: Vec<bool> = match &labels {
-            Some(labels) => labels.iter().map(|&label| label != config.ignore_index).collect(),
-            None => vec![true; positions],
+        let (labels, valid) = match labels {
+            Some(labels) => {
+                let (labels, valid) = kernel_labels(labels, config.ignore_index, classes)?;
+                (Some(labels), valid)
+            }
+            None => (None, vec![true; positions]),
         };
-        let labels = labels
-            .map(|labels| {
-                labels
-                    .into_iter()
-                    .map(|label| match label {
-                        label if label == config.ignore_index => Ok(0),
-                        label if label < 0 || label >= classes as i64 => Err(LossError::IndexOutOfRange {
-                            tensor: "labels",
-                            index: label,
-                            classes,
-                        }),
-                        label => Ok(label),
-                    })
-                    .collect::<crate::Result<Vec<i64>>>()
-            })
-            .transpose()?;
         let weights = reduction_weights(Some(&valid), positions, classes, reduction)?;
         let temperature = config.temperature as f32;
         let squared = if config.scale_by_temperature_squared {

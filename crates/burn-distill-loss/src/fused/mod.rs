@@ -113,6 +113,26 @@ pub(crate) fn fused_loss(
     Tensor::from_dispatch(output)
 }
 
+/// Host labels for the kernel: checks each is in `0..classes` or `ignore_index`, and returns
+/// them with ignored ones replaced by 0, and which positions count.
+pub(crate) fn kernel_labels(mut labels: Vec<i64>, ignore_index: i64, classes: usize) -> Result<(Vec<i64>, Vec<bool>)> {
+    let valid: Vec<bool> = labels.iter().map(|&label| label != ignore_index).collect();
+    if let Some(&index) = labels
+        .iter()
+        .find(|&&label| label != ignore_index && (label < 0 || label >= classes as i64))
+    {
+        return Err(LossError::IndexOutOfRange {
+            tensor: "labels",
+            index,
+            classes,
+        });
+    }
+    for label in labels.iter_mut().filter(|label| **label == ignore_index) {
+        *label = 0;
+    }
+    Ok((labels, valid))
+}
+
 /// Whether any value of a fused result is NaN (a bad input row): one host read of `[1]` or
 /// `[positions]` values.
 pub(crate) fn has_nan(values: &Tensor<1>) -> bool {

@@ -220,29 +220,15 @@ fn forward_kl_grad_f64(
     temperature: f64,
     rows: usize,
 ) -> Vec<f64> {
-    let classes = student.dims()[1];
-    let host = |tensor: &Tensor<2>| {
-        tensor
-            .clone()
-            .slice([0..count, 0..classes])
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap()
-    };
-    let softmax = |row: &[f32]| {
-        let max = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64 / temperature));
-        let exps: Vec<f64> = row.iter().map(|&x| (x as f64 / temperature - max).exp()).collect();
-        let sum: f64 = exps.iter().sum();
-        exps.into_iter().map(move |e| e / sum)
-    };
-    let (s, t) = (host(student), host(teacher));
-    s.chunks(classes)
-        .zip(t.chunks(classes))
-        .flat_map(|(s, t)| {
-            softmax(s)
-                .zip(softmax(t))
-                .map(|(q, p)| (q - p) / (temperature * rows as f64))
-        })
+    let (student, teacher) = (
+        softmax_rows_f64(student, count, temperature),
+        softmax_rows_f64(teacher, count, temperature),
+    );
+    student
+        .iter()
+        .flatten()
+        .zip(teacher.iter().flatten())
+        .map(|(q, p)| (q - p) / (temperature * rows as f64))
         .collect()
 }
 

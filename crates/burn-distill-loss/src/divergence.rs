@@ -315,18 +315,13 @@ impl DivergenceLoss {
         weights: Vec<f32>,
         reduced: bool,
     ) -> crate::Result<Tensor<1>> {
-        let temperature = self.temperature as f32;
-        let spec = RowSpec {
-            divergence: self.divergence,
-            temperature,
-            soft_weight: if self.scale_by_temperature_squared {
-                temperature * temperature
-            } else {
-                1.0
-            },
-            hard_weight: 0.0,
-            label_smoothing: 0.0,
-        };
+        let spec = RowSpec::weighted(
+            self.divergence,
+            self.temperature,
+            self.scale_by_temperature_squared,
+            0.0,
+            0.0,
+        );
         let inputs = self.check_inputs.then(|| (student.clone(), teacher.clone()));
         let output = fused_loss(student, teacher, spec, None, Some(weights), reduced);
         if let Some((student, teacher)) = inputs

@@ -229,19 +229,13 @@ impl HintonKdLoss {
             Some(reduction) => reduction_weights(Some(&valid), positions, classes, reduction)?,
             None => valid.iter().map(|&valid| if valid { 1.0 } else { 0.0 }).collect(),
         };
-        let temperature = self.temperature as f32;
-        let squared = if self.scale_by_temperature_squared {
-            temperature * temperature
-        } else {
-            1.0
-        };
-        let spec = RowSpec {
-            divergence: crate::Divergence::ForwardKl,
-            temperature,
-            soft_weight: (1.0 - self.alpha as f32) * squared,
-            hard_weight: self.alpha as f32,
-            label_smoothing: self.label_smoothing as f32,
-        };
+        let spec = RowSpec::weighted(
+            crate::Divergence::ForwardKl,
+            self.temperature,
+            self.scale_by_temperature_squared,
+            self.alpha,
+            self.label_smoothing,
+        );
         let inputs = self.check_inputs.then(|| (student.clone(), teacher.clone()));
         let output = fused_loss(student, teacher, spec, Some(labels), Some(weights), reduction.is_some());
         if let Some((student, teacher)) = inputs

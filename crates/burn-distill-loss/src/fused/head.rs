@@ -181,20 +181,14 @@ impl LinearHeadKd {
             None => (None, vec![true; positions]),
         };
         let weights = reduction_weights(Some(&valid), positions, classes, reduction)?;
-        let temperature = config.temperature as f32;
-        let squared = if config.scale_by_temperature_squared {
-            temperature * temperature
-        } else {
-            1.0
-        };
         let job = HeadJob {
-            spec: RowSpec {
-                divergence: config.divergence,
-                temperature,
-                soft_weight: (1.0 - config.alpha as f32) * squared,
-                hard_weight: config.alpha as f32,
-                label_smoothing: 0.0,
-            },
+            spec: RowSpec::weighted(
+                config.divergence,
+                config.temperature,
+                config.scale_by_temperature_squared,
+                config.alpha,
+                0.0,
+            ),
             chunk_rows: config.chunk_rows,
             labels: labels.map(Arc::new),
             weights: Arc::new(weights),

@@ -35,6 +35,31 @@ pub(crate) struct RowSpec {
     pub label_smoothing: f32,
 }
 
+impl RowSpec {
+    /// `(1 − α) · [T²] · D + α · CE`: Hinton's weighting (α = 0 for a plain divergence).
+    pub(crate) fn weighted(
+        divergence: Divergence,
+        temperature: f64,
+        scale_by_temperature_squared: bool,
+        alpha: f64,
+        label_smoothing: f64,
+    ) -> Self {
+        let temperature = temperature as f32;
+        let squared = if scale_by_temperature_squared {
+            temperature * temperature
+        } else {
+            1.0
+        };
+        Self {
+            divergence,
+            temperature,
+            soft_weight: (1.0 - alpha as f32) * squared,
+            hard_weight: alpha as f32,
+            label_smoothing: label_smoothing as f32,
+        }
+    }
+}
+
 /// The result of [`fused_rows`].
 #[derive(Debug)]
 pub(crate) struct RowsOut {

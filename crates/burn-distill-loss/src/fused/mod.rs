@@ -1,12 +1,15 @@
-//! Fused forward + backward of the logit losses on the CPU devices.
+//! Fused forward + backward of the logit losses.
 //!
 //! A KD loss is memory-bound: composed from tensor ops it sweeps the `[positions, classes]`
 //! logits 5–10 times and holds several temporaries of that size. The fused path reads the
 //! student and teacher logits once and writes the gradient once, in the forward pass; the
-//! backward pass only scales it. It runs on the ndarray and flex devices (rows in parallel,
-//! vectorised exponentials) for f32 tensors; the losses pick it by themselves
+//! backward pass only scales it. It runs for f32 tensors on the ndarray and flex devices (a
+//! host kernel: rows in parallel, vectorised exponentials) and on the wgpu and cuda devices (a
+//! CubeCL kernel, one cube per row); the losses pick it by themselves
 //! ([`Implementation::Auto`]) and fall back to the composed tensor-op path elsewhere.
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 mod head;
 mod kernel;
 mod op;
@@ -27,12 +30,12 @@ use op::{FusedJob, FusedLossBackend};
 ///
 /// | Value | Runs |
 /// |---|---|
-/// | `Auto` (default) | the fused kernel where it exists (f32 logits on an ndarray or flex device, with or without autodiff), the composed tensor ops elsewhere |
+/// | `Auto` (default) | the fused kernel where it exists (f32 logits on an ndarray, flex, wgpu or cuda device, with or without autodiff), the composed tensor ops elsewhere |
 /// | `Fused` | the fused kernel, or an error naming the device and dtype where it does not exist |
 /// | `Composed` | burn tensor ops, on every device (the reference the fused kernel is tested against) |
 ///
-/// Both give the same values and gradients to about 1e-6 relative; the fused kernel computes
-/// `exp` with its own polynomial and sums in a different order.
+/// Both give the same values and gradients to about 1e-6 relative; the fused kernels sum in a
+/// different order (and on the CPU compute `exp` with their own polynomial).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Implementation {
     /// Fused where available, composed elsewhere.
@@ -47,12 +50,19 @@ pub enum Implementation {
 /// Whether the fused losses run on `device` (with or without autodiff) for f32 tensors.
 pub fn fused_available(device: &Device) -> bool {
     use burn::backend::DispatchDevice;
-    #[allow(unreachable_patterns)] // with neither CPU backend compiled in, nothing matches
+    #[allow(unreachable_patterns)] // with no such backend compiled in, nothing matches
     match device.as_dispatch().clone().inner() {
         #[cfg(feature = "ndarray")]
         DispatchDevice::NdArray(_) => true,
         #[cfg(feature = "flex")]
         DispatchDevice::Flex(_) => true,
+        // The CubeCL kernel runs on every cubecl runtime; it is tested on wgpu (and written
+        // for cuda), so the others (cubecl's CPU runtime, ROCm, Metal) keep the composed path.
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        DispatchDevice::Cube(device) => {
+            use burn::backend::RuntimeId;
+            matches!(device.runtime(), RuntimeId::Wgpu | RuntimeId::Cuda)
+        }
         _ => false,
     }
 }

@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
-use burn::tensor::{Shape, Slice};
+use burn::tensor::{FloatDType, Shape, Slice};
 
 use super::kernel::{RowSpec, RowsOut, fused_rows};
 
@@ -37,6 +37,7 @@ pub(crate) struct FusedJob {
 }
 
 /// Backends whose float tensors the host kernel can read in place.
+#[cfg(any(feature = "ndarray", feature = "flex"))]
 pub(crate) trait HostTensor: Backend {
     /// Calls `f` with the tensor's values in row-major order (copied only when the tensor is
     /// not a contiguous f32 buffer).
@@ -95,32 +96,100 @@ pub(crate) struct HeadJob {
     pub weights: Arc<Vec<f32>>,
 }
 
-/// The fused losses as backend operations.
-#[backend_extension(Autodiff, NdArray: cfg(feature = "ndarray"), Flex: cfg(feature = "flex"))]
+/// The fused losses as backend operations: the host kernel on ndarray and flex, the CubeCL
+/// kernel on the GPU devices (burn's fusion backend wraps it there).
+#[backend_extension(
+    Autodiff,
+    NdArray: cfg(feature = "ndarray"),
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(any(feature = "wgpu", feature = "cuda")),
+    Fusion: cfg(any(feature = "wgpu", feature = "cuda"))
+)]
 pub(crate) trait FusedLossBackend: Backend {
     /// `student`, `teacher`: `[positions, classes]` logits. Output: `[1]` or `[positions]`
     /// (see [`FusedJob::reduced`]).
+    #[fusion(meta = fusion_meta::loss)]
     fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self>;
+
+    /// [`fused_loss`](Self::fused_loss) and the gradient of its (weighted) output w.r.t. the
+    /// student logits, from the same sweep. Not differentiable itself.
+    #[fusion(meta = fusion_meta::loss_and_grad)]
+    fn fused_loss_grad(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        job: FusedJob,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradient saved by [`fused_loss_grad`](Self::fused_loss_grad) times the upstream
+    /// gradient (`[1]`, or `[positions]` when `per_row`).
+    #[fusion(default)]
+    fn fused_scale_grad(grad: FloatTensor<Self>, upstream: FloatTensor<Self>, per_row: bool) -> FloatTensor<Self> {
+        let shape = if per_row {
+            Shape::new([upstream.shape()[0], 1])
+        } else {
+            Shape::new([1, 1])
+        };
+        Self::float_mul(grad, Self::float_reshape(upstream, shape))
+    }
 
     /// The loss of the student logits `hidden · weightᵀ` against `teacher_hidden ·
     /// teacher_weightᵀ`, chunk by chunk. `hidden`: `[positions, width]`, `weight`:
     /// `[classes, width]`; the teacher likewise, with its own width. Output: `[1]`.
+    #[fusion(default)]
     fn fused_head_loss(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         teacher_hidden: FloatTensor<Self>,
         teacher_weight: FloatTensor<Self>,
         job: HeadJob,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        let teacher = TeacherRows::Head {
+            hidden: &teacher_hidden,
+            weight: &teacher_weight,
+        };
+        run_head::<Self>(&hidden, &weight, teacher, &job, false).0
+    }
 
     /// As [`fused_head_loss`](Self::fused_head_loss), with the teacher's logits given
     /// (`[positions, classes]`).
+    #[fusion(default)]
     fn fused_head_loss_logits(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         teacher_logits: FloatTensor<Self>,
         job: HeadJob,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        run_head::<Self>(&hidden, &weight, TeacherRows::Logits(&teacher_logits), &job, false).0
+    }
+}
+
+/// What burn's fusion backend records for the fused operations before they run.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod fusion_meta {
+    use burn::backend::fusion::custom::TensorSpec;
+    use burn::tensor::{DType, Shape};
+
+    use super::FusedJob;
+
+    pub(super) fn loss(student: &TensorSpec, _teacher: &TensorSpec, job: &FusedJob) -> TensorSpec {
+        let shape = if job.reduced {
+            Shape::new([1])
+        } else {
+            Shape::new([student.shape[0]])
+        };
+        TensorSpec::new(shape, DType::F32)
+    }
+
+    pub(super) fn loss_and_grad(
+        student: &TensorSpec,
+        teacher: &TensorSpec,
+        job: &FusedJob,
+    ) -> (TensorSpec, TensorSpec) {
+        (
+            loss(student, teacher, job),
+            TensorSpec::new(student.shape.clone(), DType::F32),
+        )
+    }
 }
 
 /// Where the teacher's logits of a chunk come from.
@@ -150,9 +219,9 @@ fn rows<B: Backend>(tensor: FloatTensor<B>, start: usize, end: usize) -> FloatTe
 type HeadOut<B> = (FloatTensor<B>, Option<(FloatTensor<B>, FloatTensor<B>)>);
 
 /// The chunked linear-head loss: per chunk of rows, the student logits (and the teacher's when
-/// it is a head) are computed, run through the row kernel, and their gradient is folded into
+/// it is a head) are computed, run through the fused kernel, and their gradient is folded into
 /// the gradients of `hidden` and `weight` before the next chunk.
-fn run_head<B: HostTensor>(
+fn run_head<B: FusedLossBackend>(
     hidden: &FloatTensor<B>,
     weight: &FloatTensor<B>,
     teacher: TeacherRows<'_, B>,
@@ -160,13 +229,12 @@ fn run_head<B: HostTensor>(
     want_grad: bool,
 ) -> HeadOut<B> {
     let positions = hidden.shape()[0];
-    let classes = weight.shape()[0];
     let weight_t = B::float_transpose(weight.clone());
     let teacher_weight_t = match &teacher {
         TeacherRows::Head { weight, .. } => Some(B::float_transpose((*weight).clone())),
         TeacherRows::Logits(_) => None,
     };
-    let mut total = 0.0f64;
+    let mut total: Option<FloatTensor<B>> = None;
     let mut hidden_grads = Vec::new();
     let mut weight_grad: Option<FloatTensor<B>> = None;
     let chunk_rows = job.chunk_rows.max(1);
@@ -181,47 +249,36 @@ fn run_head<B: HostTensor>(
             }
             (TeacherRows::Head { .. }, None) => unreachable!("a teacher head has its weight"),
         };
-        let weights = &job.weights[start..end];
-        let RowsOut { losses, grad } = B::with_values(&student, |student| {
-            B::with_values(&teacher_logits, |teacher| {
-                fused_rows(
-                    &job.spec,
-                    student,
-                    teacher,
-                    classes,
-                    job.labels.as_deref().map(|labels| &labels[start..end]),
-                    Some(weights),
-                    want_grad,
-                )
-            })
-        });
-        total += losses
-            .iter()
-            .zip(weights)
-            .map(|(&loss, &weight)| {
-                if loss.is_nan() {
-                    f64::NAN
-                } else {
-                    loss as f64 * weight as f64
-                }
-            })
-            .sum::<f64>();
-        if let Some(grad) = grad {
-            let grad = B::from_values(grad, vec![end - start, classes]);
+        let chunk = FusedJob {
+            spec: job.spec,
+            labels: job.labels.as_ref().map(|labels| Arc::new(labels[start..end].to_vec())),
+            weights: Some(Arc::new(job.weights[start..end].to_vec())),
+            reduced: true,
+        };
+        let loss = if want_grad {
+            let (loss, grad) = B::fused_loss_grad(student, teacher_logits, chunk);
             hidden_grads.push(B::float_matmul(grad.clone(), weight.clone()));
             let chunk_weight_grad = B::float_matmul(B::float_transpose(grad), hidden_rows);
             weight_grad = Some(match weight_grad {
                 None => chunk_weight_grad,
                 Some(sum) => B::float_add(sum, chunk_weight_grad),
             });
-        }
+            loss
+        } else {
+            B::fused_loss(student, teacher_logits, chunk)
+        };
+        total = Some(match total {
+            None => loss,
+            Some(sum) => B::float_add(sum, loss),
+        });
     }
-    let output = B::from_values(vec![total as f32], vec![1]);
+    let output = total.unwrap_or_else(|| B::float_zeros(Shape::new([1]), &hidden.device(), FloatDType::F32));
     let grads = weight_grad.map(|weight_grad| (B::float_cat(hidden_grads, 0), weight_grad));
     (output, grads)
 }
 
 /// Runs the host kernel on two primitives; returns the output and, when asked, the gradient.
+#[cfg(any(feature = "ndarray", feature = "flex"))]
 fn run<B: HostTensor>(
     student: &FloatTensor<B>,
     teacher: &FloatTensor<B>,
@@ -275,34 +332,21 @@ macro_rules! host_impl {
                 run::<Self>(&student, &teacher, &job, false).0
             }
 
-            fn fused_head_loss(
-                hidden: FloatTensor<Self>,
-                weight: FloatTensor<Self>,
-                teacher_hidden: FloatTensor<Self>,
-                teacher_weight: FloatTensor<Self>,
-                job: HeadJob,
-            ) -> FloatTensor<Self> {
-                let teacher = TeacherRows::Head {
-                    hidden: &teacher_hidden,
-                    weight: &teacher_weight,
-                };
-                run_head::<Self>(&hidden, &weight, teacher, &job, false).0
+            fn fused_loss_grad(
+                student: FloatTensor<Self>,
+                teacher: FloatTensor<Self>,
+                job: FusedJob,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                let (output, grad) = run::<Self>(&student, &teacher, &job, true);
+                (output, grad.expect("the gradient was asked for"))
             }
 
-            fn fused_head_loss_logits(
-                hidden: FloatTensor<Self>,
-                weight: FloatTensor<Self>,
-                teacher_logits: FloatTensor<Self>,
-                job: HeadJob,
+            fn fused_scale_grad(
+                grad: FloatTensor<Self>,
+                upstream: FloatTensor<Self>,
+                per_row: bool,
             ) -> FloatTensor<Self> {
-                run_head::<Self>(
-                    &hidden,
-                    &weight,
-                    TeacherRows::Logits(&teacher_logits),
-                    &job,
-                    false,
-                )
-                .0
+                host_scale_grad::<Self>(grad, upstream, per_row)
             }
         }
     };
@@ -311,12 +355,44 @@ macro_rules! host_impl {
 host_impl!(burn::backend::NdArray, "ndarray");
 host_impl!(burn::backend::Flex, "flex");
 
+/// The host form of [`FusedLossBackend::fused_scale_grad`]: the gradient untouched when the
+/// upstream gradient is exactly 1 (the usual `loss.backward()`), no pass over it.
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+fn host_scale_grad<B: HostTensor>(grad: FloatTensor<B>, upstream: FloatTensor<B>, per_row: bool) -> FloatTensor<B> {
+    if per_row {
+        let positions = upstream.shape()[0];
+        return B::float_mul(grad, B::float_reshape(upstream, Shape::new([positions, 1])));
+    }
+    let scale = B::with_values(&upstream, |values| values[0]);
+    if scale == 1.0 {
+        grad
+    } else {
+        B::float_mul_scalar(grad, scale.into())
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl FusedLossBackend for burn_cubecl::CubeBackend {
+    fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self> {
+        super::cube::fused_rows_cube(student, teacher, &job, false).0
+    }
+
+    fn fused_loss_grad(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        job: FusedJob,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (output, grad) = super::cube::fused_rows_cube(student, teacher, &job, true);
+        (output, grad.expect("the gradient was asked for"))
+    }
+}
+
 /// Saved by the forward pass: the gradient of the output w.r.t. the student logits (already
 /// weighted per row for a reduced output), and whether the output was per row.
 #[derive(Debug)]
 struct FusedBackward;
 
-impl<B: HostTensor> Backward<B, 1> for FusedBackward {
+impl<B: FusedLossBackend> Backward<B, 1> for FusedBackward {
     type State = (FloatTensor<B>, bool);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
@@ -324,18 +400,7 @@ impl<B: HostTensor> Backward<B, 1> for FusedBackward {
         let upstream = grads.consume::<B>(&ops.node);
         let (grad, per_row) = ops.state;
         let Some(parent) = parent else { return };
-        let grad = if per_row {
-            let positions = upstream.shape()[0];
-            B::float_mul(grad, B::float_reshape(upstream, Shape::new([positions, 1])))
-        } else {
-            let scale = B::with_values(&upstream, |values| values[0]);
-            if scale == 1.0 {
-                grad
-            } else {
-                B::float_mul_scalar(grad, scale.into())
-            }
-        };
-        grads.register::<B>(parent.id, grad);
+        grads.register::<B>(parent.id, B::fused_scale_grad(grad, upstream, per_row));
     }
 }
 
@@ -343,32 +408,24 @@ impl<B: HostTensor> Backward<B, 1> for FusedBackward {
 #[derive(Debug)]
 struct HeadBackward;
 
-impl<B: HostTensor> Backward<B, 2> for HeadBackward {
+impl<B: FusedLossBackend> Backward<B, 2> for HeadBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [hidden_node, weight_node] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
-        let scale = B::with_values(&upstream, |values| values[0]);
-        let scaled = |grad: FloatTensor<B>| {
-            if scale == 1.0 {
-                grad
-            } else {
-                B::float_mul_scalar(grad, scale.into())
-            }
-        };
         let (hidden_grad, weight_grad) = ops.state;
         if let Some(node) = hidden_node {
-            grads.register::<B>(node.id, scaled(hidden_grad));
+            grads.register::<B>(node.id, B::fused_scale_grad(hidden_grad, upstream.clone(), false));
         }
         if let Some(node) = weight_node {
-            grads.register::<B>(node.id, scaled(weight_grad));
+            grads.register::<B>(node.id, B::fused_scale_grad(weight_grad, upstream, false));
         }
     }
 }
 
 /// The autodiff form of the chunked head: both gradients come out of the forward pass.
-fn head_autodiff<B: FusedLossBackend + HostTensor, C: CheckpointStrategy>(
+fn head_autodiff<B: FusedLossBackend, C: CheckpointStrategy>(
     hidden: FloatTensor<Autodiff<B, C>>,
     weight: FloatTensor<Autodiff<B, C>>,
     teacher: TeacherRows<'_, B>,
@@ -389,7 +446,7 @@ fn head_autodiff<B: FusedLossBackend + HostTensor, C: CheckpointStrategy>(
     }
 }
 
-impl<B: FusedLossBackend + HostTensor, C: CheckpointStrategy> FusedLossBackend for Autodiff<B, C> {
+impl<B: FusedLossBackend, C: CheckpointStrategy> FusedLossBackend for Autodiff<B, C> {
     fn fused_head_loss(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -416,13 +473,22 @@ impl<B: FusedLossBackend + HostTensor, C: CheckpointStrategy> FusedLossBackend f
     fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self> {
         match FusedBackward.prepare::<C>([student.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (output, grad) = run::<B>(student.primitive(), teacher.primitive(), &job, true);
-                let grad = grad.expect("the gradient was asked for");
-                prep.finish((grad, !job.reduced), output)
+                let per_row = !job.reduced;
+                let (output, grad) = B::fused_loss_grad(student.into_primitive(), teacher.into_primitive(), job);
+                prep.finish((grad, per_row), output)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::fused_loss(student.into_primitive(), teacher.into_primitive(), job))
             }
         }
+    }
+
+    fn fused_loss_grad(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        job: FusedJob,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (output, grad) = B::fused_loss_grad(student.into_primitive(), teacher.into_primitive(), job);
+        (FloatTensor::<Self>::new(output), FloatTensor::<Self>::new(grad))
     }
 }

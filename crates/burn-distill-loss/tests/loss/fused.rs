@@ -287,6 +287,84 @@ fn fused_hinton_equals_composed_with_labels_ignore_and_smoothing() {
     }
 }
 
+/// The GPU kernel against the host kernel (which sums in f64): a row far wider than a cube
+/// (each unit strides over 125 classes), more rows than one launch axis holds (65 535), and
+/// rows of only `-inf` but one class.
+#[test]
+fn fused_kernels_agree_across_devices() {
+    let fused = fused_devices();
+    let Some(host) = fused.iter().find(|named| matches!(named.name, "ndarray" | "flex")) else {
+        return; // no host kernel compiled in: nothing to compare the others with
+    };
+    let cases: [(&str, [usize; 2], f64); 3] = [
+        ("8x32000", [8, 32000], 4.0),
+        ("70000x3 (two launch axes)", [70000, 3], 2.0),
+        ("5x64 one finite class", [5, 64], 3.0),
+    ];
+    for (name, shape, scale) in cases {
+        let mut student = random_logits(&shape, scale, 81);
+        let mut teacher = random_logits(&shape, scale, 82);
+        let one_finite = name.contains("one finite");
+        if one_finite {
+            for (index, (s, t)) in student.iter_mut().zip(teacher.iter_mut()).enumerate() {
+                if index % shape[1] != 7 {
+                    *s = f64::NEG_INFINITY;
+                    *t = f64::NEG_INFINITY;
+                }
+            }
+        }
+        // There, the label is the finite class and no smoothing (else the loss is +inf).
+        let labels: Vec<i64> = (0..shape[0] as i64)
+            .map(|i| if one_finite { 7 } else { (i * 13) % shape[1] as i64 })
+            .collect();
+        let smoothing = if one_finite { 0.0 } else { 0.1 };
+        let cases: [(&str, Option<Divergence>); 4] = [
+            ("forward KL", Some(Divergence::ForwardKl)),
+            ("GJSD", Some(Divergence::GeneralizedJsd { beta: 0.5 })),
+            ("TVD", Some(Divergence::TotalVariation)),
+            ("Hinton", None),
+        ];
+        for (loss_name, divergence) in cases {
+            let run = |device: &Device| {
+                value_and_grad::<2>(device, &student, &shape, |s| {
+                    let t = floats::<2>(&teacher, &shape, &s.device());
+                    match divergence {
+                        Some(divergence) => DivergenceLossConfig::new(divergence)
+                            .with_temperature(2.0)
+                            .with_implementation(Implementation::Fused)
+                            .init()
+                            .forward_no_reduction(s, t)
+                            .unwrap()
+                            .reshape([shape[0]]),
+                        None => {
+                            let y = ints::<1>(&labels, &[shape[0]], &s.device());
+                            HintonKdLossConfig::new()
+                                .with_alpha(0.3)
+                                .with_temperature(4.0)
+                                .with_label_smoothing(smoothing)
+                                .with_implementation(Implementation::Fused)
+                                .init()
+                                .forward_no_reduction(s, t, y)
+                                .unwrap()
+                                .reshape([shape[0]])
+                        }
+                    }
+                })
+            };
+            let expected = run(&host.device);
+            for named in fused.iter().filter(|named| named.name != host.name) {
+                let what = format!("{} vs {} {loss_name} {name}", named.name, host.name);
+                let got = run(&named.device);
+                // The one-class rows: loss and gradient 0, up to the host kernel's rounding
+                // noise in the log-sum (2e-7).
+                let atol = if one_finite { 1e-6 } else { 1e-7 };
+                assert_close(&format!("{what}: value"), &got.0, &expected.0, RTOL, atol);
+                assert_close(&format!("{what}: gradient"), &got.1, &expected.1, RTOL, 1e-8);
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_gradient_is_scaled_by_the_upstream_gradient() {
     let shape = [8, 12];

@@ -24,8 +24,10 @@ use super::kernel::RowSpec;
 use super::op::FusedJob;
 use crate::divergence::Divergence;
 
-/// Units per cube (one row per cube); a power of two for the tree reductions.
+/// Most units per cube (one row per cube); a power of two for the tree reductions. Narrow
+/// rows get a narrower cube (at least [`MIN_UNITS`]): its barriers are cheaper.
 const UNITS: usize = 256;
+const MIN_UNITS: usize = 32;
 /// The most cubes along one launch axis that every runtime accepts.
 const MAX_CUBES_X: usize = 65_535;
 
@@ -547,7 +549,7 @@ pub(crate) fn fused_rows_cube(
         fused_rows_kernel::launch(
             &client,
             CubeCount::Static(cubes_x as u32, cubes_y as u32, 1),
-            CubeDim::new_1d(UNITS as u32),
+            CubeDim::new_1d(classes.next_power_of_two().clamp(MIN_UNITS, UNITS) as u32),
             student.into_tensor_arg(),
             teacher.into_tensor_arg(),
             labels.into_tensor_arg(),

@@ -102,8 +102,8 @@ impl LinearHeadKdConfig {
 /// Distillation through a linear head without the full `[positions, classes]` student logits.
 ///
 /// At a language model's vocabulary (32k–152k) the logits of a batch are gigabytes. This loss
-/// takes the student's last hidden states and head weight and, on the ndarray and flex
-/// devices, computes the logits, the loss and the gradients w.r.t. `hidden` and `weight`
+/// takes the student's last hidden states and head weight and, on every device with a fused
+/// kernel (ndarray, flex, wgpu, cuda), computes the logits, the loss and the gradients w.r.t. `hidden` and `weight`
 /// `chunk_rows` positions at a time: peak memory is one chunk of logits plus the gradients,
 /// whatever the number of positions. Elsewhere it falls back to one matmul and the composed
 /// loss (same values, memory growing with the positions). There is no bias: LM heads have none.

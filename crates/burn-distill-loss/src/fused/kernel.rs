@@ -359,6 +359,8 @@ fn fused_row(
     };
 
     let soft_scale = weight * spec.soft_weight * inv_t;
+    // Whether the forward-KL gradient loop below also wrote the hard term's gradient.
+    let mut hard_merged = false;
     let divergence = match spec.divergence {
         Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
             let value = if divide {
@@ -367,12 +369,24 @@ fn fused_row(
                 forward_kl_value::<false>(student, teacher, teacher_exp, &logs, spec.divergence)
             };
             if write_grad {
-                // ∂/∂s_j = (q_j − p_j) / T.
-                for (out, &e_p) in student_exp.iter_mut().zip(teacher_exp.iter()) {
-                    let q = *out * logs.inv_student_sum;
-                    let p = e_p * logs.inv_teacher_sum;
-                    *out = soft_scale * (q - p);
+                // ∂/∂s_j = (q_j − p_j) / T, and the hard term's (q1_j − ε/V) in the same
+                // loop when there is one.
+                let (inv_q, inv_p) = (logs.inv_student_sum, logs.inv_teacher_sum);
+                match &hard {
+                    Some(hard) => {
+                        let (scale, smooth, inv_hard) = hard_scale(spec, weight, classes, hard);
+                        let rows = student_exp.iter_mut().zip(teacher_exp.iter().zip(hard_exp.iter()));
+                        for (out, (&e_p, &e_hard)) in rows {
+                            *out = soft_scale * (*out * inv_q - e_p * inv_p) + scale * (e_hard * inv_hard - smooth);
+                        }
+                    }
+                    None => {
+                        for (out, &e_p) in student_exp.iter_mut().zip(teacher_exp.iter()) {
+                            *out = soft_scale * (*out * inv_q - e_p * inv_p);
+                        }
+                    }
                 }
+                hard_merged = true;
             }
             value
         }
@@ -392,12 +406,8 @@ fn fused_row(
                 // The centre Σ q g is summed from the very terms it is subtracted from, and Σ q
                 // (1 only to f32 rounding) divides it: each gradient row then sums to zero even
                 // when one class holds all the mass.
-                let mut weighted = [0.0f64; LANES];
-                for (j, &term) in student_term.iter().enumerate() {
-                    weighted[j % LANES] += term;
-                }
                 let mass = sum_f64(student_exp) * logs.inv_student_sum as f64;
-                let centre = weighted.iter().sum::<f64>() / mass;
+                let centre = lane_sum_f64(student_term) / mass;
                 // In f64: at β near 1 or small T the two sides nearly cancel.
                 for (out, &term) in student_exp.iter_mut().zip(student_term.iter()) {
                     let q = (*out * logs.inv_student_sum) as f64;
@@ -412,15 +422,26 @@ fn fused_row(
     if let Some(hard) = hard {
         loss += spec.hard_weight as f64 * hard.cross_entropy as f64;
         if write_grad {
-            let scale = weight * spec.hard_weight;
-            let smooth = spec.label_smoothing / classes as f32;
-            for (out, &e) in student_exp.iter_mut().zip(hard_exp.iter()) {
-                *out += scale * (e * hard.inv_sum - smooth);
+            let (scale, smooth, inv_hard) = hard_scale(spec, weight, classes, &hard);
+            if !hard_merged {
+                for (out, &e) in student_exp.iter_mut().zip(hard_exp.iter()) {
+                    *out += scale * (e * inv_hard - smooth);
+                }
             }
             student_exp[hard.label] -= scale * (1.0 - spec.label_smoothing);
         }
     }
     loss as f32
+}
+
+/// The hard term's gradient factors: `(weight · α, ε / V, 1 / Σ exp(s − max))`.
+#[inline(always)]
+fn hard_scale(spec: &RowSpec, weight: f32, classes: usize, hard: &Hard) -> (f32, f32, f32) {
+    (
+        weight * spec.hard_weight,
+        spec.label_smoothing / classes as f32,
+        hard.inv_sum,
+    )
 }
 
 struct Hard {
@@ -591,6 +612,21 @@ fn forward_kl_sums<const DIVIDE: bool, const CROSS_ENTROPY: bool>(
     weighted - constant * mass
 }
 
+/// `Σ values` in four f64 partial sums (one AVX2 register).
+#[inline(always)]
+fn lane_sum_f64(values: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let chunks = values.chunks_exact(4);
+    let tail: f64 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        let chunk: &[f64; 4] = chunk.try_into().unwrap();
+        for lane in 0..4 {
+            acc[lane] += chunk[lane];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// `Σ values` in f32, [`LANES`] partial sums (for at most a [`BLOCK`] of values).
 #[inline(always)]
 fn lane_sum(values: &[f32]) -> f32 {
@@ -625,10 +661,19 @@ fn term_pass(
     let q = |j: usize| student_exp[j] * logs.inv_student_sum;
     let p = |j: usize| teacher_exp[j] * logs.inv_teacher_sum;
     match divergence {
-        Divergence::ReverseKl | Divergence::SymmetricKl => {
-            let symmetric = divergence == Divergence::SymmetricKl;
-            // Reverse KL: q g = q (log q − log p) (+ q, which cancels), Σ q g = KL(q ‖ p).
-            // Forward KL adds (q − p) to the gradient, which has no centre.
+        Divergence::ReverseKl => {
+            // q g = q (log q − log p) (+ q, which cancels), Σ q g = KL(q ‖ p). An element-wise
+            // loop, then one sum: both vectorise.
+            let rows = student.iter().zip(teacher).zip(student_exp.iter().zip(teacher_exp));
+            for (term, ((&s, &t), (&e_q, _))) in terms.iter_mut().zip(rows) {
+                let q = e_q * logs.inv_student_sum;
+                *term = if q > 0.0 { q as f64 * -logs.log_ratio(s, t) } else { 0.0 };
+            }
+            lane_sum_f64(terms)
+        }
+        Divergence::SymmetricKl => {
+            // Reverse KL's terms (as above) plus forward KL's gradient q − p, which has no
+            // centre; the value adds forward KL.
             let mut reverse = [0.0f64; LANES];
             let mut forward = [0.0f64; LANES];
             for j in 0..student.len() {
@@ -638,30 +683,34 @@ fn term_pass(
                 let fwd = if pj > 0.0 { -pj as f64 * ratio } else { 0.0 };
                 reverse[j % LANES] += rev;
                 forward[j % LANES] += fwd;
-                terms[j] = if symmetric { rev + (qj - pj) as f64 } else { rev };
+                terms[j] = rev + (qj - pj) as f64;
             }
-            let reverse: f64 = reverse.iter().sum();
-            if symmetric {
-                reverse + forward.iter().sum::<f64>()
-            } else {
-                reverse
-            }
+            reverse.iter().sum::<f64>() + forward.iter().sum::<f64>()
         }
         Divergence::TotalVariation => {
-            let mut value = [0.0f64; LANES];
-            for j in 0..student.len() {
-                let (qj, pj) = (q(j), p(j));
-                let half_sign = if qj > pj {
-                    0.5
-                } else if qj < pj {
-                    -0.5
-                } else {
-                    0.0
-                };
-                value[j % LANES] += (0.5 * (pj - qj).abs()) as f64;
-                terms[j] = (half_sign * qj) as f64;
+            // Element-wise into `terms` and a stack row of ½ |p − q| per block, then sums.
+            let mut halves = [0.0f32; BLOCK];
+            let mut value = 0.0f64;
+            let blocks = terms
+                .chunks_mut(BLOCK)
+                .zip(student_exp.chunks(BLOCK).zip(teacher_exp.chunks(BLOCK)));
+            for (terms, (e_q, e_p)) in blocks {
+                let n = terms.len();
+                for ((term, half), (&e_q, &e_p)) in terms.iter_mut().zip(&mut halves[..n]).zip(e_q.iter().zip(e_p)) {
+                    let (q, p) = (e_q * logs.inv_student_sum, e_p * logs.inv_teacher_sum);
+                    let half_sign = if q > p {
+                        0.5
+                    } else if q < p {
+                        -0.5
+                    } else {
+                        0.0
+                    };
+                    *half = 0.5 * (p - q).abs();
+                    *term = (half_sign * q) as f64;
+                }
+                value += lane_sum(&halves[..n]) as f64;
             }
-            value.iter().sum()
+            value
         }
         Divergence::GeneralizedJsd { beta } => {
             if beta == 0.0 || beta == 1.0 {

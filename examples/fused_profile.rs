@@ -1,0 +1,75 @@
+//! Calls one fused loss (forward + backward, gradient read back) in a loop on flex at
+//! 2048 × 32000 and prints the time per call: a steady workload to profile the host kernel.
+//!
+//! ```sh
+//! cargo run --release --features flex --example fused_profile -- forward_kl 20
+//! perf record -g ./target/release/examples/fused_profile hinton 30
+//! ```
+//!
+//! Losses: `forward_kl`, `reverse_kl`, `total_variation`, `hinton` (the bench's settings:
+//! `T = 2`; Hinton KD `α = 0.5`, `T = 4`).
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill::loss::{Divergence, DivergenceLossConfig, HintonKdLossConfig, Implementation, Reduction};
+
+const ROWS: usize = 2048;
+const CLASSES: usize = 32000;
+
+/// Uniform logits in [-4, 4) from a hash of the index.
+fn logits(seed: u32, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..ROWS * CLASSES)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_add(seed.wrapping_mul(1_000_003))
+                .wrapping_mul(2_654_435_761);
+            (x >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [ROWS, CLASSES]), device)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let loss = args.next().unwrap_or_else(|| "forward_kl".into());
+    let calls: usize = args
+        .next()
+        .map_or(20, |calls| calls.parse().expect("a number of calls"));
+    let divergence = match loss.as_str() {
+        "forward_kl" => Some(Divergence::ForwardKl),
+        "reverse_kl" => Some(Divergence::ReverseKl),
+        "total_variation" => Some(Divergence::TotalVariation),
+        "hinton" => None,
+        other => panic!("unknown loss {other:?}: forward_kl, reverse_kl, total_variation or hinton"),
+    };
+    let device = Device::flex().autodiff();
+    let (student, teacher) = (logits(1, &device), logits(2, &device));
+    let labels: Vec<i64> = (0..ROWS).map(|i| ((i * 7919) % CLASSES) as i64).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [ROWS]), &device);
+    let start = Instant::now();
+    for _ in 0..calls {
+        let student = student.clone().require_grad();
+        let value = match divergence {
+            Some(divergence) => DivergenceLossConfig::new(divergence)
+                .with_temperature(2.0)
+                .with_check_inputs(false)
+                .with_implementation(Implementation::Fused)
+                .init()
+                .forward(student.clone(), teacher.clone(), Reduction::BatchMean),
+            None => HintonKdLossConfig::new()
+                .with_alpha(0.5)
+                .with_temperature(4.0)
+                .with_check_inputs(false)
+                .with_implementation(Implementation::Fused)
+                .init()
+                .forward(student.clone(), teacher.clone(), labels.clone(), Reduction::BatchMean),
+        }
+        .expect("valid inputs");
+        let mut grads = value.clone().backward();
+        let grad = student.grad_remove(&mut grads).expect("a gradient").into_data();
+        std::hint::black_box((value.into_scalar::<f32>(), grad));
+    }
+    let per_call = start.elapsed().as_secs_f64() * 1e3 / calls as f64;
+    println!("{loss} at {ROWS} x {CLASSES} on flex, fused: {per_call:.1} ms per call ({calls} calls)");
+}

@@ -10,6 +10,9 @@ element: read student and teacher logits, write the gradient).
     python3 scripts/compare_fused.py                     # everything (about an hour on 2 cores)
     python3 scripts/compare_fused.py --devices flex --shapes 2048x32000
     python3 scripts/compare_fused.py --skip-cargo        # reuse criterion's last results
+    # on a machine with an NVIDIA GPU (wgpu through Vulkan against PyTorch CUDA eager; the
+    # wgpu rows' bandwidth share is then of the card's copy bandwidth, measured by torch):
+    python3 scripts/compare_fused.py --devices wgpu --torch-device cuda --shapes 8192x32000,8192x128256 --losses forward_kl,hinton
 
 PyTorch is used only here, never by the crates.
 """
@@ -69,18 +72,37 @@ def loss_fn(name, student, teacher, labels):
     raise ValueError(name)
 
 
-def time_torch(name, rows, classes, repeats):
-    teacher = logits(rows, classes, 2)
-    student_data = logits(rows, classes, 1)
-    labels = (torch.arange(rows) * 7919) % classes
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_torch(name, rows, classes, repeats, device):
+    teacher = logits(rows, classes, 2).to(device)
+    student_data = logits(rows, classes, 1).to(device)
+    labels = ((torch.arange(rows) * 7919) % classes).to(device)
     times = []
     for _ in range(repeats + 1):  # the first is a warm-up
         student = student_data.clone().requires_grad_(True)
+        synchronize(device)
         start = time.perf_counter()
         loss_fn(name, student, teacher, labels).backward()
         _ = student.grad.sum().item()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
+
+
+def device_copy_bandwidth(device, repeats=20):
+    """Bytes read + written per second copying 1 GiB between two buffers on `device`."""
+    source = torch.ones(1 << 28, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * source.numel() * 4 * repeats / (time.perf_counter() - start)
 
 
 def criterion_results(target):
@@ -103,18 +125,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="PyTorch repetitions per case (median)")
     parser.add_argument("--skip-cargo", action="store_true", help="do not run cargo bench; read its last results")
     parser.add_argument("--output", type=Path, help="also write the table here")
+    parser.add_argument("--torch-device", default="cpu", help="where PyTorch runs: cpu or cuda")
     args = parser.parse_args()
     devices, shapes, losses = args.devices.split(","), args.shapes.split(","), args.losses.split(",")
     torch.set_num_threads(os.cpu_count())
+    torch_device = torch.device(args.torch_device)
+    gpu_bandwidth = device_copy_bandwidth(torch_device) if torch_device.type == "cuda" else None
 
-    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
+    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, on {torch_device}", file=sys.stderr)
     torch_times = {}
     for shape in shapes:
         rows, classes = map(int, shape.split("x"))
         for name in losses:
             if rows * classes > 100_000_000 and name not in HUGE_LOSSES:
                 continue
-            torch_times[(name, shape)] = time_torch(name, rows, classes, args.repeats if rows * classes < 1e8 else 3)
+            repeats = args.repeats if rows * classes < 1e8 or torch_device.type == "cuda" else 3
+            torch_times[(name, shape)] = time_torch(name, rows, classes, repeats, torch_device)
             print(f"  torch {name} {shape}: {torch_times[(name, shape)] * 1e3:.1f} ms", file=sys.stderr)
 
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
@@ -122,7 +148,10 @@ def main():
         pattern = "^(bandwidth/|fused/({})/({})/.*/({})$)".format("|".join(devices), "|".join(losses), "|".join(shapes))
         command = ["cargo", "bench", "--bench", "bench_main", "--features", "flex", "--", pattern, "--noplot"]
         print("running:", " ".join(command), file=sys.stderr)
-        subprocess.run(command, cwd=ROOT, check=True)
+        environment = dict(os.environ)
+        if torch_device.type == "cuda":
+            environment["BURN_DISTILL_BENCH_GPU"] = "1"  # the large shapes on wgpu
+        subprocess.run(command, cwd=ROOT, check=True, env=environment)
     results = criterion_results(target)
     copy = results.get(("bandwidth", "copy/1GiB", None))
     copy_bandwidth = copy[1] / copy[0] if copy else None
@@ -130,7 +159,10 @@ def main():
     lines = []
     if copy_bandwidth:
         lines.append(f"Copy bandwidth (`bandwidth/copy/1GiB`): {copy_bandwidth / 1e9:.1f} GB/s.\n")
-    lines.append("| shape | loss | device | fused | composed | PyTorch eager | composed / fused | PyTorch / fused | fused GB/s (12 B/elem) | share of copy bandwidth |")
+    if gpu_bandwidth:
+        lines.append(f"GPU copy bandwidth (torch, 1 GiB on {torch_device}): {gpu_bandwidth / 1e9:.1f} GB/s; the wgpu rows' share is of this.\n")
+    eager = "PyTorch CUDA eager" if torch_device.type == "cuda" else "PyTorch eager"
+    lines.append(f"| shape | loss | device | fused | composed | {eager} | composed / fused | PyTorch / fused | fused GB/s (12 B/elem) | share of copy bandwidth |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda seconds: "-" if seconds is None else (f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs")
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.1f}×"
@@ -146,7 +178,8 @@ def main():
                 composed_s = composed[0] if composed else None
                 torch_s = torch_times.get((name, shape))
                 gbps = 12 * rows * classes / fused_s if fused_s else None
-                share = f"{100 * gbps / copy_bandwidth:.0f} %" if gbps and copy_bandwidth else "-"
+                limit = gpu_bandwidth if device in ("wgpu", "cuda") and gpu_bandwidth else copy_bandwidth
+                share = f"{100 * gbps / limit:.0f} %" if gbps and limit else "-"
                 lines.append(
                     f"| {shape} | {name} | {device} | {fmt(fused_s)} | {fmt(composed_s)} | {fmt(torch_s)} | "
                     f"{ratio(composed_s, fused_s)} | {ratio(torch_s, fused_s)} | "

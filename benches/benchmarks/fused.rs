@@ -12,7 +12,8 @@
 //!
 //! On a wgpu device the shapes over 100 M elements run only with `BURN_DISTILL_BENCH_GPU=1`
 //! (a real GPU): on lavapipe, Mesa's CPU Vulkan driver that CI uses, they would take minutes
-//! per call and gigabytes per tensor.
+//! per call and gigabytes per tensor. That flag also adds 8192 × 128256 on wgpu, timed as two
+//! calls of 4096 rows (a single tensor of it is over 4 GB, and failed as one wgpu buffer).
 //!
 //! `cargo bench --bench bench_main --features flex -- '^fused/flex/forward_kl/'`
 //! `scripts/compare_fused.py` runs these and PyTorch side by side.
@@ -29,6 +30,11 @@ use rayon::prelude::*;
 /// The shapes of issue 8; 8192 × 32000 only for the fused kernel and composed forward KL /
 /// Hinton (a composed call holds about 8 GB there).
 const SHAPES: [(usize, usize); 4] = [(256, 10), (256, 1000), (2048, 32000), (8192, 32000)];
+/// An LLM vocabulary, on a real GPU only (`BURN_DISTILL_BENCH_GPU=1`).
+const GPU_SHAPES: [(usize, usize); 1] = [(8192, 128_256)];
+/// The most bytes one logits tensor may hold; a larger shape runs as several calls on row
+/// ranges (one wgpu buffer of an 8192 × 128256 f32 tensor failed on an H200).
+const MAX_PART_BYTES: usize = 1 << 31;
 
 /// The losses benched: name, and the call.
 #[derive(Clone, Copy)]
@@ -48,11 +54,12 @@ const LOSSES: [(&str, Loss); 5] = [
     ("hinton", Loss::Hinton),
 ];
 
-/// Deterministic logits made on the host, identical on every device: uniform in [-4, 4) from a
-/// 32-bit hash of (index, seed), so student and teacher are independent (seeds 1 and 2).
-/// `scripts/compare_fused.py` draws the same numbers.
-pub fn logits(rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor<2> {
-    let values: Vec<f32> = (0..rows * classes)
+/// Rows `first..first + rows` of deterministic logits made on the host, identical on every
+/// device: uniform in [-4, 4) from a 32-bit hash of (index in the whole `[_, classes]` tensor,
+/// seed), so student and teacher are independent (seeds 1 and 2). `scripts/compare_fused.py`
+/// draws the same numbers.
+fn logits(first: usize, rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (first * classes..(first + rows) * classes)
         .into_par_iter()
         .map(|i| {
             let mut x = (i as u32)
@@ -67,9 +74,34 @@ pub fn logits(rows: usize, classes: usize, seed: u32, device: &Device) -> Tensor
     Tensor::from_data(TensorData::new(values, [rows, classes]), device)
 }
 
-fn labels(rows: usize, classes: usize, device: &Device) -> Tensor<1, Int> {
-    let values: Vec<i64> = (0..rows).map(|i| ((i * 7919) % classes) as i64).collect();
+fn labels(first: usize, rows: usize, classes: usize, device: &Device) -> Tensor<1, Int> {
+    let values: Vec<i64> = (first..first + rows).map(|i| ((i * 7919) % classes) as i64).collect();
     Tensor::from_data(TensorData::new(values, [rows]), device)
+}
+
+/// One call's inputs: the rows of a shape, or a range of them when the shape is split.
+struct Part {
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    labels: Tensor<1, Int>,
+}
+
+/// The inputs of `rows × classes`, in as few row ranges as keep each tensor within
+/// [`MAX_PART_BYTES`].
+fn parts(rows: usize, classes: usize, device: &Device) -> Vec<Part> {
+    let count = (rows * classes * 4).div_ceil(MAX_PART_BYTES);
+    let per_part = rows.div_ceil(count);
+    (0..rows)
+        .step_by(per_part)
+        .map(|first| {
+            let rows = per_part.min(rows - first);
+            Part {
+                student: logits(first, rows, classes, 1, device),
+                teacher: logits(first, rows, classes, 2, device),
+                labels: labels(first, rows, classes, device),
+            }
+        })
+        .collect()
 }
 
 /// One forward + backward; returns the loss value and the gradient (read back to the host).
@@ -241,7 +273,12 @@ fn bench_fused(c: &mut Criterion) {
     for named in runnable_devices() {
         let has_fused = fused_available(&named.device);
         let device = named.device.clone().autodiff();
-        for (rows, classes) in SHAPES {
+        let gpu_shapes = if gpu && named.name == "wgpu" {
+            &GPU_SHAPES[..]
+        } else {
+            &[]
+        };
+        for &(rows, classes) in SHAPES.iter().chain(gpu_shapes) {
             let huge = rows * classes > 100_000_000;
             let on_wgpu = named.name == "wgpu";
             if huge && (!has_fused || (on_wgpu && !gpu)) {
@@ -255,9 +292,7 @@ fn bench_fused(c: &mut Criterion) {
                     .sampling_mode(SamplingMode::Flat)
                     .measurement_time(Duration::from_secs(if huge { 20 } else { 10 }));
             }
-            let student = logits(rows, classes, 1, &device);
-            let teacher = logits(rows, classes, 2, &device);
-            let labels = labels(rows, classes, &device);
+            let parts = parts(rows, classes, &device);
             for (name, loss) in LOSSES {
                 let mut implementations = vec![];
                 if has_fused {
@@ -267,16 +302,27 @@ fn bench_fused(c: &mut Criterion) {
                 if composed_too {
                     implementations.push(("composed", Implementation::Composed));
                 }
-                // Checked inside the bench closure, which criterion calls only for ids its filter keeps.
+                // Checked inside the bench closure, which criterion calls only for ids its filter
+                // keeps (the shapes checked are never split).
                 let mut unchecked = has_fused && composed_too && !huge;
                 for (label, implementation) in implementations {
                     let id = BenchmarkId::new(format!("{name}/{label}"), format!("{rows}x{classes}"));
                     group.bench_function(id, |bencher| {
                         if std::mem::take(&mut unchecked) {
                             let what = format!("{}/{name}/{rows}x{classes}", named.name);
-                            check_agreement(&what, loss, &student, &teacher, &labels);
+                            let Part {
+                                student,
+                                teacher,
+                                labels,
+                            } = &parts[0];
+                            check_agreement(&what, loss, student, teacher, labels);
                         }
-                        bencher.iter(|| step(loss, implementation, &student, &teacher, &labels))
+                        bencher.iter(|| {
+                            parts
+                                .iter()
+                                .map(|part| step(loss, implementation, &part.student, &part.teacher, &part.labels))
+                                .collect::<Vec<_>>()
+                        })
                     });
                 }
             }

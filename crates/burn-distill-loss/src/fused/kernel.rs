@@ -466,12 +466,137 @@ impl LogShifts {
     /// were taken of: the log-ratios then agree with the probabilities they come with (at
     /// T = 0.05 a rounding of `s/T` is 4e-6, far above what the gradient tolerates if `q` and
     /// `log q` disagree by it).
+    /// The same shifts in f32, for the element-wise loops that vectorise.
+    #[inline(always)]
+    fn f32_shifts(&self) -> F32Shifts {
+        F32Shifts {
+            temperature: self.temperature,
+            student: self.student_offset + self.student_log_sum as f32,
+            teacher: self.teacher_offset + self.teacher_log_sum as f32,
+        }
+    }
+
     #[inline(always)]
     fn log_ratio(&self, s: f32, t: f32) -> f64 {
         let log_q = (s / self.temperature - self.student_offset) as f64 - self.student_log_sum;
         let log_p = (t / self.temperature - self.teacher_offset) as f64 - self.teacher_log_sum;
         log_p - log_q
     }
+}
+
+/// [`LogShifts`] in f32: `log q_j = s_j / T − student`, likewise for `p`.
+struct F32Shifts {
+    temperature: f32,
+    student: f32,
+    teacher: f32,
+}
+
+impl F32Shifts {
+    /// `log p − log q`.
+    #[inline(always)]
+    fn log_ratio(&self, s: f32, t: f32) -> f32 {
+        (t / self.temperature - self.teacher) - (s / self.temperature - self.student)
+    }
+}
+
+/// `(e^x, e^x − 1)`: the second without the cancellation of `e^x − 1` near 0 (a series
+/// there); `+inf` above 88.
+#[inline(always)]
+fn exp_and_m1_f32(x: f32) -> (f32, f32) {
+    let exp = if x > 88.0 { f32::INFINITY } else { fast_exp(x) };
+    let mut series = 1.0 + x * (1.0 / 9.0);
+    series = 1.0 + x * (1.0 / 8.0) * series;
+    series = 1.0 + x * (1.0 / 7.0) * series;
+    series = 1.0 + x * (1.0 / 6.0) * series;
+    series = 1.0 + x * (1.0 / 5.0) * series;
+    series = 1.0 + x * (1.0 / 4.0) * series;
+    series = 1.0 + x * (1.0 / 3.0) * series;
+    series = 1.0 + x * (1.0 / 2.0) * series;
+    (exp, if x.abs() < 0.5 { x * series } else { exp - 1.0 })
+}
+
+/// `ln(1 + x)` for `x > −1`: near 0 (`x` in `[−0.5, 1]`) `2 atanh(z)`, `z = x / (2 + x)`, as a
+/// series, where `ln` of the rounded `1 + x` would lose the small result.
+#[inline(always)]
+fn ln_1p_f32(x: f32) -> f32 {
+    let z = x / (2.0 + x);
+    let z2 = z * z;
+    let mut series = 1.0 / 17.0;
+    series = series * z2 + 1.0 / 15.0;
+    series = series * z2 + 1.0 / 13.0;
+    series = series * z2 + 1.0 / 11.0;
+    series = series * z2 + 1.0 / 9.0;
+    series = series * z2 + 1.0 / 7.0;
+    series = series * z2 + 1.0 / 5.0;
+    series = series * z2 + 1.0 / 3.0;
+    series = series * z2 + 1.0;
+    let direct = fast_ln(1.0 + x);
+    if (-0.5..=1.0).contains(&x) {
+        2.0 * z * series
+    } else {
+        direct
+    }
+}
+
+/// `(x, ln(rest + w e^r))`, `rest = 1 − w`, from `(e^r, e^r − 1)`: the log is `ln(1 + x)`,
+/// `x = w (e^r − 1)`, or where `x` nears −1 the log of the sum of the two positive terms,
+/// which does not cancel.
+#[inline(always)]
+fn ln_mix_f32(w: f32, rest: f32, (exp, exp_m1): (f32, f32)) -> (f32, f32) {
+    let x = w * exp_m1;
+    (
+        x,
+        if x < -0.5 {
+            fast_ln(rest + w * exp)
+        } else {
+            ln_1p_f32(x)
+        },
+    )
+}
+
+/// [`mixture_element`] in f32 from [`ln_mix_f32`]'s `(x, ln(1 + x))`: `a (x − ln(1 + x))`, or
+/// `w b` where `a = 0`.
+#[inline(always)]
+fn mixture_f32(a: f32, b: f32, w: f32, (x, ln): (f32, f32)) -> f32 {
+    let mut series = 0.1;
+    series = series * x - 1.0 / 9.0;
+    series = series * x + 1.0 / 8.0;
+    series = series * x - 1.0 / 7.0;
+    series = series * x + 1.0 / 6.0;
+    series = series * x - 1.0 / 5.0;
+    series = series * x + 1.0 / 4.0;
+    series = series * x - 1.0 / 3.0;
+    series = series * x + 1.0 / 2.0;
+    let g = if x.abs() < 0.15 { series * x * x } else { x - ln };
+    if a > 0.0 { a * g } else { w * b }
+}
+
+/// `ln x` for positive normal `x` and `+inf` (Cephes `logf`: `e ln 2 + ln m`, `m` in
+/// `[√½, √2)`, a polynomial in `m − 1`), in arithmetic LLVM vectorises; about 1 ulp.
+#[inline(always)]
+pub(crate) fn fast_ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    // x = m 2^e with m in [0.5, 1).
+    let e = ((bits >> 23) & 0xff) as i32 - 126;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let small = m < std::f32::consts::FRAC_1_SQRT_2;
+    let e = if small { e - 1 } else { e } as f32;
+    let m = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = m * m;
+    let mut y = 7.037_683_6e-2f32;
+    y = y * m - 1.151_461_0e-1;
+    y = y * m + 1.167_699_9e-1;
+    y = y * m - 1.242_014_1e-1;
+    y = y * m + 1.424_932_3e-1;
+    y = y * m - 1.666_805_8e-1;
+    y = y * m + 2.000_071_5e-1;
+    y = y * m - 2.499_999_4e-1;
+    y = y * m + 3.333_333_1e-1;
+    y = y * m * z;
+    y += -2.121_944_4e-4 * e;
+    y += -0.5 * z;
+    let ln = m + y + 0.693_359_4 * e;
+    if x == f32::INFINITY { x } else { ln }
 }
 
 /// Row maxima of both inputs, and whether the row is unusable: NaN anywhere, a `+inf`, or no
@@ -722,19 +847,39 @@ fn term_pass(
                 return end_point(end, student, teacher, student_exp, teacher_exp, terms, logs);
             }
             // D = KL(p ‖ m)/(1 − β) + KL(q ‖ m)/β, m = β p + (1 − β) q; q g = −q log(m/q)/β.
-            let (mut teacher_side, mut student_side) = (0.0f64, 0.0f64);
-            for j in 0..student.len() {
-                let (qj, pj) = (q(j) as f64, p(j) as f64);
-                let ratio = log_ratio(j);
-                teacher_side += mixture_element(pj, qj, 1.0 - beta, -ratio);
-                student_side += mixture_element(qj, pj, beta, ratio);
-                terms[j] = if qj > 0.0 {
-                    -qj * (beta * ratio.exp_m1()).ln_1p() / beta
-                } else {
-                    0.0
-                };
+            // In f32 with vectorisable `exp` / `ln` (the GPU kernel's arithmetic): element-wise
+            // into `terms` and a stack row of values per block, then sums.
+            let (mix, rest) = (beta as f32, (1.0 - beta) as f32);
+            let (inv_mix, inv_rest) = ((1.0 / beta) as f32, (1.0 / (1.0 - beta)) as f32);
+            let shifts = logs.f32_shifts();
+            let mut values = [0.0f32; BLOCK];
+            let mut value = 0.0f64;
+            let blocks = terms.chunks_mut(BLOCK).zip(
+                student
+                    .chunks(BLOCK)
+                    .zip(teacher.chunks(BLOCK))
+                    .zip(student_exp.chunks(BLOCK).zip(teacher_exp.chunks(BLOCK))),
+            );
+            for (terms, ((s, t), (e_q, e_p))) in blocks {
+                let n = terms.len();
+                let inputs = s.iter().zip(t).zip(e_q.iter().zip(e_p));
+                for ((term, slot), ((&s, &t), (&e_q, &e_p))) in terms.iter_mut().zip(&mut values[..n]).zip(inputs) {
+                    let (q, p) = (e_q * logs.inv_student_sum, e_p * logs.inv_teacher_sum);
+                    let ratio = shifts.log_ratio(s, t);
+                    // ln(m/p) and ln(m/q), each through the ratio of the other side.
+                    let teacher_side = ln_mix_f32(rest, mix, exp_and_m1_f32(-ratio));
+                    let student_side = ln_mix_f32(mix, rest, exp_and_m1_f32(ratio));
+                    *slot = mixture_f32(p, q, rest, teacher_side) * inv_rest
+                        + mixture_f32(q, p, mix, student_side) * inv_mix;
+                    *term = if q > 0.0 {
+                        (-q * student_side.1 * inv_mix) as f64
+                    } else {
+                        0.0
+                    };
+                }
+                value += lane_sum(&values[..n]) as f64;
             }
-            teacher_side / (1.0 - beta) + student_side / beta
+            value
         }
         Divergence::SkewKl { alpha } => {
             if alpha == 1.0 {
@@ -870,6 +1015,45 @@ mod tests {
         assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(fast_exp(-100.0), 0.0);
         assert_eq!(fast_exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn fast_ln_matches_std_to_two_ulp() {
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let (fast, exact) = (fast_ln(x) as f64, (x as f64).ln());
+            // Relative where ln x is away from 0; near x = 1 an absolute 2 ulp of m − 1.
+            let tolerance = 2.5e-7 * exact.abs().max(((x as f64) - 1.0).abs());
+            assert!((fast - exact).abs() <= tolerance, "ln({x}) = {fast}, expected {exact}");
+            x *= 1.0137;
+        }
+        assert_eq!(fast_ln(1.0), 0.0);
+        assert_eq!(fast_ln(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn f32_mixture_helpers_match_f64() {
+        for &ratio in &[-30.0f32, -3.0, -0.4, -1e-3, 0.0, 1e-4, 0.3, 2.0, 25.0] {
+            for &w64 in &[0.5f64, 1e-3, 0.999] {
+                // As the kernel gets them: each rounded from the f64 weight on its own.
+                let (w, rest) = (w64 as f32, (1.0 - w64) as f32);
+                let (rest64, r64) = (1.0 - w64, ratio as f64);
+                let exact = (rest64 + w64 * r64.exp()).ln();
+                let mix = ln_mix_f32(w, rest, exp_and_m1_f32(ratio));
+                let got = mix.1 as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-6 * exact.abs().max(1e-3),
+                    "ln_mix({w}, {ratio}) = {got}, expected {exact}"
+                );
+                let (a, b) = (0.3f64, 0.3 * r64.exp());
+                let exact = mixture_element(a, b, w64, r64);
+                let got = mixture_f32(a as f32, b as f32, w, mix) as f64;
+                assert!(
+                    (got - exact).abs() <= 2e-6 * exact.abs() + 1e-12,
+                    "mixture({w}, {ratio}) = {got}, expected {exact}"
+                );
+            }
+        }
     }
 
     #[test]

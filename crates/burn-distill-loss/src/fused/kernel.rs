@@ -584,14 +584,14 @@ pub(crate) fn fast_ln(x: f32) -> f32 {
     let m = if small { m + m - 1.0 } else { m - 1.0 };
     let z = m * m;
     let mut y = 7.037_683_6e-2f32;
-    y = y * m - 1.151_461_0e-1;
+    y = y * m - 1.151_461e-1;
     y = y * m + 1.167_699_9e-1;
     y = y * m - 1.242_014_1e-1;
     y = y * m + 1.424_932_3e-1;
     y = y * m - 1.666_805_8e-1;
     y = y * m + 2.000_071_5e-1;
     y = y * m - 2.499_999_4e-1;
-    y = y * m + 3.333_333_1e-1;
+    y = y * m + 3.333_333e-1;
     y = y * m * z;
     y += -2.121_944_4e-4 * e;
     y += -0.5 * z;
@@ -852,32 +852,30 @@ fn term_pass(
             let (mix, rest) = (beta as f32, (1.0 - beta) as f32);
             let (inv_mix, inv_rest) = ((1.0 / beta) as f32, (1.0 / (1.0 - beta)) as f32);
             let shifts = logs.f32_shifts();
+            let (inv_q, inv_p) = (logs.inv_student_sum, logs.inv_teacher_sum);
             let mut values = [0.0f32; BLOCK];
+            let mut terms32 = [0.0f32; BLOCK];
             let mut value = 0.0f64;
-            let blocks = terms.chunks_mut(BLOCK).zip(
-                student
-                    .chunks(BLOCK)
-                    .zip(teacher.chunks(BLOCK))
-                    .zip(student_exp.chunks(BLOCK).zip(teacher_exp.chunks(BLOCK))),
-            );
-            for (terms, ((s, t), (e_q, e_p))) in blocks {
+            for (index, terms) in terms.chunks_mut(BLOCK).enumerate() {
                 let n = terms.len();
-                let inputs = s.iter().zip(t).zip(e_q.iter().zip(e_p));
-                for ((term, slot), ((&s, &t), (&e_q, &e_p))) in terms.iter_mut().zip(&mut values[..n]).zip(inputs) {
-                    let (q, p) = (e_q * logs.inv_student_sum, e_p * logs.inv_teacher_sum);
-                    let ratio = shifts.log_ratio(s, t);
+                let span = index * BLOCK..index * BLOCK + n;
+                let (s, t) = (&student[span.clone()], &teacher[span.clone()]);
+                let (e_q, e_p) = (&student_exp[span.clone()], &teacher_exp[span]);
+                let (values, terms32) = (&mut values[..n], &mut terms32[..n]);
+                for j in 0..n {
+                    let (q, p) = (e_q[j] * inv_q, e_p[j] * inv_p);
+                    let ratio = shifts.log_ratio(s[j], t[j]);
                     // ln(m/p) and ln(m/q), each through the ratio of the other side.
                     let teacher_side = ln_mix_f32(rest, mix, exp_and_m1_f32(-ratio));
                     let student_side = ln_mix_f32(mix, rest, exp_and_m1_f32(ratio));
-                    *slot = mixture_f32(p, q, rest, teacher_side) * inv_rest
+                    values[j] = mixture_f32(p, q, rest, teacher_side) * inv_rest
                         + mixture_f32(q, p, mix, student_side) * inv_mix;
-                    *term = if q > 0.0 {
-                        (-q * student_side.1 * inv_mix) as f64
-                    } else {
-                        0.0
-                    };
+                    terms32[j] = if q > 0.0 { -q * student_side.1 * inv_mix } else { 0.0 };
                 }
-                value += lane_sum(&values[..n]) as f64;
+                for (term, &term32) in terms.iter_mut().zip(terms32.iter()) {
+                    *term = term32 as f64;
+                }
+                value += lane_sum(values) as f64;
             }
             value
         }

@@ -8,8 +8,6 @@
 //! gradient first, so they sweep a third time to write it. The arithmetic is f32 throughout
 //! (WGSL has no f64); the tree reductions keep the sums accurate to a few ulp.
 
-use std::sync::Arc;
-
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, TensorMetadata};
 use burn::tensor::{DType, Shape, TensorData};
@@ -532,7 +530,7 @@ pub(crate) fn fused_rows_cube(
     };
     let labels = upload::<CubeBackend>(labels, &device);
     let weights = match &job.weights {
-        Some(weights) => Arc::unwrap_or_clone(Arc::clone(weights)),
+        Some(weights) => weights.to_vec(),
         None => vec![1.0; positions],
     };
     let weights = upload::<CubeBackend>(weights, &device);

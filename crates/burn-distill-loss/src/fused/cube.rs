@@ -524,6 +524,11 @@ pub(crate) fn fused_rows_cube(
     } = job.spec;
     let (divergence, mix) = code(divergence);
     let hard = hard_weight > 0.0;
+    // Labels travel as f32, exact up to 2^24 classes.
+    assert!(
+        !hard || classes <= 1 << 24,
+        "the GPU fused kernel takes at most 2^24 classes with a hard-label term, got {classes}"
+    );
     let labels = match (&job.labels, hard) {
         (Some(labels), true) => labels.iter().map(|&label| label as f32).collect(),
         _ => vec![0.0],

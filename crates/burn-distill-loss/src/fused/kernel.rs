@@ -359,8 +359,8 @@ fn fused_row(
     };
 
     let soft_scale = weight * spec.soft_weight * inv_t;
-    // Whether the forward-KL gradient loop below also wrote the hard term's gradient.
-    let mut hard_merged = false;
+    // The forward-KL gradient loop below also writes the hard term's gradient.
+    let forward = matches!(spec.divergence, Divergence::ForwardKl | Divergence::SoftCrossEntropy);
     let divergence = match spec.divergence {
         Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
             let value = if divide {
@@ -386,7 +386,6 @@ fn fused_row(
                         }
                     }
                 }
-                hard_merged = true;
             }
             value
         }
@@ -423,7 +422,7 @@ fn fused_row(
         loss += spec.hard_weight as f64 * hard.cross_entropy as f64;
         if write_grad {
             let (scale, smooth, inv_hard) = hard_scale(spec, weight, classes, &hard);
-            if !hard_merged {
+            if !forward {
                 for (out, &e) in student_exp.iter_mut().zip(hard_exp.iter()) {
                     *out += scale * (e * inv_hard - smooth);
                 }
@@ -466,6 +465,13 @@ impl LogShifts {
     /// were taken of: the log-ratios then agree with the probabilities they come with (at
     /// T = 0.05 a rounding of `s/T` is 4e-6, far above what the gradient tolerates if `q` and
     /// `log q` disagree by it).
+    #[inline(always)]
+    fn log_ratio(&self, s: f32, t: f32) -> f64 {
+        let log_q = (s / self.temperature - self.student_offset) as f64 - self.student_log_sum;
+        let log_p = (t / self.temperature - self.teacher_offset) as f64 - self.teacher_log_sum;
+        log_p - log_q
+    }
+
     /// The same shifts in f32, for the element-wise loops that vectorise.
     #[inline(always)]
     fn f32_shifts(&self) -> F32Shifts {
@@ -474,13 +480,6 @@ impl LogShifts {
             student: self.student_offset + self.student_log_sum as f32,
             teacher: self.teacher_offset + self.teacher_log_sum as f32,
         }
-    }
-
-    #[inline(always)]
-    fn log_ratio(&self, s: f32, t: f32) -> f64 {
-        let log_q = (s / self.temperature - self.student_offset) as f64 - self.student_log_sum;
-        let log_p = (t / self.temperature - self.teacher_offset) as f64 - self.teacher_log_sum;
-        log_p - log_q
     }
 }
 

@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod denormals;
 mod distiller;
 mod error;
 mod metrics;
@@ -48,6 +49,7 @@ pub use config::{
     DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, Metric, ObjectiveConfig, OnPolicyConfig,
     OptimizerConfig,
 };
+pub use denormals::FlushDenormals;
 pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
 pub use error::{Result, TrainError};
 pub use metrics::{ECE_BINS, EvalMetrics, evaluate};

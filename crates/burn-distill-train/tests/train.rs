@@ -1075,3 +1075,49 @@ fn a_teacher_with_a_larger_vocabulary_distils_under_a_vocabulary_policy() {
         assert!(kl.iter().all(|k| k.is_finite()) && kl[2] < kl[0], "{policy:?}: {kl:?}");
     }
 }
+
+#[test]
+fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
+    use std::hint::black_box;
+    let halve_smallest_normal = || black_box(black_box(f32::MIN_POSITIVE) * black_box(0.5));
+    assert!(halve_smallest_normal() > 0.0);
+    {
+        let _outer = FlushDenormals::enable();
+        assert_eq!(halve_smallest_normal() == 0.0, FlushDenormals::SUPPORTED);
+        {
+            let _inner = FlushDenormals::enable();
+            // A subnormal input reads as zero too (DAZ on x86).
+            let subnormal = black_box(f32::from_bits(4));
+            assert_eq!(black_box(subnormal * black_box(0.9)) == 0.0, FlushDenormals::SUPPORTED);
+        }
+        assert_eq!(
+            halve_smallest_normal() == 0.0,
+            FlushDenormals::SUPPORTED,
+            "the inner guard restored the outer mode"
+        );
+    }
+    assert!(halve_smallest_normal() > 0.0, "the mode is restored");
+    #[cfg(target_arch = "x86_64")]
+    assert!(FlushDenormals::SUPPORTED);
+
+    // The mode touches nothing but subnormals: a run with it (the Distiller's default) and one
+    // without end on the same weights, and the mode is off again after fitting.
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(64, 1, &oracle, &device);
+    let batcher = ImageBatcher::new();
+    let probes: Vec<Vec<f32>> = [true, false]
+        .into_iter()
+        .map(|flush| {
+            let outcome = Distiller::new(config(4, hinton(), 0.05), scratch(&format!("flush-{flush}")))
+                .with_teacher(&oracle)
+                .with_flush_denormals(flush)
+                .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+                .unwrap();
+            assert!(halve_smallest_normal() > 0.0, "fit restores the mode");
+            probe(&outcome.student, &device)
+        })
+        .collect();
+    assert_eq!(probes[0], probes[1]);
+}

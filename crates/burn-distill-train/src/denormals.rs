@@ -1,0 +1,122 @@
+//! Flush-to-zero for the training thread's floating-point arithmetic.
+//!
+//! SGD with momentum keeps a velocity `v ← μ v + g` per parameter. When a parameter's gradient is
+//! exactly zero for a while (a dead ReLU unit, a pixel that is always blank), its velocity decays
+//! into the subnormal range and, with round-to-nearest, never reaches zero: `0.9 × 4 ulp` rounds
+//! back to `4 ulp`. Every later step then multiplies those subnormals, and on x86 each such
+//! multiply takes a microcode assist, tens of times slower than a normal one. Measured on the
+//! MNIST example (flex device): 58 % of a distilled student's velocities were subnormal after 14
+//! epochs, and `mul_scalar` in the momentum update took 54 % of the run's time.
+//!
+//! Flushing subnormals to zero (x86 MXCSR FTZ and DAZ, AArch64 FPCR FZ) changes nothing a
+//! training run can see: a subnormal is below 2⁻¹²⁶, so added to a weight or to any normal
+//! gradient it is lost to rounding anyway. TensorFlow and XLA train with it on by default.
+
+use std::marker::PhantomData;
+
+/// Flushes subnormal results and inputs to zero on the current thread until dropped, then restores
+/// the thread's previous mode. A no-op on targets other than x86-64 and AArch64
+/// ([`FlushDenormals::SUPPORTED`] says which).
+///
+/// It is not `Send`: the mode belongs to the thread that set it.
+///
+/// ```
+/// use burn_distill_train::FlushDenormals;
+/// use std::hint::black_box;
+///
+/// let tiny = black_box(f32::MIN_POSITIVE);
+/// let flushed = {
+///     let _guard = FlushDenormals::enable();
+///     black_box(tiny * black_box(0.5))
+/// };
+/// if FlushDenormals::SUPPORTED {
+///     assert_eq!(flushed, 0.0);
+/// }
+/// assert!(black_box(tiny * black_box(0.5)) > 0.0, "restored when the guard dropped");
+/// ```
+#[derive(Debug)]
+#[must_use = "the mode is restored when the guard drops"]
+pub struct FlushDenormals {
+    previous: Option<u64>,
+    not_send: PhantomData<*const ()>,
+}
+
+impl FlushDenormals {
+    /// Whether this target has a flush-to-zero mode that [`FlushDenormals::enable`] sets.
+    pub const SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+    /// Turns flush-to-zero on for the current thread.
+    pub fn enable() -> Self {
+        let previous = mode::read();
+        if let Some(previous) = previous {
+            mode::write(previous | mode::FLUSH_BITS);
+        }
+        Self {
+            previous,
+            not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for FlushDenormals {
+    fn drop(&mut self) {
+        if let Some(previous) = self.previous {
+            mode::write(previous);
+        }
+    }
+}
+
+// The compiler assumes the default floating-point environment, so code built for it may fold a
+// subnormal constant differently from the flushed hardware; here that only decides whether a
+// quantity below 2^-126 reads as itself or as zero, which training does not distinguish.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod mode {
+    /// MXCSR: FTZ (bit 15) flushes subnormal results, DAZ (bit 6) reads subnormal inputs as zero.
+    pub const FLUSH_BITS: u64 = (1 << 15) | (1 << 6);
+
+    pub fn read() -> Option<u64> {
+        let mut csr: u32 = 0;
+        // SAFETY: stmxcsr stores the 32-bit MXCSR into `csr`, a live, aligned local.
+        unsafe { core::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+        Some(u64::from(csr))
+    }
+
+    pub fn write(value: u64) {
+        // Only mode bits are ever set here, on a value read from the register itself.
+        let csr = value as u32;
+        // SAFETY: ldmxcsr loads a valid MXCSR value (the register's own, plus FTZ/DAZ) from a
+        // live local; reserved bits are untouched, so it cannot fault.
+        unsafe { core::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags)) };
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod mode {
+    /// FPCR.FZ (bit 24): subnormal inputs and results are flushed to zero.
+    pub const FLUSH_BITS: u64 = 1 << 24;
+
+    pub fn read() -> Option<u64> {
+        let fpcr: u64;
+        // SAFETY: reading FPCR has no side effects.
+        unsafe { core::arch::asm!("mrs {}, fpcr", out(reg) fpcr, options(nomem, nostack, preserves_flags)) };
+        Some(fpcr)
+    }
+
+    pub fn write(value: u64) {
+        // SAFETY: writes back the register's own value with only the FZ mode bit changed.
+        unsafe { core::arch::asm!("msr fpcr, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod mode {
+    pub const FLUSH_BITS: u64 = 0;
+
+    pub fn read() -> Option<u64> {
+        None
+    }
+
+    pub fn write(_value: u64) {}
+}

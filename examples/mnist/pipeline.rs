@@ -46,8 +46,10 @@ pub struct Options {
     pub temperature: f64,
     /// Weight of the hard-label term (Hinton KD's α).
     pub alpha: f64,
-    /// Initial learning rate (SGD, momentum 0.9, cosine decay).
-    pub learning_rate: f64,
+    /// Teacher's initial learning rate (SGD, momentum 0.9, cosine decay).
+    pub teacher_learning_rate: f64,
+    /// Both students' initial learning rate (same optimizer and schedule).
+    pub student_learning_rate: f64,
     /// Examples per batch.
     pub batch_size: usize,
     /// Distil from an offline cache of the teacher's outputs instead of the live teacher.
@@ -65,6 +67,8 @@ pub struct Options {
     pub seed: u64,
     /// Progress bars.
     pub progress: bool,
+    /// Flush subnormal floats to zero while training (`Distiller::with_flush_denormals`).
+    pub flush_denormals: bool,
 }
 
 impl Options {
@@ -79,14 +83,16 @@ impl Options {
             student_epochs: 30,
             temperature: 20.0,
             alpha: 0.1,
-            learning_rate: 0.05,
+            teacher_learning_rate: 0.05,
+            student_learning_rate: 0.05,
             batch_size: 128,
-            use_cache: false,
+            use_cache: true,
             distill_jitter: false,
             alone_jitter: false,
             omit_digit: None,
             seed: 1,
             progress: true,
+            flush_denormals: true,
         }
     }
 
@@ -125,6 +131,12 @@ pub struct Summary {
     pub temperature: f64,
     /// Hard-label weight.
     pub alpha: f64,
+    /// The teacher's initial learning rate.
+    #[serde(default)]
+    pub teacher_learning_rate: f64,
+    /// The students' initial learning rate.
+    #[serde(default)]
+    pub student_learning_rate: f64,
     /// Whether the distilled student learnt from the offline cache.
     pub used_cache: bool,
     /// Whether the distilled student saw jittered images (with the teacher's outputs for them).
@@ -239,6 +251,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let teacher_config = config(
         options,
         options.teacher_epochs,
+        options.teacher_learning_rate,
         ObjectiveConfig::Supervised { label_smoothing: 0.0 },
     );
     let jitter = ImageBatcher::with_jitter(Jitter {
@@ -264,7 +277,14 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let teacher = FrozenTeacher::new(&teacher_phase.model);
 
     // 2. The same student alone: no dropout, no jitter.
-    let student_config = |objective| config(options, options.student_epochs, objective);
+    let student_config = |objective| {
+        config(
+            options,
+            options.student_epochs,
+            options.student_learning_rate,
+            objective,
+        )
+    };
     let start = Instant::now();
     let alone = train_or_load(
         options,
@@ -356,6 +376,8 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         device: options.device.clone(),
         temperature: options.temperature,
         alpha: options.alpha,
+        teacher_learning_rate: options.teacher_learning_rate,
+        student_learning_rate: options.student_learning_rate,
         used_cache: options.use_cache,
         distill_jitter: options.distill_jitter,
         alone_jitter: options.alone_jitter,
@@ -406,12 +428,12 @@ fn say(options: &Options, line: &str) {
     }
 }
 
-fn config(options: &Options, epochs: usize, objective: ObjectiveConfig) -> DistillConfig {
+fn config(options: &Options, epochs: usize, learning_rate: f64, objective: ObjectiveConfig) -> DistillConfig {
     let steps_per_epoch = options.train_examples.unwrap_or(60_000).div_ceil(options.batch_size);
     let optimizer = SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)));
     let schedule = LrSchedulerConfig::Cosine(
-        CosineAnnealingLrSchedulerConfig::new(options.learning_rate, epochs * steps_per_epoch + 1)
-            .with_min_lr(options.learning_rate / 100.0),
+        CosineAnnealingLrSchedulerConfig::new(learning_rate, epochs * steps_per_epoch + 1)
+            .with_min_lr(learning_rate / 100.0),
     );
     DistillConfig::new(epochs, OptimizerConfig::Sgd(optimizer), schedule, objective)
         .with_batch_size(options.batch_size)
@@ -509,10 +531,10 @@ fn train_or_load(
         Some(teacher) => distiller.with_eval_teacher(teacher),
         None => distiller,
     };
-    let outcome =
-        distiller
-            .with_progress(options.progress)
-            .fit(init(), train, evals, train_batcher, eval_batcher, device)?;
+    let outcome = distiller
+        .with_progress(options.progress)
+        .with_flush_denormals(options.flush_denormals)
+        .fit(init(), train, evals, train_batcher, eval_batcher, device)?;
     save_weights(&outcome.student, &weights)?;
     Ok(Phase {
         model: outcome.student,

@@ -1098,7 +1098,9 @@ fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
     }
     assert!(halve_smallest_normal() > 0.0, "the mode is restored");
     #[cfg(target_arch = "x86_64")]
-    assert!(FlushDenormals::SUPPORTED);
+    const {
+        assert!(FlushDenormals::SUPPORTED)
+    };
 
     // The mode touches nothing but subnormals: a run with it (the Distiller's default) and one
     // without end on the same weights, and the mode is off again after fitting.

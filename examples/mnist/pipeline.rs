@@ -228,7 +228,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         if options.alone_jitter { "-jitter" } else { "" }
     );
     if options.use_cache && options.distill_jitter {
-        return Err("--cache holds the teacher's outputs for plain images only: drop --distill-jitter".into());
+        return Err("the cache holds the teacher's outputs for plain images only: --distill-jitter needs the live teacher (drop --cache)".into());
     }
     let distilled_name = format!(
         "student-distilled{suffix}{}{}",

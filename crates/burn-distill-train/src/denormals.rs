@@ -11,8 +11,9 @@
 //! Flushing subnormals to zero (x86 MXCSR FTZ and DAZ, AArch64 FPCR FZ) changes, in practice,
 //! nothing a training run can see: a subnormal is below 2⁻¹²⁶, so added to a weight or to any
 //! normal number it is lost to rounding anyway (only a weight that is itself zero or subnormal
-//! could differ). The MNIST students end on bit-identical losses with and without it. TensorFlow runs its CPU kernels with it on;
-//! PyTorch offers it as `torch.set_flush_denormal(True)`.
+//! could differ). The MNIST students end on bit-identical losses with and without it.
+//! TensorFlow runs its CPU kernels with it on; PyTorch offers it as
+//! `torch.set_flush_denormal(True)`.
 
 use std::marker::PhantomData;
 

@@ -146,8 +146,8 @@ where
 
     /// Whether the training thread flushes subnormal floats to zero while fitting (on by
     /// default; see [`FlushDenormals`](crate::FlushDenormals) for why and what it changes: the
-    /// weights, nothing; the speed of SGD with momentum on x86, several-fold). Not part of the
-    /// config: a run trained with it and one without are the same run.
+    /// weights, in practice nothing; the speed of SGD with momentum on x86, up to several-fold).
+    /// Not part of the config: a run trained with it and one without are the same run.
     pub fn with_flush_denormals(mut self, flush: bool) -> Self {
         self.flush_denormals = flush;
         self

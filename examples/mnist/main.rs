@@ -12,18 +12,38 @@
 //! model and `test-errors.png` into the run directory (`runs/mnist/`, `runs/mnist-quick/`).
 //! Stop it at any time: the next run resumes each model from its last finished epoch.
 //!
-//! Options: `--device ndarray|flex|wgpu|cuda`, `--quick`, `--run-dir DIR`, `--teacher-epochs N`,
-//! `--epochs N` (students), `--temperature T`, `--alpha A` (hard-label weight), `--learning-rate LR`
-//! (the students' initial one), `--teacher-learning-rate LR`, `--live-teacher` (run the teacher on
-//! every batch instead of distilling from the offline cache of its outputs for the plain training
-//! images, the default), `--cache` (insist on the cache), `--distill-jitter` (show the distilled
-//! student ±2-pixel jittered images with the live teacher's outputs for them; the paper's saw plain
-//! images), `--alone-jitter` (jitter for the student alone too, the control for
-//! `--distill-jitter`), `--omit-digit D`, `--seed S`, `--train-examples N`, `--test-examples N`,
-//! `--keep-denormals` (train without flushing subnormal floats to zero: slower, same weights),
-//! `--quiet`.
+//! Options: `--help` lists them (`USAGE` below).
 
 mod pipeline;
+
+const USAGE: &str = "\
+usage: cargo run --release --features flex --example mnist -- [options]
+
+  --device NAME              ndarray, flex (the default), wgpu or cuda (whichever this build has)
+  --quick                    10 000 training images, 6 epochs each, run directory runs/mnist-quick
+  --run-dir DIR              where the run goes (default runs/mnist); a rerun loads or resumes it
+  --teacher-epochs N         the teacher's epochs (default 120)
+  --epochs N                 each student's epochs (default 30)
+  --temperature T            distillation temperature (default 20)
+  --alpha A                  weight of the hard-label term (default 0.1)
+  --learning-rate LR         the students' initial learning rate (default 0.05, cosine decay)
+  --teacher-learning-rate LR the teacher's (default 0.05)
+  --batch-size N             the students' batch size (default 128)
+  --teacher-batch-size N     the teacher's (default 128)
+  --live-teacher             run the teacher on every batch instead of distilling from the offline
+                             cache of its outputs for the plain training images (the default)
+  --cache                    insist on the cache
+  --distill-jitter           show the distilled student +-2-pixel jittered images, each with the
+                             live teacher's outputs for it (the paper's student saw plain images)
+  --alone-jitter             jitter for the student alone too (the control for --distill-jitter)
+  --omit-digit D             leave digit D out of the students' transfer set
+  --seed S                   seed of everything (default 1)
+  --train-examples N         use the first N training images
+  --test-examples N          use the first N test images
+  --keep-denormals           train without flushing subnormal floats to zero (slower, same weights)
+  --quiet                    no progress output
+  --help                     this text
+";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,6 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(flag) = iter.next() {
         let mut value = || iter.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                return Ok(());
+            }
             "--quick" => {}
             "--quiet" => options.progress = false,
             "--keep-denormals" => options.flush_denormals = false,
@@ -55,11 +79,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--alpha" => options.alpha = value()?.parse()?,
             "--teacher-learning-rate" => options.teacher_learning_rate = value()?.parse()?,
             "--learning-rate" => options.student_learning_rate = value()?.parse()?,
+            "--batch-size" => options.batch_size = value()?.parse()?,
+            "--teacher-batch-size" => options.teacher_batch_size = value()?.parse()?,
             "--omit-digit" => options.omit_digit = Some(value()?.parse()?),
             "--seed" => options.seed = value()?.parse()?,
             "--train-examples" => options.train_examples = Some(value()?.parse()?),
             "--test-examples" => options.test_examples = Some(value()?.parse()?),
-            other => return Err(format!("unknown option {other:?}; see the top of examples/mnist/main.rs").into()),
+            other => return Err(format!("unknown option {other:?}; --help lists them").into()),
         }
     }
     // The cache holds the teacher's outputs for plain images: jittered ones need the live teacher.

@@ -50,7 +50,10 @@ pub struct Options {
     pub teacher_learning_rate: f64,
     /// Both students' initial learning rate (same optimizer and schedule).
     pub student_learning_rate: f64,
-    /// Examples per batch.
+    /// The teacher's examples per batch.
+    #[serde(default = "default_batch_size")]
+    pub teacher_batch_size: usize,
+    /// The students' examples per batch.
     pub batch_size: usize,
     /// Distil from an offline cache of the teacher's outputs instead of the live teacher.
     pub use_cache: bool,
@@ -71,6 +74,10 @@ pub struct Options {
     pub flush_denormals: bool,
 }
 
+fn default_batch_size() -> usize {
+    128
+}
+
 impl Options {
     /// The default, full run.
     pub fn full() -> Self {
@@ -85,7 +92,8 @@ impl Options {
             alpha: 0.1,
             teacher_learning_rate: 0.05,
             student_learning_rate: 0.05,
-            batch_size: 128,
+            teacher_batch_size: default_batch_size(),
+            batch_size: default_batch_size(),
             use_cache: true,
             distill_jitter: false,
             alone_jitter: false,
@@ -145,7 +153,8 @@ pub struct Summary {
     /// Whether the student alone saw jittered images.
     #[serde(default)]
     pub alone_jitter: bool,
-    /// Wall seconds per phase (0 for a phase loaded from an earlier run).
+    /// Seconds each phase spent training and evaluating, summed over every epoch of its run (so
+    /// also for a phase loaded from, or resumed after, an earlier process).
     pub seconds: PhaseSeconds,
     /// Training seconds per epoch per phase.
     pub seconds_per_epoch: PhaseSeconds,
@@ -170,7 +179,7 @@ pub struct PhaseSeconds {
     pub teacher: f64,
     /// The student alone.
     pub student_alone: f64,
-    /// The distilled student (including building the cache, if used).
+    /// The distilled student.
     pub student_distilled: f64,
 }
 
@@ -252,6 +261,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         options.teacher_epochs,
         options.teacher_learning_rate,
+        options.teacher_batch_size,
         ObjectiveConfig::Supervised { label_smoothing: 0.0 },
     );
     let jitter = ImageBatcher::with_jitter(Jitter {
@@ -259,7 +269,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         seed: options.seed,
     });
     let plain = ImageBatcher::new();
-    let start = Instant::now();
     let teacher_phase = train_or_load(
         options,
         "teacher",
@@ -273,7 +282,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         &plain,
         &training,
     )?;
-    let teacher_seconds = start.elapsed().as_secs_f64();
     let teacher = FrozenTeacher::new(&teacher_phase.model);
 
     // 2. The same student alone: no dropout, no jitter.
@@ -282,10 +290,10 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
             options,
             options.student_epochs,
             options.student_learning_rate,
+            options.batch_size,
             objective,
         )
     };
-    let start = Instant::now();
     let alone = train_or_load(
         options,
         &alone_name,
@@ -299,7 +307,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         &plain,
         &training,
     )?;
-    let alone_seconds = start.elapsed().as_secs_f64();
 
     // 3. The same student, distilled (from the live teacher or its cached outputs).
     let kd = ObjectiveConfig::Hinton(
@@ -307,7 +314,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
             .with_alpha(options.alpha)
             .with_temperature(options.temperature),
     );
-    let start = Instant::now();
     let cached;
     let teacher_for_students: &dyn Teacher<Tensor<2>, 2> = if options.use_cache {
         let path = options.run_dir.join(format!("teacher-outputs{suffix}.bdkd"));
@@ -349,7 +355,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         &plain,
         &training,
     )?;
-    let distilled_seconds = start.elapsed().as_secs_f64();
 
     let omitted_digit = match options.omit_digit {
         Some(digit) => Some(omitted_digit_report(
@@ -364,6 +369,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     };
 
     let errors = |phase: &Phase| phase.summary.last.eval[0].1.errors;
+    let phase_seconds = |phase: &Phase| phase.summary.train_seconds + phase.summary.eval_seconds;
     let per_epoch = |phase: &Phase| phase.summary.train_seconds / phase.summary.epochs.max(1) as f64;
     let summary = Summary {
         teacher_test_errors: errors(&teacher_phase),
@@ -382,9 +388,9 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         distill_jitter: options.distill_jitter,
         alone_jitter: options.alone_jitter,
         seconds: PhaseSeconds {
-            teacher: if teacher_phase.loaded { 0.0 } else { teacher_seconds },
-            student_alone: if alone.loaded { 0.0 } else { alone_seconds },
-            student_distilled: if distilled.loaded { 0.0 } else { distilled_seconds },
+            teacher: phase_seconds(&teacher_phase),
+            student_alone: phase_seconds(&alone),
+            student_distilled: phase_seconds(&distilled),
         },
         seconds_per_epoch: PhaseSeconds {
             teacher: per_epoch(&teacher_phase),
@@ -428,15 +434,21 @@ fn say(options: &Options, line: &str) {
     }
 }
 
-fn config(options: &Options, epochs: usize, learning_rate: f64, objective: ObjectiveConfig) -> DistillConfig {
-    let steps_per_epoch = options.train_examples.unwrap_or(60_000).div_ceil(options.batch_size);
+fn config(
+    options: &Options,
+    epochs: usize,
+    learning_rate: f64,
+    batch_size: usize,
+    objective: ObjectiveConfig,
+) -> DistillConfig {
+    let steps_per_epoch = options.train_examples.unwrap_or(60_000).div_ceil(batch_size);
     let optimizer = SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)));
     let schedule = LrSchedulerConfig::Cosine(
         CosineAnnealingLrSchedulerConfig::new(learning_rate, epochs * steps_per_epoch + 1)
             .with_min_lr(learning_rate / 100.0),
     );
     DistillConfig::new(epochs, OptimizerConfig::Sgd(optimizer), schedule, objective)
-        .with_batch_size(options.batch_size)
+        .with_batch_size(batch_size)
         .with_eval_batch_size(1000)
         .with_seed(options.seed)
 }
@@ -445,8 +457,6 @@ struct Phase {
     model: Mlp,
     summary: RunSummary,
     records: Vec<EpochRecord>,
-    /// Loaded from an earlier complete run rather than trained now.
-    loaded: bool,
 }
 
 /// Trains a phase in `run_dir/name`, or loads it when that directory holds a finished run with
@@ -503,7 +513,6 @@ fn train_or_load(
             model,
             summary,
             records,
-            loaded: true,
         });
     }
     let distiller = match saved_config {
@@ -540,7 +549,6 @@ fn train_or_load(
         model: outcome.student,
         summary: outcome.summary,
         records: outcome.records,
-        loaded: false,
     })
 }
 

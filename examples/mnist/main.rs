@@ -36,6 +36,9 @@ usage: cargo run --release --features flex --example mnist -- [options]
   --distill-jitter           show the distilled student +-2-pixel jittered images, each with the
                              live teacher's outputs for it (the paper's student saw plain images)
   --alone-jitter             jitter for the student alone too (the control for --distill-jitter)
+  --hint W                   add W x the mean squared error between the distilled student's last
+                             hidden layer (through a trained 800 -> 1200 linear connector) and
+                             the teacher's (FitNets hints; needs the live teacher)
   --omit-digit D             leave digit D out of the students' transfer set
   --seed S                   seed of everything (default 1)
   --train-examples N         use the first N training images
@@ -70,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             "--live-teacher" => options.use_cache = false,
             "--distill-jitter" => options.distill_jitter = true,
+            "--hint" => options.hint_weight = value()?.parse()?,
             "--alone-jitter" => options.alone_jitter = true,
             "--device" => options.device = value()?.clone(),
             "--run-dir" => options.run_dir = value()?.into(),
@@ -88,8 +92,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             other => return Err(format!("unknown option {other:?}; --help lists them").into()),
         }
     }
-    // The cache holds the teacher's outputs for plain images: jittered ones need the live teacher.
-    if options.distill_jitter && !cache_asked {
+    // The cache holds the teacher's outputs for plain images: jittered ones, and its hidden
+    // layers, need the live teacher.
+    if (options.distill_jitter || options.hint_weight > 0.0) && !cache_asked {
         options.use_cache = false;
     }
     if options.omit_digit.is_some_and(|digit| digit > 9) {

@@ -20,10 +20,12 @@ use burn_distill::data::{
     MnistSplit, Subset, build_cache,
 };
 use burn_distill::loss::{HintonKdLossConfig, device_by_name};
-use burn_distill::model::{Cost, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded, load_weights, save_weights};
+use burn_distill::model::{
+    ConnectorConfig, Cost, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded, load_weights, save_weights,
+};
 use burn_distill::train::{
-    DistillConfig, Distiller, EpochRecord, EvalSet, ObjectiveConfig, OptimizerConfig, RunStatus, RunSummary,
-    read_metrics,
+    DistillConfig, Distiller, EpochRecord, EvalSet, FeatureTermConfig, ObjectiveConfig, OptimizerConfig, RunStatus,
+    RunSummary, read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +66,12 @@ pub struct Options {
     /// Show the student trained alone jittered images too (a control; the paper's was trained
     /// without any regularisation).
     pub alone_jitter: bool,
+    /// Weight of a hint term for the distilled student (FitNets, Romero et al. 2015): the mean
+    /// squared error between its last hidden layer, through a linear connector trained with it
+    /// (800 → 1200), and the teacher's. 0 for none (the paper's). Needs the live teacher (a
+    /// cache holds outputs only).
+    #[serde(default)]
+    pub hint_weight: f64,
     /// Leave this digit out of the students' training (transfer) set.
     pub omit_digit: Option<u8>,
     /// Seed of everything.
@@ -97,6 +105,7 @@ impl Options {
             use_cache: true,
             distill_jitter: false,
             alone_jitter: false,
+            hint_weight: 0.0,
             omit_digit: None,
             seed: 1,
             progress: true,
@@ -153,6 +162,9 @@ pub struct Summary {
     /// Whether the student alone saw jittered images.
     #[serde(default)]
     pub alone_jitter: bool,
+    /// Weight of the distilled student's hint term (0: none).
+    #[serde(default)]
+    pub hint_weight: f64,
     /// Seconds each phase spent training and evaluating, summed over every epoch of its run (so
     /// also for a phase loaded from, or resumed after, an earlier process).
     pub seconds: PhaseSeconds,
@@ -239,10 +251,17 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     if options.use_cache && options.distill_jitter {
         return Err("the cache holds the teacher's outputs for plain images only: --distill-jitter needs the live teacher (drop --cache)".into());
     }
+    if !(options.hint_weight.is_finite() && options.hint_weight >= 0.0) {
+        return Err(format!("the hint weight must be finite and >= 0, not {}", options.hint_weight).into());
+    }
+    if options.use_cache && options.hint_weight > 0.0 {
+        return Err("the cache holds the teacher's outputs only, not its hidden layers: --hint needs the live teacher (drop --cache)".into());
+    }
     let distilled_name = format!(
-        "student-distilled{suffix}{}{}",
+        "student-distilled{suffix}{}{}{}",
         if options.use_cache { "-cached" } else { "" },
-        if options.distill_jitter { "-jitter" } else { "" }
+        if options.distill_jitter { "-jitter" } else { "" },
+        if options.hint_weight > 0.0 { "-hint" } else { "" }
     );
     say(
         options,
@@ -341,10 +360,22 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     } else {
         &teacher
     };
+    let mut distilled_config = student_config(kd);
+    if options.hint_weight > 0.0 {
+        let (student_width, teacher_width) = (
+            MlpConfig::hinton_student().hidden[1],
+            MlpConfig::hinton_teacher().hidden[1],
+        );
+        distilled_config = distilled_config.with_features(vec![
+            FeatureTermConfig::new("hidden.1".into(), "hidden.1".into())
+                .with_weight(options.hint_weight)
+                .with_connector(Some(ConnectorConfig::new(student_width, teacher_width))),
+        ]);
+    }
     let distilled = train_or_load(
         options,
         &distilled_name,
-        student_config(kd),
+        distilled_config,
         || init_seeded(options.seed + 1, &training, |d| MlpConfig::hinton_student().init(d)),
         Some(teacher_for_students),
         // The live teacher speaks for the test set; a cache of the training set cannot.
@@ -387,6 +418,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         used_cache: options.use_cache,
         distill_jitter: options.distill_jitter,
         alone_jitter: options.alone_jitter,
+        hint_weight: options.hint_weight,
         seconds: PhaseSeconds {
             teacher: phase_seconds(&teacher_phase),
             student_alone: phase_seconds(&alone),
@@ -671,10 +703,11 @@ fn print_table(summary: &Summary) {
         summary.seconds_per_epoch.student_alone,
     );
     row(
-        if summary.distill_jitter {
-            "student 784-800-800-10 distilled (jittered images)"
-        } else {
-            "student 784-800-800-10 distilled"
+        match (summary.distill_jitter, summary.hint_weight > 0.0) {
+            (false, false) => "student 784-800-800-10 distilled",
+            (true, false) => "student 784-800-800-10 distilled (jittered images)",
+            (false, true) => "student 784-800-800-10 distilled (+ hint)",
+            (true, true) => "student 784-800-800-10 distilled (jittered images, + hint)",
         },
         summary.student_distilled_test_errors,
         74,

@@ -36,6 +36,8 @@ usage: cargo run --release --features flex --example mnist -- [options]
   --distill-jitter           show the distilled student +-2-pixel jittered images, each with the
                              live teacher's outputs for it (the paper's student saw plain images)
   --alone-jitter             jitter for the student alone too (the control for --distill-jitter)
+  --plain-teacher            train the teacher on plain images, dropout only (a diagnostic: how much
+                             of what dropout, rather than jitter, taught it the soft targets carry)
   --hint W                   add W x the mean squared error between the distilled student's last
                              hidden layer (through a trained 800 -> 1200 linear connector) and
                              the teacher's (FitNets hints; needs the live teacher)
@@ -73,6 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             "--live-teacher" => options.use_cache = false,
             "--distill-jitter" => options.distill_jitter = true,
+            "--plain-teacher" => options.teacher_jitter = false,
             "--hint" => options.hint_weight = value()?.parse()?,
             "--alone-jitter" => options.alone_jitter = true,
             "--device" => options.device = value()?.clone(),

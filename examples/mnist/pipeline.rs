@@ -66,6 +66,11 @@ pub struct Options {
     /// Show the student trained alone jittered images too (a control; the paper's was trained
     /// without any regularisation).
     pub alone_jitter: bool,
+    /// Train the teacher on jittered images (the paper's). `false` trains it on plain images with
+    /// dropout only: a diagnostic of what the soft targets carry of what dropout, rather than
+    /// jitter, taught it.
+    #[serde(default = "yes")]
+    pub teacher_jitter: bool,
     /// Weight of a hint term for the distilled student (FitNets, Romero et al. 2015): the mean
     /// squared error between its last hidden layer, through a linear connector trained with it
     /// (800 → 1200), and the teacher's. 0 for none (the paper's). Needs the live teacher (a
@@ -80,6 +85,10 @@ pub struct Options {
     pub progress: bool,
     /// Flush subnormal floats to zero while training (`Distiller::with_flush_denormals`).
     pub flush_denormals: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_batch_size() -> usize {
@@ -105,6 +114,7 @@ impl Options {
             use_cache: true,
             distill_jitter: false,
             alone_jitter: false,
+            teacher_jitter: true,
             hint_weight: 0.0,
             omit_digit: None,
             seed: 1,
@@ -162,6 +172,9 @@ pub struct Summary {
     /// Whether the student alone saw jittered images.
     #[serde(default)]
     pub alone_jitter: bool,
+    /// Whether the teacher learnt from jittered images.
+    #[serde(default = "yes")]
+    pub teacher_jitter: bool,
     /// Weight of the distilled student's hint term (0: none).
     #[serde(default)]
     pub hint_weight: f64,
@@ -257,8 +270,18 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     if options.use_cache && options.hint_weight > 0.0 {
         return Err("the cache holds the teacher's outputs only, not its hidden layers: --hint needs the live teacher (drop --cache)".into());
     }
+    let teacher_name = if options.teacher_jitter {
+        "teacher"
+    } else {
+        "teacher-plain"
+    };
     let distilled_name = format!(
-        "student-distilled{suffix}{}{}{}",
+        "student-distilled{suffix}{}{}{}{}",
+        if options.teacher_jitter {
+            ""
+        } else {
+            "-from-plain-teacher"
+        },
         if options.use_cache { "-cached" } else { "" },
         if options.distill_jitter { "-jitter" } else { "" },
         if options.hint_weight > 0.0 { "-hint" } else { "" }
@@ -275,7 +298,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         ),
     );
 
-    // 1. The teacher: dropout and ±2-pixel jitter.
+    // 1. The teacher: dropout and ±2-pixel jitter (or dropout only).
     let teacher_config = config(
         options,
         options.teacher_epochs,
@@ -290,14 +313,14 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let plain = ImageBatcher::new();
     let teacher_phase = train_or_load(
         options,
-        "teacher",
+        teacher_name,
         teacher_config,
         || init_seeded(options.seed, &training, |d| MlpConfig::hinton_teacher().init(d)),
         None,
         None,
         &train,
         &evals,
-        &jitter,
+        if options.teacher_jitter { &jitter } else { &plain },
         &plain,
         &training,
     )?;
@@ -335,7 +358,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     );
     let cached;
     let teacher_for_students: &dyn Teacher<Tensor<2>, 2> = if options.use_cache {
-        let path = options.run_dir.join(format!("teacher-outputs{suffix}.bdkd"));
+        let path = options.run_dir.join(format!("{teacher_name}-outputs{suffix}.bdkd"));
         let report = build_cache(
             &path,
             &teacher,
@@ -418,6 +441,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         used_cache: options.use_cache,
         distill_jitter: options.distill_jitter,
         alone_jitter: options.alone_jitter,
+        teacher_jitter: options.teacher_jitter,
         hint_weight: options.hint_weight,
         seconds: PhaseSeconds {
             teacher: phase_seconds(&teacher_phase),
@@ -451,7 +475,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     say(
         options,
         &format!(
-            "wrote {}, {} and metrics.jsonl in {}/{{teacher,{alone_name},{distilled_name}}}",
+            "wrote {}, {} and metrics.jsonl in {}/{{{teacher_name},{alone_name},{distilled_name}}}",
             summary_path.display(),
             plot_path.display(),
             options.run_dir.display()
@@ -531,6 +555,13 @@ fn train_or_load(
         if summary.train_data != train.fingerprint() {
             return Err(format!(
                 "{} holds a {name} run on other training data; remove it or choose another --run-dir",
+                dir.display()
+            )
+            .into());
+        }
+        if summary.teacher != teacher.and_then(|teacher| teacher.fingerprint()) {
+            return Err(format!(
+                "{} holds a {name} run distilled from another teacher; remove it or choose another --run-dir",
                 dir.display()
             )
             .into());
@@ -685,7 +716,11 @@ fn print_table(summary: &Summary) {
     println!("| model | test errors | accuracy | paper's errors | parameters | s / epoch |");
     println!("|---|---:|---:|---:|---:|---:|");
     row(
-        "teacher 784-1200-1200-10 (dropout, jitter)",
+        if summary.teacher_jitter {
+            "teacher 784-1200-1200-10 (dropout, jitter)"
+        } else {
+            "teacher 784-1200-1200-10 (dropout, no jitter)"
+        },
         summary.teacher_test_errors,
         67,
         summary.teacher_parameters,

@@ -90,6 +90,30 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
         again.student_distilled_test_errors,
         summary.student_distilled_test_errors
     );
+
+    // The diagnostics: a teacher without jitter, and a hint term (which needs the live teacher).
+    let hinted = pipeline::Options {
+        teacher_jitter: false,
+        hint_weight: 1.0,
+        ..options.clone()
+    };
+    let error = pipeline::run(&hinted).unwrap_err();
+    assert!(error.to_string().contains("--hint"), "{error}");
+    let hinted = pipeline::Options {
+        use_cache: false,
+        ..hinted
+    };
+    let summary = pipeline::run(&hinted).unwrap();
+    assert!(!summary.teacher_jitter && summary.hint_weight == 1.0);
+    let metrics = std::fs::read_to_string(
+        run_dir
+            .join("student-distilled-without-3-from-plain-teacher-hint")
+            .join("metrics.jsonl"),
+    )
+    .unwrap();
+    let record: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(record["train"]["feature_loss"].as_f64().unwrap() > 0.0, "{record}");
+    assert!(run_dir.join("teacher-plain").join("final.bpk").is_file());
 }
 
 #[test]

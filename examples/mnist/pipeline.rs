@@ -301,6 +301,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     // 1. The teacher: dropout and ±2-pixel jitter (or dropout only).
     let teacher_config = config(
         options,
+        train.len(),
         options.teacher_epochs,
         options.teacher_learning_rate,
         options.teacher_batch_size,
@@ -330,6 +331,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let student_config = |objective| {
         config(
             options,
+            transfer.len(),
             options.student_epochs,
             options.student_learning_rate,
             options.batch_size,
@@ -490,14 +492,16 @@ fn say(options: &Options, line: &str) {
     }
 }
 
+/// SGD with momentum 0.9 and a cosine decay to a hundredth over `epochs` of `examples`.
 fn config(
     options: &Options,
+    examples: usize,
     epochs: usize,
     learning_rate: f64,
     batch_size: usize,
     objective: ObjectiveConfig,
 ) -> DistillConfig {
-    let steps_per_epoch = options.train_examples.unwrap_or(60_000).div_ceil(batch_size);
+    let steps_per_epoch = examples.div_ceil(batch_size);
     let optimizer = SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)));
     let schedule = LrSchedulerConfig::Cosine(
         CosineAnnealingLrSchedulerConfig::new(learning_rate, epochs * steps_per_epoch + 1)

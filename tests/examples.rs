@@ -114,6 +114,35 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     let record: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert!(record["train"]["feature_loss"].as_f64().unwrap() > 0.0, "{record}");
     assert!(run_dir.join("teacher-plain").join("final.bpk").is_file());
+
+    // A finished distilled student made from another teacher is refused, not loaded: the
+    // students' directories copied next to a teacher trained differently (their configs match).
+    let other_dir = run_dir.with_extension("other-teacher");
+    let _ = std::fs::remove_dir_all(&other_dir);
+    for phase in ["student-alone-without-3", "student-distilled-without-3-cached"] {
+        copy_dir(&run_dir.join(phase), &other_dir.join(phase));
+    }
+    let other = pipeline::Options {
+        run_dir: other_dir.clone(),
+        teacher_epochs: 2,
+        ..options.clone()
+    };
+    let error = pipeline::run(&other).unwrap_err();
+    assert!(error.to_string().contains("another teacher"), "{error}");
+    let _ = std::fs::remove_dir_all(&other_dir);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 #[test]

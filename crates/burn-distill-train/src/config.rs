@@ -7,6 +7,7 @@ use burn_distill_loss::{DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig,
 use burn_distill_model::{ConnectorConfig, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::constraint::MaxNormConfig;
 use crate::error::TrainError;
 
 /// A whole run: data order, optimisation, objective, evaluation and checkpoints. Saved as
@@ -26,6 +27,7 @@ use crate::error::TrainError;
 /// | `early_stopping` | none | stop when a validation metric stops improving | |
 /// | `eval_batch_size` | 500 | examples per evaluation batch | ≥ 1 |
 /// | `keep_checkpoints` | 2 | epoch checkpoints kept (plus the best) | ≥ 1 |
+/// | `max_norm` | none | after each step, scale each chosen `Linear` unit's incoming weights to an L2 norm ≤ `max_norm` ([`MaxNormConfig`](crate::MaxNormConfig); Srivastava et al. 2014) | |
 /// | `on_policy` | none | GKD: the student writes some of the sequences it is scored on ([`Distiller::fit_on_policy`](crate::Distiller::fit_on_policy)) | |
 ///
 /// Targets equal to [`IGNORE_INDEX`] (padding, prompts) are left out of every term and of the
@@ -64,6 +66,12 @@ pub struct DistillConfig {
     /// On-policy distillation (language models only).
     #[config(default = "None")]
     pub on_policy: Option<OnPolicyConfig>,
+    /// Max-norm constraint: after every optimizer step, each column of the student's chosen
+    /// rank-2 `weight` parameters (a `Linear` unit's incoming weights) is scaled to an L2 norm
+    /// of at most `max_norm` ([`apply_max_norm`](crate::apply_max_norm)). Connectors are not
+    /// constrained.
+    #[config(default = "None")]
+    pub max_norm: Option<MaxNormConfig>,
 }
 
 pub use burn_distill_data::IGNORE_INDEX;
@@ -121,6 +129,13 @@ impl DistillConfig {
                     term.weight
                 )));
             }
+        }
+        if let Some(max_norm) = self.max_norm.as_ref().map(|config| config.max_norm)
+            && !(max_norm.is_finite() && max_norm > 0.0)
+        {
+            return Err(TrainError::Config(format!(
+                "max_norm = {max_norm} must be finite and > 0"
+            )));
         }
         if let ObjectiveConfig::Supervised { label_smoothing } = self.objective
             && !(0.0..1.0).contains(&label_smoothing)

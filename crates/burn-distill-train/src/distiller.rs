@@ -16,6 +16,7 @@ use burn_distill_model::{Connector, Fingerprint, Student, Teacher, TeacherInput,
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{DistillConfig, Metric};
+use crate::constraint::apply_max_norm;
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, evaluate, flatten_indices, flatten_logits};
 use crate::objective::{LogitObjective, TeacherLogits, feature_loss, valid_positions};
@@ -414,6 +415,9 @@ where
                 let learning_rate = scheduler.step();
                 totals.learning_rate = learning_rate.base();
                 trainee = optimizer.step(learning_rate, trainee, accumulator.grads());
+                if let Some(max_norm) = &config.max_norm {
+                    trainee.student = apply_max_norm(trainee.student, max_norm);
+                }
                 state.global_step += 1;
                 totals.steps += 1;
                 if self.progress {

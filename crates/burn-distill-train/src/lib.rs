@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod constraint;
 mod denormals;
 mod distiller;
 mod error;
@@ -49,6 +50,7 @@ pub use config::{
     DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, Metric, ObjectiveConfig, OnPolicyConfig,
     OptimizerConfig,
 };
+pub use constraint::{MaxNormConfig, apply_max_norm};
 pub use denormals::FlushDenormals;
 pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
 pub use error::{Result, TrainError};

@@ -1123,3 +1123,166 @@ fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
         .collect();
     assert_eq!(probes[0], probes[1]);
 }
+
+/// Every float parameter of a module, in visiting order: its shape and values.
+struct Parameters(Vec<(Vec<usize>, Vec<f32>)>);
+
+impl burn::module::ModuleVisitor for Parameters {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let value = param.val();
+        self.0
+            .push((value.dims().to_vec(), value.into_data().iter::<f32>().collect()));
+    }
+}
+
+fn parameters(model: &Mlp) -> Vec<(Vec<usize>, Vec<f32>)> {
+    use burn::module::Module;
+    let mut visitor = Parameters(Vec::new());
+    model.visit(&mut visitor);
+    visitor.0
+}
+
+/// L2 norms of the columns of a row-major `[rows, columns]` matrix.
+fn column_norms(shape: &[usize], values: &[f32]) -> Vec<f64> {
+    let columns = shape[1];
+    (0..columns)
+        .map(|c| {
+            values
+                .iter()
+                .skip(c)
+                .step_by(columns)
+                .map(|&v| f64::from(v).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect()
+}
+
+#[test]
+fn max_norm_scales_long_columns_onto_the_ball_and_leaves_the_rest() {
+    let _serial = serial();
+    for named in devices() {
+        let device = named.device.autodiff();
+        let model = student(5, 0.0, &device);
+        let before = parameters(&model);
+        // The median column norm: about half the columns are outside the ball.
+        let mut all: Vec<f64> = before
+            .iter()
+            .filter(|(shape, _)| shape.len() == 2)
+            .flat_map(|(shape, values)| column_norms(shape, values))
+            .collect();
+        all.sort_by(f64::total_cmp);
+        let c = all[all.len() / 2];
+        // The student's weights, in visiting order: hidden.0, then output.
+        for (modules, constrained) in [
+            (vec![], [true, true]),
+            (vec!["output".to_string()], [false, true]),
+            (vec!["hidden".to_string()], [true, false]),
+            (vec!["hidden.0".to_string()], [true, false]),
+            (vec!["hidden.1".to_string(), "hid".to_string()], [false, false]),
+        ] {
+            let config = MaxNormConfig::new(c).with_modules(modules.clone());
+            let after = parameters(&apply_max_norm(model.clone(), &config));
+            let (mut scaled, mut kept, mut matrix) = (0, 0, 0);
+            for ((shape, old), (new_shape, new)) in before.iter().zip(&after) {
+                assert_eq!(shape, new_shape);
+                if shape.len() != 2 {
+                    assert_eq!(old, new, "{}: a bias changed", named.name);
+                    continue;
+                }
+                let selected = constrained[matrix];
+                matrix += 1;
+                let columns = shape[1];
+                for (column, norm) in column_norms(shape, old).into_iter().enumerate() {
+                    let outside = selected && norm > c;
+                    for row in 0..shape[0] {
+                        let (o, n) = (old[row * columns + column], new[row * columns + column]);
+                        if outside {
+                            let expected = f64::from(o) * c / norm;
+                            assert!(
+                                (f64::from(n) - expected).abs() <= 1e-6 + 1e-5 * expected.abs(),
+                                "{} {modules:?}: {n} vs {expected}",
+                                named.name
+                            );
+                        } else {
+                            assert_eq!(o.to_bits(), n.to_bits(), "{} {modules:?}: a column changed", named.name);
+                        }
+                    }
+                    if outside {
+                        scaled += 1;
+                        let now = column_norms(shape, new)[column];
+                        assert!((now - c).abs() < 1e-5 * c, "{}: {now} vs {c}", named.name);
+                    } else if selected {
+                        kept += 1;
+                    }
+                }
+            }
+            assert_eq!(matrix, 2);
+            if constrained == [true, true] {
+                assert!(scaled > 0 && kept > 0, "{}: {scaled} scaled, {kept} kept", named.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_max_norm_run_keeps_every_column_on_the_ball_and_still_learns() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(64, 1, &oracle, &device);
+    let batcher = ImageBatcher::new();
+    let run = |config: DistillConfig, name: &str| {
+        Distiller::new(config, scratch(name))
+            .with_teacher(&oracle)
+            .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+            .unwrap()
+    };
+    let widest = |model: &Mlp| {
+        parameters(model)
+            .iter()
+            .filter(|(shape, _)| shape.len() == 2)
+            .flat_map(|(shape, values)| column_norms(shape, values))
+            .fold(0.0, f64::max)
+    };
+    let free = run(config(6, hinton(), 0.5), "max-norm-free");
+    let c = 0.9;
+    assert!(
+        widest(&free.student) > 1.2 * c,
+        "unconstrained: {}",
+        widest(&free.student)
+    );
+    let capped = run(
+        config(6, hinton(), 0.5).with_max_norm(Some(MaxNormConfig::new(c))),
+        "max-norm-capped",
+    );
+    assert!(
+        widest(&capped.student) <= c * (1.0 + 1e-5),
+        "{}",
+        widest(&capped.student)
+    );
+    let (first, last) = (&capped.records[0].train, &capped.records[5].train);
+    assert!(
+        last.loss < 0.8 * first.loss,
+        "still learns: {} then {}",
+        first.loss,
+        last.loss
+    );
+    // A ball no column reaches changes nothing: the parameters keep their optimizer state.
+    let loose = run(
+        config(6, hinton(), 0.5).with_max_norm(Some(MaxNormConfig::new(1e6))),
+        "max-norm-loose",
+    );
+    assert_eq!(probe(&loose.student, &device), probe(&free.student, &device));
+    // A bad radius is refused before any work.
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let error = Distiller::new(
+            config(1, hinton(), 0.5).with_max_norm(Some(MaxNormConfig::new(bad))),
+            scratch("max-norm-bad"),
+        )
+        .with_teacher(&oracle)
+        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .unwrap_err();
+        assert!(error.to_string().contains("max_norm"), "{error}");
+    }
+}

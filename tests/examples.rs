@@ -101,6 +101,7 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     assert!(error.to_string().contains("--hint"), "{error}");
     let hinted = pipeline::Options {
         use_cache: false,
+        eval_train: true,
         ..hinted
     };
     let summary = pipeline::run(&hinted).unwrap();
@@ -113,6 +114,15 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     .unwrap();
     let record: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert!(record["train"]["feature_loss"].as_f64().unwrap() > 0.0, "{record}");
+    // --eval-train: the test set first, then as many transfer-set images, with the teacher's KL.
+    let eval = record["eval"].as_array().unwrap();
+    assert_eq!(
+        (eval[0][0].as_str(), eval[1][0].as_str()),
+        (Some("test"), Some("train")),
+        "{record}"
+    );
+    assert_eq!(eval[1][1]["examples"].as_u64(), Some(200), "{record}");
+    assert!(eval[1][1]["teacher_kl"].as_f64().unwrap() >= 0.0, "{record}");
     assert!(run_dir.join("teacher-plain").join("final.bpk").is_file());
 
     // A finished distilled student made from another teacher is refused, not loaded: the
@@ -125,10 +135,19 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     let other = pipeline::Options {
         run_dir: other_dir.clone(),
         teacher_epochs: 2,
+        teacher_max_norm: Some(2.0),
         ..options.clone()
     };
     let error = pipeline::run(&other).unwrap_err();
     assert!(error.to_string().contains("another teacher"), "{error}");
+    // That teacher trained under --teacher-max-norm: its hidden layers only.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other_dir.join("teacher").join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["max_norm"],
+        serde_json::json!({"max_norm": 2.0, "modules": ["hidden"]}),
+        "{config}"
+    );
     let _ = std::fs::remove_dir_all(&other_dir);
 }
 

@@ -30,6 +30,8 @@ usage: cargo run --release --features flex --example mnist -- [options]
   --teacher-learning-rate LR the teacher's (default 0.05)
   --batch-size N             the students' batch size (default 128)
   --teacher-batch-size N     the teacher's (default 128)
+  --teacher-max-norm C       keep each of the teacher's hidden units' incoming weights within an
+                             L2 norm of C after every step (max-norm, as on the paper's teacher)
   --live-teacher             run the teacher on every batch instead of distilling from the offline
                              cache of its outputs for the plain training images (the default)
   --cache                    insist on the cache
@@ -41,6 +43,8 @@ usage: cargo run --release --features flex --example mnist -- [options]
   --hint W                   add W x the mean squared error between the distilled student's last
                              hidden layer (through a trained 800 -> 1200 linear connector) and
                              the teacher's (FitNets hints; needs the live teacher)
+  --eval-train               also evaluate each epoch on as many transfer-set images as the test
+                             set has (agreement and KL to the teacher on images the student saw)
   --omit-digit D             leave digit D out of the students' transfer set
   --seed S                   seed of everything (default 1)
   --train-examples N         use the first N training images
@@ -78,6 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--plain-teacher" => options.teacher_jitter = false,
             "--hint" => options.hint_weight = value()?.parse()?,
             "--alone-jitter" => options.alone_jitter = true,
+            "--eval-train" => options.eval_train = true,
             "--device" => options.device = value()?.clone(),
             "--run-dir" => options.run_dir = value()?.into(),
             "--teacher-epochs" => options.teacher_epochs = value()?.parse()?,
@@ -88,6 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--learning-rate" => options.student_learning_rate = value()?.parse()?,
             "--batch-size" => options.batch_size = value()?.parse()?,
             "--teacher-batch-size" => options.teacher_batch_size = value()?.parse()?,
+            "--teacher-max-norm" => options.teacher_max_norm = Some(value()?.parse()?),
             "--omit-digit" => options.omit_digit = Some(value()?.parse()?),
             "--seed" => options.seed = value()?.parse()?,
             "--train-examples" => options.train_examples = Some(value()?.parse()?),

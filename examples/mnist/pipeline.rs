@@ -24,8 +24,8 @@ use burn_distill::model::{
     ConnectorConfig, Cost, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded, load_weights, save_weights,
 };
 use burn_distill::train::{
-    DistillConfig, Distiller, EpochRecord, EvalSet, FeatureTermConfig, ObjectiveConfig, OptimizerConfig, RunStatus,
-    RunSummary, read_metrics,
+    DistillConfig, Distiller, EpochRecord, EvalSet, FeatureTermConfig, MaxNormConfig, ObjectiveConfig, OptimizerConfig,
+    RunStatus, RunSummary, read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -71,12 +71,22 @@ pub struct Options {
     /// jitter, taught it.
     #[serde(default = "yes")]
     pub teacher_jitter: bool,
+    /// A max-norm constraint on the teacher's hidden units (each unit's incoming weights kept
+    /// within an L2 norm of this after every step; Srivastava et al. 2014), as on the paper's
+    /// teacher. `None` for none (the default).
+    #[serde(default)]
+    pub teacher_max_norm: Option<f64>,
     /// Weight of a hint term for the distilled student (FitNets, Romero et al. 2015): the mean
     /// squared error between its last hidden layer, through a linear connector trained with it
     /// (800 → 1200), and the teacher's. 0 for none (the paper's). Needs the live teacher (a
     /// cache holds outputs only).
     #[serde(default)]
     pub hint_weight: f64,
+    /// Also evaluate every model after each epoch on the first images of the students' transfer
+    /// set (as many as the test set has): the distilled student's agreement and KL to the teacher
+    /// on images it learnt from, next to the test set's. A diagnostic; `eval[0]` stays the test set.
+    #[serde(default)]
+    pub eval_train: bool,
     /// Leave this digit out of the students' training (transfer) set.
     pub omit_digit: Option<u8>,
     /// Seed of everything.
@@ -116,6 +126,8 @@ impl Options {
             alone_jitter: false,
             teacher_jitter: true,
             hint_weight: 0.0,
+            teacher_max_norm: None,
+            eval_train: false,
             omit_digit: None,
             seed: 1,
             progress: true,
@@ -249,10 +261,20 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         }
         None => train.clone(),
     };
-    let evals = [EvalSet {
+    let seen = Subset::new(
+        full_train.clone(),
+        transfer.positions()[..test.len().min(transfer.len())].to_vec(),
+    );
+    let mut evals = vec![EvalSet {
         name: "test",
         dataset: &test,
     }];
+    if options.eval_train {
+        evals.push(EvalSet {
+            name: "train",
+            dataset: &seen,
+        });
+    }
     // Students trained on another transfer set, or from the cache, are other runs.
     let suffix = options
         .omit_digit
@@ -306,6 +328,11 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options.teacher_learning_rate,
         options.teacher_batch_size,
         ObjectiveConfig::Supervised { label_smoothing: 0.0 },
+    )
+    .with_max_norm(
+        options
+            .teacher_max_norm
+            .map(|c| MaxNormConfig::new(c).with_modules(vec!["hidden".into()])),
     );
     let jitter = ImageBatcher::with_jitter(Jitter {
         max_shift: 2,

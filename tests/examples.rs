@@ -91,6 +91,26 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
         summary.student_distilled_test_errors
     );
 
+    // --student-dropout: both students trained again, in directories of their own.
+    let dropped = pipeline::Options {
+        student_dropout: 0.5,
+        ..options.clone()
+    };
+    let summary = pipeline::run(&dropped).unwrap();
+    assert_eq!(summary.student_dropout, 0.5);
+    for phase in [
+        "student-alone-without-3-dropout0.5",
+        "student-distilled-without-3-dropout0.5-cached",
+    ] {
+        assert!(run_dir.join(phase).join("final.bpk").is_file(), "{phase}");
+    }
+    let error = pipeline::run(&pipeline::Options {
+        student_dropout: 1.0,
+        ..options.clone()
+    })
+    .unwrap_err();
+    assert!(error.to_string().contains("dropout"), "{error}");
+
     // The diagnostics: a teacher without jitter, and a hint term (which needs the live teacher).
     let hinted = pipeline::Options {
         teacher_jitter: false,

@@ -30,6 +30,8 @@ usage: cargo run --release --features flex --example mnist -- [options]
   --teacher-learning-rate LR the teacher's (default 0.05)
   --batch-size N             the students' batch size (default 128)
   --teacher-batch-size N     the teacher's (default 128)
+  --student-dropout P        dropout P on both students' hidden layers (a diagnostic; the paper's
+                             students had none)
   --teacher-max-norm C       keep each of the teacher's hidden units' incoming weights within an
                              L2 norm of C after every step (max-norm, as on the paper's teacher)
   --live-teacher             run the teacher on every batch instead of distilling from the offline
@@ -93,6 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--learning-rate" => options.student_learning_rate = value()?.parse()?,
             "--batch-size" => options.batch_size = value()?.parse()?,
             "--teacher-batch-size" => options.teacher_batch_size = value()?.parse()?,
+            "--student-dropout" => options.student_dropout = value()?.parse()?,
             "--teacher-max-norm" => options.teacher_max_norm = Some(value()?.parse()?),
             "--omit-digit" => options.omit_digit = Some(value()?.parse()?),
             "--seed" => options.seed = value()?.parse()?,

@@ -71,6 +71,11 @@ pub struct Options {
     /// jitter, taught it.
     #[serde(default = "yes")]
     pub teacher_jitter: bool,
+    /// Dropout on both students' hidden layers (0: none, the paper's). A diagnostic: whether
+    /// the distilled student's shortfall is its own overfitting of the transfer set. The students
+    /// go to directories named with it.
+    #[serde(default)]
+    pub student_dropout: f64,
     /// A max-norm constraint on the teacher's hidden units (each unit's incoming weights kept
     /// within an L2 norm of this after every step; Srivastava et al. 2014), as on the paper's
     /// teacher. `None` for none (the default).
@@ -127,6 +132,7 @@ impl Options {
             teacher_jitter: true,
             hint_weight: 0.0,
             teacher_max_norm: None,
+            student_dropout: 0.0,
             eval_train: false,
             omit_digit: None,
             seed: 1,
@@ -190,6 +196,12 @@ pub struct Summary {
     /// Weight of the distilled student's hint term (0: none).
     #[serde(default)]
     pub hint_weight: f64,
+    /// Dropout on the students' hidden layers (0: none).
+    #[serde(default)]
+    pub student_dropout: f64,
+    /// The max-norm radius of the teacher's hidden units (`None`: unconstrained).
+    #[serde(default)]
+    pub teacher_max_norm: Option<f64>,
     /// Seconds each phase spent training and evaluating, summed over every epoch of its run (so
     /// also for a phase loaded from, or resumed after, an earlier process).
     pub seconds: PhaseSeconds,
@@ -279,8 +291,20 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let suffix = options
         .omit_digit
         .map_or(String::new(), |digit| format!("-without-{digit}"));
+    if !(0.0..1.0).contains(&options.student_dropout) {
+        return Err(format!(
+            "the students' dropout must be in [0, 1), not {}",
+            options.student_dropout
+        )
+        .into());
+    }
+    let dropout = if options.student_dropout > 0.0 {
+        format!("-dropout{}", options.student_dropout)
+    } else {
+        String::new()
+    };
     let alone_name = format!(
-        "student-alone{suffix}{}",
+        "student-alone{suffix}{dropout}{}",
         if options.alone_jitter { "-jitter" } else { "" }
     );
     if options.use_cache && options.distill_jitter {
@@ -298,7 +322,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         "teacher-plain"
     };
     let distilled_name = format!(
-        "student-distilled{suffix}{}{}{}{}",
+        "student-distilled{suffix}{dropout}{}{}{}{}",
         if options.teacher_jitter {
             ""
         } else {
@@ -369,7 +393,13 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         &alone_name,
         student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 }),
-        || init_seeded(options.seed + 1, &training, |d| MlpConfig::hinton_student().init(d)),
+        || {
+            init_seeded(options.seed + 1, &training, |d| {
+                MlpConfig::hinton_student()
+                    .with_dropout(options.student_dropout)
+                    .init(d)
+            })
+        },
         None,
         None,
         &transfer,
@@ -428,7 +458,13 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         &distilled_name,
         distilled_config,
-        || init_seeded(options.seed + 1, &training, |d| MlpConfig::hinton_student().init(d)),
+        || {
+            init_seeded(options.seed + 1, &training, |d| {
+                MlpConfig::hinton_student()
+                    .with_dropout(options.student_dropout)
+                    .init(d)
+            })
+        },
         Some(teacher_for_students),
         // The live teacher speaks for the test set; a cache of the training set cannot.
         Some(&teacher),
@@ -472,6 +508,8 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         alone_jitter: options.alone_jitter,
         teacher_jitter: options.teacher_jitter,
         hint_weight: options.hint_weight,
+        student_dropout: options.student_dropout,
+        teacher_max_norm: options.teacher_max_norm,
         seconds: PhaseSeconds {
             teacher: phase_seconds(&teacher_phase),
             student_alone: phase_seconds(&alone),

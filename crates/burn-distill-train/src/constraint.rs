@@ -17,24 +17,23 @@ use burn::tensor::Tensor;
 pub struct MaxNormConfig {
     /// The radius `c` of the ball each unit's incoming weight vector is kept in.
     pub max_norm: f64,
-    /// The modules constrained (a parameter is when one of these is a prefix of its path, compared
-    /// by whole components); empty for every rank-2 `weight`. Srivastava et al. constrained the
-    /// hidden units only: `vec!["hidden".into()]` for an [`Mlp`](burn_distill_model::Mlp).
+    /// The modules constrained (a parameter is constrained when one of these is a prefix of its
+    /// path, compared by whole components); empty for every rank-2 `weight`. Srivastava et al.
+    /// constrained the hidden units only: `vec!["hidden".into()]` for an
+    /// [`Mlp`](burn_distill_model::Mlp).
     #[config(default = "Vec::new()")]
     pub modules: Vec<String>,
 }
 
-/// Scales, in `module`, each column of every rank-2 parameter named `weight` under
-/// `config.modules` (all of them when it is empty; burn's `Linear`
-/// stores `[d_input, d_output]`, so a column holds one output unit's incoming weights) to an L2
-/// norm of at most `max_norm`; shorter columns, biases and parameters of other ranks
-/// (convolution kernels, embeddings' rank-2 tables are named `weight` too: see below) are left
-/// as they are, bit for bit.
+/// Scales each column of every rank-2 parameter named `weight` under `config.modules` (all of
+/// them when it is empty) to an L2 norm of at most `config.max_norm`. burn's `Linear` stores
+/// `[d_input, d_output]`, so a column is one output unit's incoming weights. Shorter columns,
+/// biases and parameters of other ranks (convolution kernels) are left as they are, bit for bit.
+/// An `Embedding` table (`[vocabulary, width]`) is a rank-2 `weight` too and would be constrained
+/// column by column: list the `Linear` modules in `config.modules` for a model that has one.
 ///
 /// A parameter keeps its id, autodiff state and gradient requirement, so an optimizer's state
-/// (momentum) still applies to it after the call. `Embedding` tables are `[vocabulary, width]`
-/// weights named `weight` as well and would be constrained column by column; constrain a module
-/// made of `Linear` layers (and their biases) only.
+/// (momentum) still applies to it after the call.
 ///
 /// # Panics
 /// When `max_norm` is not finite and positive ([`crate::DistillConfig::validate`] rejects it first

@@ -91,6 +91,26 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
         summary.student_distilled_test_errors
     );
 
+    // --student-seed: the same teacher (loaded, not retrained), both students from another seed.
+    let reseeded_dir = run_dir.with_extension("student-seed");
+    let _ = std::fs::remove_dir_all(&reseeded_dir);
+    copy_dir(&run_dir.join("teacher"), &reseeded_dir.join("teacher"));
+    let reseeded = pipeline::run(&pipeline::Options {
+        run_dir: reseeded_dir.clone(),
+        student_seed: Some(5),
+        ..options.clone()
+    })
+    .unwrap();
+    assert_eq!(reseeded.seconds.teacher, summary.seconds.teacher);
+    assert_eq!((reseeded.seed, reseeded.student_seed), (options.seed, 5));
+    for phase in ["student-alone-without-3", "student-distilled-without-3-cached"] {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(reseeded_dir.join(phase).join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["seed"], 5, "{phase}");
+    }
+    let _ = std::fs::remove_dir_all(&reseeded_dir);
+
     // --student-dropout: both students trained again, in directories of their own.
     let dropped = pipeline::Options {
         student_dropout: 0.5,

@@ -49,6 +49,8 @@ usage: cargo run --release --features flex --example mnist -- [options]
                              set has (agreement and KL to the teacher on images the student saw)
   --omit-digit D             leave digit D out of the students' transfer set
   --seed S                   seed of everything (default 1)
+  --student-seed S           another seed for both students only (initial weights, batch order,
+                             jitter), to measure their spread against one teacher
   --train-examples N         use the first N training images
   --test-examples N          use the first N test images
   --keep-denormals           train without flushing subnormal floats to zero (slower, same weights)
@@ -99,6 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--teacher-max-norm" => options.teacher_max_norm = Some(value()?.parse()?),
             "--omit-digit" => options.omit_digit = Some(value()?.parse()?),
             "--seed" => options.seed = value()?.parse()?,
+            "--student-seed" => options.student_seed = Some(value()?.parse()?),
             "--train-examples" => options.train_examples = Some(value()?.parse()?),
             "--test-examples" => options.test_examples = Some(value()?.parse()?),
             other => return Err(format!("unknown option {other:?}; --help lists them").into()),

@@ -96,6 +96,11 @@ pub struct Options {
     pub omit_digit: Option<u8>,
     /// Seed of everything.
     pub seed: u64,
+    /// Seed of both students (their initial weights, batch order and jitter) when it should
+    /// differ from `seed`, e.g. to measure the run-to-run spread of the students against one
+    /// teacher. `None`: `seed`.
+    #[serde(default)]
+    pub student_seed: Option<u64>,
     /// Progress bars.
     pub progress: bool,
     /// Flush subnormal floats to zero while training (`Distiller::with_flush_denormals`).
@@ -136,6 +141,7 @@ impl Options {
             eval_train: false,
             omit_digit: None,
             seed: 1,
+            student_seed: None,
             progress: true,
             flush_denormals: true,
         }
@@ -202,6 +208,12 @@ pub struct Summary {
     /// The max-norm radius of the teacher's hidden units (`None`: unconstrained).
     #[serde(default)]
     pub teacher_max_norm: Option<f64>,
+    /// The teacher's seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// The students' seed (the teacher's unless `--student-seed` gave another).
+    #[serde(default)]
+    pub student_seed: u64,
     /// Seconds each phase spent training and evaluating, summed over every epoch of its run (so
     /// also for a phase loaded from, or resumed after, an earlier process).
     pub seconds: PhaseSeconds,
@@ -346,12 +358,12 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
 
     // 1. The teacher: dropout and ±2-pixel jitter (or dropout only).
     let teacher_config = config(
-        options,
         train.len(),
         options.teacher_epochs,
         options.teacher_learning_rate,
         options.teacher_batch_size,
         ObjectiveConfig::Supervised { label_smoothing: 0.0 },
+        options.seed,
     )
     .with_max_norm(
         options
@@ -361,6 +373,11 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     let jitter = ImageBatcher::with_jitter(Jitter {
         max_shift: 2,
         seed: options.seed,
+    });
+    let student_seed = options.student_seed.unwrap_or(options.seed);
+    let student_jitter = ImageBatcher::with_jitter(Jitter {
+        max_shift: 2,
+        seed: student_seed,
     });
     let plain = ImageBatcher::new();
     let teacher_phase = train_or_load(
@@ -381,12 +398,12 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     // 2. The same student alone: no dropout, no jitter.
     let student_config = |objective| {
         config(
-            options,
             transfer.len(),
             options.student_epochs,
             options.student_learning_rate,
             options.batch_size,
             objective,
+            student_seed,
         )
     };
     let alone = train_or_load(
@@ -394,7 +411,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         &alone_name,
         student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 }),
         || {
-            init_seeded(options.seed + 1, &training, |d| {
+            init_seeded(student_seed + 1, &training, |d| {
                 MlpConfig::hinton_student()
                     .with_dropout(options.student_dropout)
                     .init(d)
@@ -404,7 +421,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         None,
         &transfer,
         &evals,
-        if options.alone_jitter { &jitter } else { &plain },
+        if options.alone_jitter { &student_jitter } else { &plain },
         &plain,
         &training,
     )?;
@@ -459,7 +476,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         &distilled_name,
         distilled_config,
         || {
-            init_seeded(options.seed + 1, &training, |d| {
+            init_seeded(student_seed + 1, &training, |d| {
                 MlpConfig::hinton_student()
                     .with_dropout(options.student_dropout)
                     .init(d)
@@ -470,7 +487,11 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         Some(&teacher),
         &transfer,
         &evals,
-        if options.distill_jitter { &jitter } else { &plain },
+        if options.distill_jitter {
+            &student_jitter
+        } else {
+            &plain
+        },
         &plain,
         &training,
     )?;
@@ -510,6 +531,8 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         hint_weight: options.hint_weight,
         student_dropout: options.student_dropout,
         teacher_max_norm: options.teacher_max_norm,
+        seed: options.seed,
+        student_seed,
         seconds: PhaseSeconds {
             teacher: phase_seconds(&teacher_phase),
             student_alone: phase_seconds(&alone),
@@ -559,12 +582,12 @@ fn say(options: &Options, line: &str) {
 
 /// SGD with momentum 0.9 and a cosine decay to a hundredth over `epochs` of `examples`.
 fn config(
-    options: &Options,
     examples: usize,
     epochs: usize,
     learning_rate: f64,
     batch_size: usize,
     objective: ObjectiveConfig,
+    seed: u64,
 ) -> DistillConfig {
     let steps_per_epoch = examples.div_ceil(batch_size);
     let optimizer = SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)));
@@ -575,7 +598,7 @@ fn config(
     DistillConfig::new(epochs, OptimizerConfig::Sgd(optimizer), schedule, objective)
         .with_batch_size(batch_size)
         .with_eval_batch_size(1000)
-        .with_seed(options.seed)
+        .with_seed(seed)
 }
 
 struct Phase {

@@ -1286,3 +1286,64 @@ fn a_max_norm_run_keeps_every_column_on_the_ball_and_still_learns() {
         assert!(error.to_string().contains("max_norm"), "{error}");
     }
 }
+
+/// Each float parameter's gradient in `grads`, in visiting order (as [`parameters`]).
+struct GradientValues<'a>(&'a burn::optim::GradientsParams, Vec<Vec<f32>>);
+
+impl burn::module::ModuleVisitor for GradientValues<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let grad = self.0.get::<D>(param.id).expect("every parameter has a gradient");
+        self.1.push(grad.into_data().iter::<f32>().collect());
+    }
+}
+
+#[test]
+fn momentum_carries_over_a_max_norm_rescaling() {
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+    let _serial = serial();
+    for named in devices() {
+        let device = named.device.autodiff();
+        let inputs: Vec<f32> = (0..8 * WIDTH).map(|i| (i % 13) as f32 / 13.0).collect();
+        let inputs = Tensor::<2>::from_data(TensorData::new(inputs, [8, WIDTH]), &device);
+        let gradients = |model: &Mlp| {
+            let loss = model.forward(inputs.clone()).powi_scalar(2).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            let mut values = GradientValues(&grads, Vec::new());
+            model.visit(&mut values);
+            let values = values.1;
+            (grads, values)
+        };
+        let lr = 0.1;
+        let mut optimizer = sgd(lr, true).0.init();
+        let model = student(5, 0.0, &device);
+        let (first, g1) = gradients(&model);
+        let model = optimizer.step(lr, model, first);
+        // A radius below every column's norm: both weight matrices are rescaled.
+        let model = apply_max_norm(model, &MaxNormConfig::new(1e-3));
+        let constrained = parameters(&model);
+        let (second, g2) = gradients(&model);
+        let model = optimizer.step(lr, model, second);
+        // SGD, momentum 0.9, no dampening: the velocity is 0.9 g1 + g2 (g2 alone had the
+        // rescaled parameters lost their state) and w2 = w1 - lr (0.9 g1 + g2).
+        let mut momentum_term = 0.0f64;
+        for (((shape, w1), (_, w2)), (g1, g2)) in constrained.iter().zip(&parameters(&model)).zip(g1.iter().zip(&g2)) {
+            for i in 0..w1.len() {
+                let velocity = 0.9 * f64::from(g1[i]) + f64::from(g2[i]);
+                let expected = f64::from(w1[i]) - lr * velocity;
+                assert!(
+                    (f64::from(w2[i]) - expected).abs() <= 1e-6 + 1e-4 * expected.abs(),
+                    "{} {shape:?}[{i}]: {} vs {expected}",
+                    named.name,
+                    w2[i]
+                );
+                momentum_term = momentum_term.max((lr * 0.9 * f64::from(g1[i])).abs());
+            }
+        }
+        assert!(
+            momentum_term > 1e-3,
+            "{}: the test needs a momentum term: {momentum_term}",
+            named.name
+        );
+    }
+}

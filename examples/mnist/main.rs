@@ -23,9 +23,9 @@ usage: cargo run --release --features flex --example mnist -- [options]
   --quick                    10 000 training images, 6 epochs each, run directory runs/mnist-quick
   --run-dir DIR              where the run goes (default runs/mnist); a rerun loads or resumes it
   --teacher-epochs N         the teacher's epochs (default 120)
-  --epochs N                 each student's epochs (default 30)
+  --epochs N                 each student's epochs (default 200)
   --temperature T            distillation temperature (default 20)
-  --alpha A                  weight of the hard-label term (default 0.1)
+  --alpha A                  weight of the hard-label term (default 0.7)
   --learning-rate LR         the students' initial learning rate (default 0.05, cosine decay)
   --teacher-learning-rate LR the teacher's (default 0.05)
   --batch-size N             the students' batch size (default 128)

@@ -399,6 +399,15 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     )?;
     let teacher = FrozenTeacher::new(&teacher_phase.model);
 
+    // Both students start from the same weights.
+    let init_student = || {
+        init_seeded(student_seed + 1, &training, |d| {
+            MlpConfig::hinton_student()
+                .with_dropout(options.student_dropout)
+                .init(d)
+        })
+    };
+
     // 2. The same student alone: no dropout, no jitter.
     let student_config = |objective| {
         config(
@@ -414,13 +423,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         &alone_name,
         student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 }),
-        || {
-            init_seeded(student_seed + 1, &training, |d| {
-                MlpConfig::hinton_student()
-                    .with_dropout(options.student_dropout)
-                    .init(d)
-            })
-        },
+        &init_student,
         None,
         None,
         &transfer,
@@ -479,13 +482,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         &distilled_name,
         distilled_config,
-        || {
-            init_seeded(student_seed + 1, &training, |d| {
-                MlpConfig::hinton_student()
-                    .with_dropout(options.student_dropout)
-                    .init(d)
-            })
-        },
+        &init_student,
         Some(teacher_for_students),
         // The live teacher speaks for the test set; a cache of the training set cannot.
         Some(&teacher),

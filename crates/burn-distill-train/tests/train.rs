@@ -283,13 +283,14 @@ fn a_resumed_run_ends_exactly_as_an_uninterrupted_one() {
 }
 
 /// Student logits on fixed inputs, to compare trained weights.
-fn probe(model: &Mlp, device: &Device) -> Vec<f32> {
+/// Eight fixed inputs.
+fn probe_inputs(device: &Device) -> Tensor<2> {
     let inputs: Vec<f32> = (0..8 * WIDTH).map(|i| (i % 13) as f32 / 13.0).collect();
-    model
-        .forward(Tensor::from_data(TensorData::new(inputs, [8, WIDTH]), device))
-        .into_data()
-        .iter::<f32>()
-        .collect()
+    Tensor::from_data(TensorData::new(inputs, [8, WIDTH]), device)
+}
+
+fn probe(model: &Mlp, device: &Device) -> Vec<f32> {
+    model.forward(probe_inputs(device)).into_data().iter::<f32>().collect()
 }
 
 #[test]
@@ -1304,8 +1305,7 @@ fn momentum_carries_over_a_max_norm_rescaling() {
     let _serial = serial();
     for named in devices() {
         let device = named.device.autodiff();
-        let inputs: Vec<f32> = (0..8 * WIDTH).map(|i| (i % 13) as f32 / 13.0).collect();
-        let inputs = Tensor::<2>::from_data(TensorData::new(inputs, [8, WIDTH]), &device);
+        let inputs = probe_inputs(&device);
         let gradients = |model: &Mlp| {
             let loss = model.forward(inputs.clone()).powi_scalar(2).mean();
             let grads = GradientsParams::from_grads(loss.backward(), model);

@@ -423,7 +423,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         &alone_name,
         student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 }),
-        &init_student,
+        init_student,
         None,
         None,
         &transfer,
@@ -482,7 +482,7 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
         options,
         &distilled_name,
         distilled_config,
-        &init_student,
+        init_student,
         Some(teacher_for_students),
         // The live teacher speaks for the test set; a cache of the training set cannot.
         Some(&teacher),

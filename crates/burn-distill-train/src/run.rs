@@ -108,7 +108,8 @@ pub(crate) struct CheckpointState {
 }
 
 /// Every epoch record in a run directory's `metrics.jsonl` (none when it has no such file; a
-/// torn last line from a killed run is skipped).
+/// torn last line from a killed run is skipped). Reading writes nothing, and every number comes
+/// back bit for bit as it was written.
 ///
 /// # Errors
 /// When the file cannot be read, or a line other than the last is not an [`EpochRecord`].
@@ -116,7 +117,7 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<EpochRecord>> {
     RunDir {
         root: run_dir.to_path_buf(),
     }
-    .metrics_up_to(usize::MAX)
+    .read_metrics()
 }
 
 /// Paths inside a run directory.
@@ -180,9 +181,8 @@ impl RunDir {
             .map_err(|error| TrainError::file(&path, error))
     }
 
-    /// The records of `metrics.jsonl` up to `epoch`; the file is rewritten (atomically) without
-    /// later ones, which a resumed run writes again.
-    pub fn metrics_up_to(&self, epoch: usize) -> Result<Vec<EpochRecord>> {
+    /// The records of `metrics.jsonl`, without changing the file.
+    pub fn read_metrics(&self) -> Result<Vec<EpochRecord>> {
         let path = self.metrics();
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -195,16 +195,22 @@ impl RunDir {
             if line.trim().is_empty() {
                 continue;
             }
-            let record: EpochRecord = match serde_json::from_str(line) {
-                Ok(record) => record,
+            match serde_json::from_str(line) {
+                Ok(record) => records.push(record),
                 // A torn last line from a killed run.
                 Err(_) if number + 1 == line_count => break,
                 Err(error) => return Err(TrainError::file(&path, format!("line {}: {error}", number + 1))),
-            };
-            if record.epoch <= epoch {
-                records.push(record);
             }
         }
+        Ok(records)
+    }
+
+    /// The records of `metrics.jsonl` up to `epoch`; the file is rewritten (atomically) without
+    /// later ones (and without a torn last line), which a resumed run writes again.
+    pub fn metrics_up_to(&self, epoch: usize) -> Result<Vec<EpochRecord>> {
+        let path = self.metrics();
+        let mut records = self.read_metrics()?;
+        records.retain(|record| record.epoch <= epoch);
         let mut kept = String::new();
         for record in &records {
             kept.push_str(&serde_json::to_string(record).map_err(|error| TrainError::file(&path, error))?);

@@ -10,6 +10,14 @@ fn devices() -> Vec<NamedDevice> {
     devices_for_tests()
 }
 
+/// The CPU backends' random streams are process-wide and burn draws weights lazily, at a model's
+/// first use: a test drawing on one (unseeded initialisation, dropout) while another seeds it
+/// would change the seeded weights. Every test here takes this lock (the binary runs in seconds).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Host-made inputs in [0, 1), identical on every device.
 fn inputs(rows: usize, width: usize, seed: u32, device: &Device) -> Tensor<2> {
     let values: Vec<f32> = (0..rows * width)
@@ -30,6 +38,7 @@ fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
 
 #[test]
 fn hinton_mlps_have_the_papers_sizes() {
+    let _serial = serial();
     let device = &devices()[0].device;
     let teacher = MlpConfig::hinton_teacher().init(device);
     let student = MlpConfig::hinton_student().init(device);
@@ -52,6 +61,7 @@ fn hinton_mlps_have_the_papers_sizes() {
 
 #[test]
 fn mlp_shapes_taps_and_unknown_taps() {
+    let _serial = serial();
     for named in devices() {
         let device = &named.device;
         let mlp = MlpConfig::new(12, vec![7, 5], 3).init(device);
@@ -71,6 +81,7 @@ fn mlp_shapes_taps_and_unknown_taps() {
 
 #[test]
 fn frozen_teacher_is_deterministic_and_carries_no_autodiff() {
+    let _serial = serial();
     for named in devices() {
         let device = named.device.clone().autodiff();
         // Dropout on: a module in training mode gives different outputs each call.
@@ -106,6 +117,7 @@ fn frozen_teacher_is_deterministic_and_carries_no_autodiff() {
 
 #[test]
 fn teacher_parameters_are_bit_identical_after_a_student_step() {
+    let _serial = serial();
     for named in devices() {
         let device = named.device.clone().autodiff();
         let teacher_model = MlpConfig::new(16, vec![24], 5).init(&device);
@@ -157,6 +169,7 @@ impl ModuleVisitor for ParameterBits {
 
 #[test]
 fn fn_teacher_wraps_any_forward() {
+    let _serial = serial();
     for named in devices() {
         let device = &named.device;
         let model = MlpConfig::new(6, vec![], 3).init(device);
@@ -176,6 +189,7 @@ fn fn_teacher_wraps_any_forward() {
 
 #[test]
 fn ensemble_averages_probabilities_or_logits_and_checks_classes() {
+    let _serial = serial();
     for named in devices() {
         let device = &named.device;
         let a = MlpConfig::new(5, vec![4], 3).init(device);
@@ -232,6 +246,7 @@ fn ensemble_averages_probabilities_or_logits_and_checks_classes() {
 
 #[test]
 fn connectors_map_features_and_train() {
+    let _serial = serial();
     for named in devices() {
         let device = named.device.clone().autodiff();
         let linear = ConnectorConfig::new(8, 12).init(&device);
@@ -264,6 +279,7 @@ fn connectors_map_features_and_train() {
 
 #[test]
 fn devices_agree_on_the_same_weights() {
+    let _serial = serial();
     let devices = devices();
     let reference = MlpConfig::hinton_student().init(&devices[0].device);
     let expected = values(reference.forward(inputs(5, 784, 9, &devices[0].device)));
@@ -294,6 +310,7 @@ fn scratch_dir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn saved_models_load_back_identically_on_every_device() {
+    let _serial = serial();
     let dir = scratch_dir("roundtrip");
     let devices = devices();
     let source = &devices[0].device;
@@ -344,6 +361,7 @@ fn torch_reference() -> TorchReference {
 
 #[test]
 fn pytorch_teachers_import_and_match_pytorch_outputs() {
+    let _serial = serial();
     let reference = torch_reference();
     for named in devices() {
         let device = &named.device;
@@ -375,6 +393,7 @@ fn pytorch_teachers_import_and_match_pytorch_outputs() {
 
 #[test]
 fn weight_files_that_do_not_fit_are_refused_by_name() {
+    let _serial = serial();
     let device = &devices()[0].device;
     let wrong_width = MlpConfig::new(12, vec![16, 9], 5).init(device);
     match import_pytorch_safetensors(wrong_width, fixture("mlp.safetensors"), &[]) {
@@ -414,6 +433,7 @@ fn weight_files_that_do_not_fit_are_refused_by_name() {
 
 #[test]
 fn lenet_shapes_taps_cost_and_gradients() {
+    let _serial = serial();
     for named in devices() {
         let device = named.device.clone().autodiff();
         let net = LeNetConfig::new().init(&device);
@@ -466,6 +486,7 @@ fn tokens(rows: &[&[i64]], device: &Device) -> Tensor<2, burn::tensor::Int> {
 
 #[test]
 fn transformer_lm_is_causal_and_sized_by_config() {
+    let _serial = serial();
     for named in devices() {
         let device = &named.device;
         let lm = TransformerLmConfig::new(50, 16)
@@ -508,6 +529,7 @@ fn transformer_lm_is_causal_and_sized_by_config() {
 
 #[test]
 fn generation_is_reproducible_under_a_seed_and_greedy_follows_the_logits() {
+    let _serial = serial();
     for named in devices() {
         let device = &named.device;
         // Seeded, and with its own head: a tied head at initialisation scores the last token
@@ -581,6 +603,7 @@ fn generation_is_reproducible_under_a_seed_and_greedy_follows_the_logits() {
 
 #[test]
 fn sampling_distribution_applies_temperature_top_k_and_top_p() {
+    let _serial = serial();
     let logits = [2.0f32, 1.0, 0.0, -1.0, 3.0];
     let softmax = |t: f64| -> Vec<f64> {
         let e: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / t).exp()).collect();
@@ -643,6 +666,7 @@ struct LmShape {
 
 #[test]
 fn pytorch_transformer_lm_imports_and_matches_pytorch_logits() {
+    let _serial = serial();
     let reference: LmReference = serde_json::from_str(&std::fs::read_to_string(fixture("lm.json")).unwrap()).unwrap();
     let c = &reference.config;
     for named in devices() {
@@ -678,6 +702,7 @@ fn parameter_bits<M: Module>(model: &M) -> Vec<Vec<u32>> {
 
 #[test]
 fn reference_models_initialise_deterministically_under_a_seed() {
+    let _serial = serial();
     let devices = devices();
     let seeded = |seed: u64, device: &Device| {
         (
@@ -722,6 +747,7 @@ fn reference_models_initialise_deterministically_under_a_seed() {
 
 #[test]
 fn every_reference_model_round_trips_through_both_formats() {
+    let _serial = serial();
     let dir = scratch_dir("models");
     for named in devices() {
         let device = &named.device;

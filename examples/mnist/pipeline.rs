@@ -124,10 +124,10 @@ impl Options {
             train_examples: None,
             test_examples: None,
             teacher_epochs: 120,
-            // The paper's T. Its weight on the hard labels was "considerably lower" than on the
-            // soft targets; 0.7 here (against 0.3 x T^2 = 120 on the soft term) and 200 epochs
-            // are the best of the settings measured in the README (0.1 with 30 epochs: 107
-            // errors; 0.7 with 200: 82).
+            // T = 20 is the paper's. Its weight on the hard labels was "considerably lower" than
+            // on the soft targets; α = 0.7 here (against 0.3 x T^2 = 120 on the soft term) and
+            // 200 epochs are the best of the settings measured in the README (0.1 with 30
+            // epochs: 107 errors; 0.7 with 200: 82).
             student_epochs: 200,
             temperature: 20.0,
             alpha: 0.7,

@@ -562,12 +562,9 @@ fn generation_is_reproducible_under_a_seed_and_greedy_follows_the_logits() {
         assert_eq!(&first[..3], &[3, 1, 4]);
         // One other seed could draw the same 20 tokens by chance; five cannot all, unless the
         // model is near-deterministic, which this guards against.
-        let last: Vec<f32> = lm
-            .forward(prompt.clone())
-            .slice([0..2, 2..3, 0..40])
-            .into_data()
-            .iter::<f32>()
-            .collect();
+        // The logits for the first new token, used here and by the greedy check below.
+        let next_logits = lm.forward(prompt.clone()).slice([0..2, 2..3, 0..40]);
+        let last: Vec<f32> = next_logits.clone().into_data().iter::<f32>().collect();
         for row in last.chunks(40) {
             let top = sampling_distribution(row, &sampling).into_iter().fold(0.0, f64::max);
             assert!(
@@ -589,13 +586,7 @@ fn generation_is_reproducible_under_a_seed_and_greedy_follows_the_logits() {
         // (checked for the first one), and the context window slides past 8 tokens.
         let greedy = lm.generate(prompt.clone(), 9, &SamplingConfig::new().with_temperature(0.0));
         assert_eq!(greedy.dims(), [2, 12]);
-        let logits = lm.forward(prompt);
-        let expected: Vec<i64> = logits
-            .slice([0..2, 2..3, 0..40])
-            .argmax(2)
-            .into_data()
-            .iter::<i64>()
-            .collect();
+        let expected: Vec<i64> = next_logits.argmax(2).into_data().iter::<i64>().collect();
         let produced: Vec<i64> = greedy.slice([0..2, 3..4]).into_data().iter::<i64>().collect();
         assert_eq!(produced, expected, "{}", named.name);
     }

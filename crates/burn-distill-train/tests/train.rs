@@ -287,13 +287,13 @@ fn a_resumed_run_ends_exactly_as_an_uninterrupted_one() {
     }
 }
 
-/// Student logits on fixed inputs, to compare trained weights.
 /// Eight fixed inputs.
 fn probe_inputs(device: &Device) -> Tensor<2> {
     let inputs: Vec<f32> = (0..8 * WIDTH).map(|i| (i % 13) as f32 / 13.0).collect();
     Tensor::from_data(TensorData::new(inputs, [8, WIDTH]), device)
 }
 
+/// Student logits on fixed inputs, to compare trained weights.
 fn probe(model: &Mlp, device: &Device) -> Vec<f32> {
     model.forward(probe_inputs(device)).into_data().iter::<f32>().collect()
 }

@@ -37,6 +37,7 @@ mod dense;
 mod ensemble;
 mod error;
 mod fingerprint;
+pub mod llm;
 mod mlp;
 mod output;
 mod sampling;

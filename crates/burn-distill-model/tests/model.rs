@@ -6,6 +6,9 @@ use burn::tensor::{Device, Tensor, TensorData, activation};
 use burn_distill_loss::{HintonKdLossConfig, NamedDevice, Reduction, devices_for_tests};
 use burn_distill_model::*;
 
+#[path = "model/llama.rs"]
+mod llama;
+
 fn devices() -> Vec<NamedDevice> {
     devices_for_tests()
 }

@@ -1,0 +1,304 @@
+//! Generation with the KV cache: batches of prompts of different lengths, greedy or sampled,
+//! stopping at EOS, stop strings or a token limit, streaming token by token.
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::llm::cache::LlamaCache;
+use crate::llm::error::{LlmError, LlmResult};
+use crate::llm::llama::Llama;
+use crate::llm::tokenizer::ChatTokenizer;
+use crate::sampling::{Generator, SamplingConfig, TokenRng, sample_token};
+
+/// How to continue prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// The most new tokens per row.
+    pub max_new_tokens: usize,
+    /// Temperature (0 is greedy), top-k, top-p, seed.
+    pub sampling: SamplingConfig,
+    /// Tokens that end a row (EOS); the stop token is kept in the output.
+    pub stop_tokens: Vec<u32>,
+}
+
+impl GenerateOptions {
+    /// Greedy decoding of at most `max_new_tokens`, no stop tokens.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            sampling: SamplingConfig::new().with_temperature(0.0),
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced a stop token.
+    Stop,
+    /// It reached `max_new_tokens`.
+    Length,
+    /// The caller's callback ended it (a stop string, say).
+    Callback,
+}
+
+/// One row's continuation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// The new tokens (the stop token included when there was one).
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+/// Timings of one [`Llama::generate`] call, for tokens/s figures.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GenerationTimings {
+    /// Prompt tokens run in the prefill (padding excluded).
+    pub prompt_tokens: usize,
+    /// Seconds the prefill took.
+    pub prefill_seconds: f64,
+    /// Tokens produced after the first (each one decoding step per row).
+    pub decode_tokens: usize,
+    /// Seconds the decoding steps took.
+    pub decode_seconds: f64,
+}
+
+impl Llama {
+    /// Continues each prompt: one prefill over the left-padded batch, then one cached step per
+    /// new token. `on_token(row, token)` sees every token as it is chosen and returns `false` to
+    /// end that row (how stop strings are checked); finished rows stop being reported.
+    ///
+    /// The same weights, prompts and options (seed included) give the same tokens; row `r`
+    /// draws from its own stream, seeded from the seed and `r`.
+    ///
+    /// # Errors
+    /// [`LlmError::Generation`] for an empty prompt list, an empty prompt, a token outside the
+    /// vocabulary, or a prompt plus `max_new_tokens` longer than the context; checked before
+    /// anything runs.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(usize, u32) -> bool,
+    ) -> LlmResult<(Vec<Generation>, GenerationTimings)> {
+        let config = self.config();
+        let generation_error = |reason: String| Err(LlmError::Generation { reason });
+        if prompts.is_empty() {
+            return generation_error("no prompts".into());
+        }
+        if let Some(row) = prompts.iter().position(Vec::is_empty) {
+            return generation_error(format!("prompt {row} is empty"));
+        }
+        let vocab = config.vocab_size;
+        if let Some((row, token)) = prompts
+            .iter()
+            .enumerate()
+            .find_map(|(row, p)| p.iter().find(|&&t| t as usize >= vocab).map(|&t| (row, t)))
+        {
+            return generation_error(format!("prompt {row} has token {token}, the vocabulary has {vocab}"));
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest + options.max_new_tokens > config.max_position_embeddings {
+            return generation_error(format!(
+                "a prompt of {longest} tokens plus {} new ones passes the context length {}",
+                options.max_new_tokens, config.max_position_embeddings
+            ));
+        }
+        if !(options.sampling.temperature.is_finite() && options.sampling.temperature >= 0.0)
+            || options.sampling.top_k == Some(0)
+            || options.sampling.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0))
+        {
+            return generation_error(format!("sampling options out of range: {:?}", options.sampling));
+        }
+        let batch = prompts.len();
+        let model = self.valid();
+        let device = model.embed_tokens.weight.val().device();
+        let padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let mut cache = LlamaCache::new(config.num_hidden_layers, padding.clone());
+        let mut rngs: Vec<TokenRng> = (0..batch)
+            .map(|row| {
+                TokenRng::new(
+                    options
+                        .sampling
+                        .seed
+                        .wrapping_add(row as u64)
+                        .wrapping_mul(0x2545_F491_4F6C_DD1D),
+                )
+            })
+            .collect();
+        let mut outputs: Vec<Generation> = (0..batch)
+            .map(|_| Generation {
+                tokens: Vec::new(),
+                finish: FinishReason::Length,
+            })
+            .collect();
+        let mut done = vec![options.max_new_tokens == 0; batch];
+        let mut timings = GenerationTimings {
+            prompt_tokens: prompts.iter().map(Vec::len).sum(),
+            ..Default::default()
+        };
+        // Padding slots hold token 0; nothing attends to them.
+        let mut input: Vec<i64> = prompts
+            .iter()
+            .zip(&padding)
+            .flat_map(|(p, &pad)| std::iter::repeat_n(0, pad).chain(p.iter().map(|&t| i64::from(t))))
+            .collect();
+        let mut step_len = longest;
+        let mut step = 0;
+        while done.iter().any(|d| !d) {
+            let started = std::time::Instant::now();
+            let tokens = Tensor::<2, Int>::from_data(TensorData::new(input, [batch, step_len]), &device);
+            let hidden = model.forward_cached(tokens, &mut cache)?;
+            let width = hidden.dims()[2];
+            let last = hidden.slice([0..batch, step_len - 1..step_len, 0..width]);
+            let logits: Vec<f32> = model.head(last).into_data().iter::<f32>().collect();
+            let seconds = started.elapsed().as_secs_f64();
+            if step == 0 {
+                timings.prefill_seconds = seconds;
+            } else {
+                timings.decode_seconds += seconds;
+                timings.decode_tokens += done.iter().filter(|d| !**d).count();
+            }
+            let mut next = Vec::with_capacity(batch);
+            for row in 0..batch {
+                let previous = outputs[row].tokens.last().copied().unwrap_or(0);
+                if done[row] {
+                    next.push(i64::from(previous));
+                    continue;
+                }
+                let token = sample_token(
+                    &logits[row * vocab..(row + 1) * vocab],
+                    &options.sampling,
+                    &mut rngs[row],
+                ) as u32;
+                outputs[row].tokens.push(token);
+                next.push(i64::from(token));
+                if options.stop_tokens.contains(&token) {
+                    outputs[row].finish = FinishReason::Stop;
+                    done[row] = true;
+                } else if !on_token(row, token) {
+                    outputs[row].finish = FinishReason::Callback;
+                    done[row] = true;
+                } else if outputs[row].tokens.len() >= options.max_new_tokens {
+                    done[row] = true;
+                }
+            }
+            input = next;
+            step_len = 1;
+            step += 1;
+        }
+        Ok((outputs, timings))
+    }
+
+    /// Answers chat prompts: each conversation rendered with the model's chat template, then
+    /// generated until an EOS id of `tokenizer`, one of `stop_strings` (cut from the text), or
+    /// `max_new_tokens`. `on_text(row, piece)` streams each row's text as it completes.
+    ///
+    /// # Errors
+    /// As [`ChatTokenizer::encode_chat`] and [`Llama::generate`].
+    pub fn chat(
+        &self,
+        tokenizer: &ChatTokenizer,
+        conversations: &[Vec<crate::llm::ChatMessage>],
+        options: &GenerateOptions,
+        stop_strings: &[String],
+        mut on_text: impl FnMut(usize, &str),
+    ) -> LlmResult<(Vec<ChatAnswer>, GenerationTimings)> {
+        let prompts = conversations
+            .iter()
+            .map(|messages| tokenizer.encode_chat(messages, true))
+            .collect::<LlmResult<Vec<_>>>()?;
+        let mut options = options.clone();
+        options.stop_tokens.extend_from_slice(tokenizer.eos_ids());
+        let mut streams: Vec<_> = (0..prompts.len()).map(|_| tokenizer.decode_stream()).collect();
+        let mut texts = vec![String::new(); prompts.len()];
+        let mut failure = None;
+        let (generations, timings) = self.generate(&prompts, &options, |row, token| {
+            if options.stop_tokens.contains(&token) {
+                return false;
+            }
+            match streams[row].push(token) {
+                Ok(piece) => {
+                    texts[row].push_str(&piece);
+                    if let Some(stop) = stop_strings.iter().find(|s| texts[row].contains(s.as_str())) {
+                        let cut = texts[row].find(stop.as_str()).unwrap_or(texts[row].len());
+                        texts[row].truncate(cut);
+                        return false;
+                    }
+                    on_text(row, &piece);
+                    true
+                }
+                Err(error) => {
+                    failure.get_or_insert(error);
+                    false
+                }
+            }
+        })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let answers = generations
+            .into_iter()
+            .zip(texts)
+            .zip(prompts)
+            .map(|((generation, text), prompt)| ChatAnswer {
+                prompt_tokens: prompt,
+                text,
+                generation,
+            })
+            .collect();
+        Ok((answers, timings))
+    }
+}
+
+/// The answer to one conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatAnswer {
+    /// The rendered prompt's tokens.
+    pub prompt_tokens: Vec<u32>,
+    /// The answer's text (stop strings and EOS removed).
+    pub text: String,
+    /// The answer's tokens and why it ended.
+    pub generation: Generation,
+}
+
+impl Generator for Llama {
+    /// Continues each row by exactly `new_tokens` tokens with the KV cache (no stop tokens);
+    /// rows are full prompts of equal length.
+    ///
+    /// # Panics
+    /// When a prompt plus `new_tokens` passes the context length, or a token is out of range.
+    fn generate(&self, prompt: Tensor<2, Int>, new_tokens: usize, sampling: &SamplingConfig) -> Tensor<2, Int> {
+        sampling.validate();
+        let device = prompt.device();
+        let [batch, len] = prompt.dims();
+        let flat: Vec<i64> = prompt.into_data().iter::<i64>().collect();
+        let prompts: Vec<Vec<u32>> = flat
+            .chunks(len)
+            .map(|r| r.iter().map(|&t| t as u32).collect())
+            .collect();
+        let options = GenerateOptions {
+            max_new_tokens: new_tokens,
+            sampling: sampling.clone(),
+            stop_tokens: Vec::new(),
+        };
+        let (generations, _) = Llama::generate(self, &prompts, &options, |_, _| true)
+            .unwrap_or_else(|error| panic!("Llama::generate: {error}"));
+        let rows: Vec<i64> = prompts
+            .iter()
+            .zip(&generations)
+            .flat_map(|(p, g)| p.iter().chain(&g.tokens).map(|&t| i64::from(t)))
+            .collect();
+        Tensor::from_data(TensorData::new(rows, [batch, len + new_tokens]), &device)
+    }
+
+    fn vocab(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn context(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+}

@@ -1,0 +1,453 @@
+//! Tokenizers (Hugging Face's `tokenizers` crate) and chat templates (`minijinja`), from a
+//! `tokenizer.json` or from a GGUF file's metadata.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokenizers::Tokenizer;
+
+use crate::llm::error::{LlmError, LlmResult};
+use crate::llm::gguf::GgufFile;
+
+/// One message of a chat: `role` is `"system"`, `"user"` or `"assistant"` (or whatever the
+/// model's template knows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Who speaks.
+    pub role: String,
+    /// What they say.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+}
+
+/// A model's tokenizer with its special tokens and chat template.
+#[derive(Debug, Clone)]
+pub struct ChatTokenizer {
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+    add_bos_token: bool,
+    source: String,
+}
+
+/// The pre-tokenizer splits llama.cpp names in `tokenizer.ggml.pre`, as Hugging Face's own
+/// `tokenizer.json` files spell them.
+fn gguf_pre_tokenizer(pre: &str) -> Value {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+            byte_level(false),
+        ]})
+    };
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        // Digits one by one, then GPT-2's split: SmolLM's and StarCoder's tokenizer.json.
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            byte_level(true),
+        ]}),
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3" => split(LLAMA3),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2),
+        _ => byte_level(true),
+    }
+}
+
+/// GPT-2's map from bytes to printable characters (the alphabet of byte-level BPE vocabularies).
+fn byte_alphabet() -> std::collections::HashSet<char> {
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut alphabet: std::collections::HashSet<char> = printable.iter().filter_map(|&c| char::from_u32(c)).collect();
+    let mut next = 256;
+    for byte in 0..256u32 {
+        if !printable.contains(&byte) {
+            alphabet.insert(char::from_u32(next).expect("valid code point"));
+            next += 1;
+        }
+    }
+    alphabet
+}
+
+impl ChatTokenizer {
+    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.*`: a `gpt2` byte-level BPE
+    /// vocabulary, its merges, token types, special tokens, and `tokenizer.chat_template`), as
+    /// a `tokenizer.json` for Hugging Face's `tokenizers`: control tokens become special added
+    /// tokens, user-defined ones plain added tokens.
+    ///
+    /// # Errors
+    /// [`LlmError::Unsupported`] for a tokenizer model other than `gpt2` (sentencepiece GGUF
+    /// files: use the model's `tokenizer.json`), [`LlmError::MissingKey`] for missing metadata.
+    pub fn from_gguf(gguf: &GgufFile) -> LlmResult<Self> {
+        let model = gguf.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(LlmError::Unsupported {
+                path: gguf.path().to_path_buf(),
+                what: format!("tokenizer.ggml.model = {model:?}"),
+                reason: "only byte-level BPE (\"gpt2\") tokenizers are built from GGUF metadata; \
+                         pass the model's tokenizer.json instead"
+                    .into(),
+            });
+        }
+        let tokens = gguf.get_strings("tokenizer.ggml.tokens")?;
+        let merges = gguf.get_strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match gguf.metadata().get("tokenizer.ggml.token_type") {
+            Some(value) => value
+                .as_array()
+                .unwrap_or_default()
+                .iter()
+                .map(|t| t.as_u64().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let pre = gguf
+            .metadata()
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let alphabet = byte_alphabet();
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, &token) in tokens.iter().enumerate() {
+            let spelled = token.chars().all(|c| alphabet.contains(&c));
+            let kind = types.get(id).copied().unwrap_or(1);
+            // 3 is CONTROL, 4 USER_DEFINED; a control token outside the byte alphabet is a
+            // converter's mislabel (transformers skips those too).
+            if (kind == 3 && spelled) || kind == 4 {
+                added.push(
+                    json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": kind == 3}),
+                );
+            }
+            vocab.insert(token.to_string(), json!(id));
+        }
+        let merges: Vec<Value> = merges.iter().map(|m| json!(m)).collect();
+        let document = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": gguf_pre_tokenizer(pre),
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges},
+        });
+        let source = format!("{} (GGUF metadata)", gguf.path().display());
+        let tokenizer: Tokenizer = serde_json::from_value(document).map_err(|e| LlmError::Tokenizer {
+            source_name: source.clone(),
+            reason: e.to_string(),
+        })?;
+        let special = |key: &str| {
+            gguf.metadata()
+                .get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|id| tokens.get(id as usize).map(|t| (id as u32, t.to_string())))
+        };
+        let eos = special("tokenizer.ggml.eos_token_id");
+        let chat_template = gguf
+            .metadata()
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let add_bos_token = matches!(
+            gguf.metadata().get("tokenizer.ggml.add_bos_token"),
+            Some(crate::llm::gguf::GgufValue::Bool(true))
+        );
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos_token: special("tokenizer.ggml.bos_token_id").map(|(_, t)| t),
+            eos_ids: eos.iter().map(|(id, _)| *id).collect(),
+            eos_token: eos.map(|(_, t)| t),
+            add_bos_token,
+            source,
+        })
+    }
+
+    /// Loads a Hugging Face directory's `tokenizer.json`, with `tokenizer_config.json` (special
+    /// tokens, `chat_template`) and `chat_template.jinja` when present.
+    ///
+    /// # Errors
+    /// [`LlmError::Io`] for a missing `tokenizer.json`, [`LlmError::Tokenizer`] for one that does
+    /// not parse.
+    pub fn from_hf_dir(dir: impl AsRef<Path>) -> LlmResult<Self> {
+        let dir = dir.as_ref();
+        let path = dir.join("tokenizer.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| LlmError::io(&path, e))?;
+        let source = path.display().to_string();
+        let tokenizer: Tokenizer =
+            text.parse()
+                .map_err(|e: Box<dyn std::error::Error + Send + Sync>| LlmError::Tokenizer {
+                    source_name: source.clone(),
+                    reason: e.to_string(),
+                })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| LlmError::invalid(&config_path, "tokenizer_config.json", e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!({}),
+            Err(e) => return Err(LlmError::io(&config_path, e)),
+        };
+        let token = |key: &str| match config.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            _ => None,
+        };
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = match std::fs::read_to_string(&template_file) {
+            Ok(text) => Some(text),
+            Err(_) => config.get("chat_template").and_then(|t| t.as_str()).map(str::to_string),
+        };
+        let eos_token = token("eos_token");
+        let mut eos_ids: Vec<u32> = eos_token.iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(generation) = serde_json::from_str::<Value>(&text) {
+                match generation.get("eos_token_id") {
+                    Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|n| n as u32)),
+                    Some(Value::Array(ids)) => eos_ids.extend(ids.iter().filter_map(|n| n.as_u64()).map(|n| n as u32)),
+                    _ => {}
+                }
+            }
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos_token: token("bos_token"),
+            eos_token,
+            eos_ids,
+            add_bos_token: config.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false),
+            source,
+        })
+    }
+
+    /// The underlying Hugging Face tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`. With `add_special_tokens`, the model's BOS is prepended where its
+    /// config says so (`add_bos_token`).
+    ///
+    /// # Errors
+    /// [`LlmError::Tokenizer`] when the tokenizer fails.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> LlmResult<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(e))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if add_special_tokens && self.add_bos_token {
+            if let Some(bos) = self.bos_id() {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The text of `ids`, special tokens left out when `skip_special_tokens`.
+    ///
+    /// # Errors
+    /// [`LlmError::Tokenizer`] for ids outside the vocabulary.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> LlmResult<String> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.error(e))
+    }
+
+    /// The begin-of-sequence token id, if the model has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t))
+    }
+
+    /// The ids that end a generation (EOS and any the generation config adds).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The chat template's source, when the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Renders `messages` with the model's own chat template, as transformers'
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` does (Jinja
+    /// with `trim_blocks` and `lstrip_blocks`, `bos_token` / `eos_token` and `raise_exception`
+    /// in scope, Python string methods available).
+    ///
+    /// # Errors
+    /// [`LlmError::Template`] when the model has no template, or it fails to parse or render.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> LlmResult<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| LlmError::Template {
+            source_name: self.source.clone(),
+            reason: "the model has no chat template".into(),
+        })?;
+        let error = |e: minijinja::Error| LlmError::Template {
+            source_name: self.source.clone(),
+            reason: format!("{e:#}"),
+        };
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template("chat", template).map_err(error)?;
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.get_template("chat").and_then(|t| t.render(context)).map_err(error)
+    }
+
+    /// The token ids of a chat prompt: the template rendered, then encoded without adding
+    /// special tokens again (the template writes them).
+    ///
+    /// # Errors
+    /// As [`ChatTokenizer::apply_chat_template`] and [`ChatTokenizer::encode`].
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> LlmResult<Vec<u32>> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (special tokens and chat template)
+    /// into `dir`, as transformers' `AutoTokenizer.from_pretrained(dir)` reads them.
+    ///
+    /// # Errors
+    /// [`LlmError::Io`] when a file cannot be written.
+    pub fn save(&self, dir: impl AsRef<Path>) -> LlmResult<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| LlmError::io(dir, e))?;
+        let text = self.tokenizer.to_string(false).map_err(|e| self.error(e))?;
+        crate::llm::write_atomically(&dir.join("tokenizer.json"), text.as_bytes())?;
+        let mut config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos_token,
+            "clean_up_tokenization_spaces": false,
+        });
+        let object = config.as_object_mut().expect("an object");
+        for (key, value) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token)] {
+            if let Some(value) = value {
+                object.insert(key.into(), json!(value));
+            }
+        }
+        if let Some(template) = &self.chat_template {
+            object.insert("chat_template".into(), json!(template));
+        }
+        let text = serde_json::to_string_pretty(&config).expect("JSON serialises");
+        crate::llm::write_atomically(&dir.join("tokenizer_config.json"), text.as_bytes())
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> LlmError {
+        LlmError::Tokenizer {
+            source_name: self.source.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// A streaming decoder: feed it ids one at a time, get the text they complete.
+    pub fn decode_stream(&self) -> TextStream<'_> {
+        TextStream {
+            tokenizer: self,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+}
+
+/// Incremental decoding for streaming: text is released once it is complete UTF-8, so a
+/// character split over several byte tokens comes out whole.
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    tokenizer: &'a ChatTokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextStream<'_> {
+    /// Adds one token; returns the new text it completes (possibly empty).
+    ///
+    /// # Errors
+    /// [`LlmError::Tokenizer`] for an id outside the vocabulary.
+    pub fn push(&mut self, id: u32) -> LlmResult<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        // An incomplete character decodes to U+FFFD at the end; wait for the rest of it.
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+            return Ok(String::new());
+        }
+        let new = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(new)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> LlmResult<String> {
+        self.tokenizer.decode(&self.ids, true)
+    }
+}
+
+/// Where a model's files are: a GGUF file, or a Hugging Face directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A `.gguf` file.
+    Gguf(PathBuf),
+    /// A directory with `config.json`, safetensors and `tokenizer.json`.
+    HuggingFace(PathBuf),
+}
+
+impl ModelSource {
+    /// Recognises `path`: a directory is a Hugging Face model, a file must be GGUF.
+    ///
+    /// # Errors
+    /// [`LlmError::Io`] when `path` does not exist.
+    pub fn of(path: impl AsRef<Path>) -> LlmResult<Self> {
+        let path = path.as_ref();
+        let metadata = std::fs::metadata(path).map_err(|e| LlmError::io(path, e))?;
+        Ok(if metadata.is_dir() {
+            ModelSource::HuggingFace(path.to_path_buf())
+        } else {
+            ModelSource::Gguf(path.to_path_buf())
+        })
+    }
+}

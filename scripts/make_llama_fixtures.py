@@ -10,7 +10,8 @@ Writes, under tests/fixtures/llama/:
   interleaved per head, norms in F32, every other tensor in the named type), with the
   tokenizer as GGUF metadata (`gpt2` model, `smollm` pre-tokenizer, merges, token types,
   chat template);
-- tiny.json: token-id prompts and, for the Hugging Face model and each GGUF file loaded by
+- hf-qwen2/: a tiny Qwen2 (q/k/v biases, tied head) in the Hugging Face layout;
+- tiny.json: token-id prompts and, for the Hugging Face models and each GGUF file loaded by
   transformers (`from_pretrained(dir, gguf_file=...)`, dequantised to f32), the logits at every
   position; greedy continuations; xxh3-64 hashes of every tensor as the `gguf` package
   dequantises it (to check our dequantisation bit for bit); token ids transformers' tokenizer
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 import xxhash
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "llama"
@@ -164,6 +166,17 @@ def greedy(model, prompt, new_tokens):
     return out[0, len(prompt):].tolist()
 
 
+def randomise(model):
+    """Initialised norms are all ones and biases zero; random ones check that each is applied
+    where it belongs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+
+
 def main():
     torch.manual_seed(11)
     if OUT.exists():
@@ -176,13 +189,7 @@ def main():
                          rms_norm_eps=1e-5, rope_theta=10_000.0, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        # Initialised norms are all ones; random ones check that each is applied where it belongs.
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
+    randomise(model)
     model.save_pretrained(hf_dir, safe_serialization=True)
     tokenizer.save(str(hf_dir / "tokenizer.json"))
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({
@@ -193,6 +200,13 @@ def main():
     fixture = {"prompts": prompts, "hf": {"logits": logits_of(model, prompts),
                                           "greedy": greedy(model, prompts[1], 12)}}
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"})).eval()
+    randomise(qwen2)
+    qwen2.save_pretrained(OUT / "hf-qwen2", safe_serialization=True)
+    fixture["qwen2"] = {"logits": logits_of(qwen2, prompts)}
     fixture["tokens_hf"] = {s: hf_tok.encode(s, add_special_tokens=True) for s in TEST_STRINGS}
     fixture["chat_hf"] = [hf_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                           for c in CONVERSATIONS]

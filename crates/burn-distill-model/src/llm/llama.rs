@@ -82,6 +82,9 @@ pub struct LlamaConfig {
     /// `rope_theta` by [`LlamaConfig::from_json`]. Only the `"default"` type is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<serde_json::Value>,
+    /// Qwen2's sliding-window attention; only `false` is supported.
+    #[serde(default)]
+    pub use_sliding_window: bool,
     /// Biases in the feed-forward; only `false` is supported.
     #[serde(default)]
     pub mlp_bias: bool,
@@ -119,7 +122,7 @@ impl LlamaConfig {
             num_key_value_heads: None,
             head_dim: None,
             max_position_embeddings: default_context(),
-            rms_norm_eps: 1e-5,
+            rms_norm_eps: default_eps(),
             rope_theta: default_theta(),
             tie_word_embeddings: true,
             attention_bias: false,
@@ -128,6 +131,7 @@ impl LlamaConfig {
             eos_token_id: None,
             rope_scaling: None,
             rope_parameters: None,
+            use_sliding_window: false,
             mlp_bias: false,
             hidden_act: default_act(),
         }
@@ -265,6 +269,13 @@ impl LlamaConfig {
                 "model_type",
                 self.model_type.clone(),
                 "\"llama\" and \"qwen2\" are supported",
+            );
+        }
+        if self.use_sliding_window {
+            return bad(
+                "use_sliding_window",
+                "true".into(),
+                "sliding-window attention is not supported",
             );
         }
         if self.mlp_bias {

@@ -77,10 +77,9 @@ pub fn gguf_config(gguf: &GgufFile) -> LlmResult<LlamaConfig> {
         .metadata()
         .get(&key("rope.dimension_count"))
         .and_then(|v| v.as_u64())
+        && dims as usize != width / heads.max(1)
     {
-        if dims as usize != width / heads.max(1) {
-            config.head_dim = Some(dims as usize);
-        }
+        config.head_dim = Some(dims as usize);
     }
     if gguf.metadata().contains_key(&key("rope.scaling.type")) {
         let kind = gguf.get_str(&key("rope.scaling.type")).unwrap_or("?");
@@ -472,5 +471,6 @@ pub fn export_hf(model: &Llama, dir: impl AsRef<Path>) -> LlmResult<()> {
         let _ = std::fs::remove_file(&temporary);
         return Err(LlmError::invalid(&path, "safetensors", error.to_string()));
     }
-    std::fs::rename(&temporary, &path).map_err(|e| LlmError::io(&path, e))
+    std::fs::rename(&temporary, &path).map_err(|e| LlmError::io(&path, e))?;
+    crate::llm::readable_by_all(&path)
 }

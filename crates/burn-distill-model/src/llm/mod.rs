@@ -6,7 +6,7 @@
 //! use burn_distill_model::llm::{ChatMessage, GenerateOptions, load_model};
 //!
 //! # fn main() -> Result<(), burn_distill_model::llm::LlmError> {
-//! let device = burn::tensor::Device::flex();
+//! let device = burn_distill_loss::available_devices().remove(0).device;
 //! let loaded = load_model("SmolLM2-135M-Instruct.Q4_1.gguf", &device)?;
 //! let question = vec![ChatMessage::user("What is the capital of France?")];
 //! let (answers, _) = loaded.model.chat(&loaded.tokenizer, &[question], &GenerateOptions::greedy(32), &[], |_, _| {})?;
@@ -78,5 +78,16 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> LlmResult<()> {
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(|e| LlmError::io(path, e))?;
     file.write_all(bytes).map_err(|e| LlmError::io(path, e))?;
     file.persist(path).map_err(|e| LlmError::io(path, e.error))?;
+    readable_by_all(path)
+}
+
+/// Temporary files are created private (0600); exported model files are for sharing.
+pub(crate) fn readable_by_all(path: &Path) -> LlmResult<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| LlmError::io(path, e))?;
+    }
+    let _ = path;
     Ok(())
 }

@@ -226,13 +226,13 @@ impl ChatTokenizer {
         };
         let eos_token = token("eos_token");
         let mut eos_ids: Vec<u32> = eos_token.iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
-        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-            if let Ok(generation) = serde_json::from_str::<Value>(&text) {
-                match generation.get("eos_token_id") {
-                    Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|n| n as u32)),
-                    Some(Value::Array(ids)) => eos_ids.extend(ids.iter().filter_map(|n| n.as_u64()).map(|n| n as u32)),
-                    _ => {}
-                }
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json"))
+            && let Ok(generation) = serde_json::from_str::<Value>(&text)
+        {
+            match generation.get("eos_token_id") {
+                Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|n| n as u32)),
+                Some(Value::Array(ids)) => eos_ids.extend(ids.iter().filter_map(|n| n.as_u64()).map(|n| n as u32)),
+                _ => {}
             }
         }
         eos_ids.sort_unstable();
@@ -269,12 +269,12 @@ impl ChatTokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| self.error(e))?;
         let mut ids = encoding.get_ids().to_vec();
-        if add_special_tokens && self.add_bos_token {
-            if let Some(bos) = self.bos_id() {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
+        if add_special_tokens
+            && self.add_bos_token
+            && let Some(bos) = self.bos_id()
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }

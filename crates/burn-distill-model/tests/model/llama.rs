@@ -87,7 +87,10 @@ fn tiny_llama_logits_match_transformers_on_every_device() {
     for named in devices() {
         let device = &named.device;
         let hf = load_hf(fixtures().join("hf"), device).unwrap();
-        let mut sources = vec![("hf", hf)];
+        // Qwen2: q/k/v biases and a tied head.
+        let qwen2 = load_hf(fixtures().join("hf-qwen2"), device).unwrap();
+        assert!(qwen2.config().tie_word_embeddings && qwen2.config().rope_theta == 1e6);
+        let mut sources = vec![("hf", hf), ("qwen2", qwen2)];
         for label in ["f32", "q8_0", "q4_0", "q4_1"] {
             let (model, _) = load_gguf(fixtures().join(format!("tiny-{label}.gguf")), device).unwrap();
             sources.push((label, model));
@@ -293,6 +296,77 @@ fn tokenizers_and_chat_templates_match_transformers() {
         streamed.push_str(&piece);
     }
     assert_eq!(streamed, text);
+}
+
+/// A safetensors file's tensors: name → (dtype, shape, bytes).
+fn safetensors_tensors(path: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            let offsets: Vec<usize> = info["data_offsets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            let shape = info["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            let dtype = info["dtype"].as_str().unwrap().to_string();
+            (name.clone(), (dtype, shape, data[offsets[0]..offsets[1]].to_vec()))
+        })
+        .collect()
+}
+
+#[test]
+fn export_writes_what_transformers_wrote() {
+    let _serial = serial();
+    let device = &devices()[0].device;
+    let dir = tempfile::tempdir().unwrap();
+    let model = load_hf(fixtures().join("hf"), device).unwrap();
+    export_hf(&model, dir.path()).unwrap();
+    // The tensors transformers' save_pretrained wrote, name for name and bit for bit.
+    let ours = safetensors_tensors(&dir.path().join("model.safetensors"));
+    let theirs = safetensors_tensors(&fixtures().join("hf/model.safetensors"));
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (name, tensor) in &theirs {
+        assert!(ours[name] == *tensor, "{name} differs from transformers' file");
+    }
+    // The config fields transformers reads to build the model.
+    let read = |path: PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap() };
+    let (ours, theirs) = (
+        read(dir.path().join("config.json")),
+        read(fixtures().join("hf/config.json")),
+    );
+    for key in [
+        "architectures",
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "attention_bias",
+        "hidden_act",
+        "max_position_embeddings",
+    ] {
+        assert_eq!(ours[key], theirs[key], "config.json: {key}");
+    }
 }
 
 #[test]

@@ -10,6 +10,9 @@ Writes, under tests/fixtures/llama/:
   interleaved per head, norms in F32, every other tensor in the named type), with the
   tokenizer as GGUF metadata (`gpt2` model, `smollm` pre-tokenizer, merges, token types,
   chat template);
+- hf-sharded/: the same Llama saved in shards of at most 200 kB with their index;
+- hf-bf16/, hf-f16/: the same Llama stored in bf16 and f16 (their logits: transformers in f32 on
+  the rounded weights);
 - hf-qwen2/: a tiny Qwen2 (q/k/v biases, tied head) in the Hugging Face layout;
 - tiny.json: token-id prompts and, for the Hugging Face models and each GGUF file loaded by
   transformers (`from_pretrained(dir, gguf_file=...)`, dequantised to f32), the logits at every
@@ -200,6 +203,16 @@ def main():
     fixture = {"prompts": prompts, "hf": {"logits": logits_of(model, prompts),
                                           "greedy": greedy(model, prompts[1], 12)}}
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    model.save_pretrained(OUT / "hf-sharded", safe_serialization=True, max_shard_size="200KB")
+    for label, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        stored = LlamaForCausalLM(config).eval()
+        stored.load_state_dict(model.state_dict())
+        stored.to(dtype).save_pretrained(OUT / f"hf-{label}", safe_serialization=True)
+        # A fresh f32 model with the rounded weights: `.to(dtype)` would also round the rotary
+        # frequencies, which a loader casting weights to f32 does not see.
+        rounded = LlamaForCausalLM(config).eval()
+        rounded.load_state_dict({k: v.to(torch.float32) for k, v in stored.state_dict().items()})
+        fixture[label] = {"logits": logits_of(rounded, prompts)}
     qwen2 = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True,

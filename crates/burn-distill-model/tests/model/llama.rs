@@ -91,6 +91,19 @@ fn tiny_llama_logits_match_transformers_on_every_device() {
         let qwen2 = load_hf(fixtures().join("hf-qwen2"), device).unwrap();
         assert!(qwen2.config().tie_word_embeddings && qwen2.config().rope_theta == 1e6);
         let mut sources = vec![("hf", hf), ("qwen2", qwen2)];
+        // Shards with their index; bf16 and f16 files, cast to f32 on load.
+        sources.push(("hf", load_hf(fixtures().join("hf-sharded"), device).unwrap()));
+        for label in ["bf16", "f16"] {
+            let model = load_hf(fixtures().join(format!("hf-{label}")), device).unwrap();
+            let mut dtypes = Dtypes(Vec::new());
+            model.visit(&mut dtypes);
+            assert!(
+                dtypes.0.iter().all(|d| *d == burn::tensor::DType::F32),
+                "{label} weights were not cast to f32: {:?}",
+                dtypes.0
+            );
+            sources.push((label, model));
+        }
         for label in ["f32", "q8_0", "q4_0", "q4_1"] {
             let (model, _) = load_gguf(fixtures().join(format!("tiny-{label}.gguf")), device).unwrap();
             sources.push((label, model));
@@ -106,6 +119,14 @@ fn tiny_llama_logits_match_transformers_on_every_device() {
                 );
             }
         }
+    }
+}
+
+struct Dtypes(Vec<burn::tensor::DType>);
+
+impl burn::module::ModuleVisitor for Dtypes {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        self.0.push(param.val().dtype());
     }
 }
 

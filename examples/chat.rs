@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use burn_distill::loss::device_by_name;
 use burn_distill::model::SamplingConfig;
-use burn_distill::model::llm::{ChatMessage, GenerateOptions, load_model};
+use burn_distill::model::llm::{ChatMessage, GenerateOptions, SMOLLM2_FILE, load_model, smollm2_cache_path};
 use clap::Parser;
 
 /// Chat with a Llama-family model.
@@ -65,14 +65,6 @@ fn probability(text: &str) -> Result<f64, String> {
     }
 }
 
-fn default_model() -> PathBuf {
-    let cache = std::env::var_os("BURN_DISTILL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("burn-distill")))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/burn-distill"));
-    cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
@@ -87,7 +79,10 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), String> {
     let device = device_by_name(&args.device)
         .ok_or_else(|| format!("--device {}: not in this build (ndarray, flex, wgpu)", args.device))?;
-    let path = args.model.clone().unwrap_or_else(default_model);
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| smollm2_cache_path().unwrap_or_else(|| PathBuf::from(SMOLLM2_FILE)));
     if args.model.is_none() && !path.exists() {
         return Err(format!(
             "no --model given and no SmolLM2 file at {}: run `bash scripts/fetch_smollm2.sh` first",

@@ -33,14 +33,26 @@ impl SamplingConfig {
     /// # Panics
     /// For a negative or non-finite temperature, `top_k = 0`, or `top_p` outside `(0, 1]`.
     pub fn validate(&self) {
-        assert!(
-            self.temperature.is_finite() && self.temperature >= 0.0,
-            "SamplingConfig: temperature = {} must be finite and >= 0",
-            self.temperature
-        );
-        assert!(self.top_k != Some(0), "SamplingConfig: top_k must be >= 1");
-        if let Some(p) = self.top_p {
-            assert!(p > 0.0 && p <= 1.0, "SamplingConfig: top_p = {p} must be in (0, 1]");
+        if let Err(reason) = self.check() {
+            panic!("SamplingConfig: {reason}");
+        }
+    }
+
+    /// Checks the ranges, naming the first field out of range.
+    ///
+    /// # Errors
+    /// A sentence naming the field: a negative or non-finite temperature, `top_k = 0`, or
+    /// `top_p` outside `(0, 1]`.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!("temperature = {} must be finite and >= 0", self.temperature));
+        }
+        if self.top_k == Some(0) {
+            return Err("top_k must be >= 1".into());
+        }
+        match self.top_p {
+            Some(p) if !(p > 0.0 && p <= 1.0) => Err(format!("top_p = {p} must be in (0, 1]")),
+            _ => Ok(()),
         }
     }
 }

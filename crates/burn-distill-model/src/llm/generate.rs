@@ -106,11 +106,8 @@ impl Llama {
                 options.max_new_tokens, config.max_position_embeddings
             ));
         }
-        if !(options.sampling.temperature.is_finite() && options.sampling.temperature >= 0.0)
-            || options.sampling.top_k == Some(0)
-            || options.sampling.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0))
-        {
-            return generation_error(format!("sampling options out of range: {:?}", options.sampling));
+        if let Err(reason) = options.sampling.check() {
+            return generation_error(format!("sampling: {reason}"));
         }
         let batch = prompts.len();
         let model = self.valid();
@@ -212,45 +209,86 @@ impl Llama {
             .collect::<LlmResult<Vec<_>>>()?;
         let mut options = options.clone();
         options.stop_tokens.extend_from_slice(tokenizer.eos_ids());
-        let mut streams: Vec<_> = (0..prompts.len()).map(|_| tokenizer.decode_stream()).collect();
-        let mut texts = vec![String::new(); prompts.len()];
+        let rows = prompts.len();
+        let mut streams: Vec<_> = (0..rows).map(|_| tokenizer.decode_stream()).collect();
+        // Per row: the text streamed so far, and how much of it `on_text` has seen. The tail
+        // that could still become a stop string is held back until it cannot.
+        let mut texts = vec![String::new(); rows];
+        let mut shown = vec![0; rows];
         let mut failure = None;
         let (generations, timings) = self.generate(&prompts, &options, |row, token| {
-            if options.stop_tokens.contains(&token) {
-                return false;
-            }
-            match streams[row].push(token) {
-                Ok(piece) => {
-                    texts[row].push_str(&piece);
-                    if let Some(stop) = stop_strings.iter().find(|s| texts[row].contains(s.as_str())) {
-                        let cut = texts[row].find(stop.as_str()).unwrap_or(texts[row].len());
-                        texts[row].truncate(cut);
-                        return false;
-                    }
-                    on_text(row, &piece);
-                    true
-                }
+            let piece = match streams[row].push(token) {
+                Ok(piece) => piece,
                 Err(error) => {
                     failure.get_or_insert(error);
-                    false
+                    return false;
                 }
+            };
+            let text = &mut texts[row];
+            text.push_str(&piece);
+            let (visible, go_on) = match first_stop(text, stop_strings) {
+                Some(cut) => {
+                    text.truncate(cut);
+                    (cut, false)
+                }
+                None => (text.len() - held_back(text, stop_strings), true),
+            };
+            if visible > shown[row] {
+                on_text(row, &text[shown[row]..visible]);
+                shown[row] = visible;
             }
+            go_on
         })?;
         if let Some(error) = failure {
             return Err(error);
         }
-        let answers = generations
-            .into_iter()
-            .zip(texts)
-            .zip(prompts)
-            .map(|((generation, text), prompt)| ChatAnswer {
+        let mut answers = Vec::with_capacity(rows);
+        for (row, ((generation, mut text), prompt)) in generations.into_iter().zip(texts).zip(prompts).enumerate() {
+            if generation.finish != FinishReason::Callback {
+                // The whole answer, decoded at once (a character the stream still held is in it).
+                let tokens: Vec<u32> = generation
+                    .tokens
+                    .iter()
+                    .copied()
+                    .filter(|t| !options.stop_tokens.contains(t))
+                    .collect();
+                text = tokenizer.decode(&tokens, true)?;
+            }
+            if let Some(rest) = text.get(shown[row]..).filter(|rest| !rest.is_empty()) {
+                on_text(row, rest);
+            }
+            answers.push(ChatAnswer {
                 prompt_tokens: prompt,
                 text,
                 generation,
-            })
-            .collect();
+            });
+        }
         Ok((answers, timings))
     }
+}
+
+/// Where the first stop string starts in `text`, if one occurs.
+fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// How many bytes at the end of `text` could be the start of a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|stop| {
+            (1..stop.len())
+                .filter(|&k| stop.is_char_boundary(k))
+                .map(move |k| &stop[..k])
+        })
+        .filter(|prefix| text.ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
 }
 
 /// The answer to one conversation.

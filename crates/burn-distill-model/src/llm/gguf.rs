@@ -294,10 +294,11 @@ impl GgufFile {
         }
         let tensor_count = reader.u64("the tensor count")?;
         let metadata_count = reader.u64("the metadata count")?;
-        // Each metadata entry and tensor-table entry takes at least 8 bytes: a count larger than
-        // the file allows is a lie, refused before anything is allocated from it.
-        reader.check_count(metadata_count, 8, "the metadata count")?;
-        reader.check_count(tensor_count, 8, "the tensor count")?;
+        // A metadata entry takes at least 13 bytes (key length, type, a one-byte value), a tensor
+        // entry at least 32 (name length, rank, one dim, type, offset): a count larger than the
+        // file allows is a lie, refused before anything is allocated from it.
+        reader.check_count(metadata_count, 13, "the metadata count")?;
+        reader.check_count(tensor_count, 32, "the tensor count")?;
         let mut metadata = BTreeMap::new();
         for index in 0..metadata_count {
             let key = reader.string(&format!("metadata key {index}"))?;
@@ -318,7 +319,7 @@ impl GgufFile {
                 }
             },
         };
-        let mut tensors = Vec::with_capacity(tensor_count as usize);
+        let mut tensors = Vec::with_capacity(tensor_count.min(1 << 16) as usize);
         for index in 0..tensor_count {
             let name = reader.string(&format!("the name of tensor {index}"))?;
             let rank = reader.u32(&format!("the rank of tensor {name:?}"))?;
@@ -370,11 +371,20 @@ impl GgufFile {
                             ),
                         ));
                     }
-                    Some(elements / block * bytes)
+                    let size = (elements / block).checked_mul(bytes).ok_or_else(|| {
+                        LlmError::invalid(path, &name, format!("dims {dims:?} overflow the file offsets"))
+                    })?;
+                    Some(size)
                 }
                 None => None,
             };
-            let offset = data_start + relative;
+            let Some(offset) = data_start.checked_add(relative) else {
+                return Err(LlmError::invalid(
+                    path,
+                    &name,
+                    format!("data offset {relative} overflows"),
+                ));
+            };
             let end = offset.saturating_add(size.unwrap_or(1));
             if end > len {
                 return Err(LlmError::Truncated {
@@ -514,6 +524,7 @@ impl GgufFile {
             tensor: name.to_string(),
         })?;
         let raw = self.raw(info)?;
+        // `raw` is inside the file, so the output is bounded by the file's size times 8 (Q4).
         let mut out = Vec::with_capacity(info.elements() as usize);
         match info.dtype {
             GgmlType::F32 => out.extend(
@@ -633,9 +644,25 @@ impl<'a> Reader<'a> {
                 }
                 let element = self.u32(&what())?;
                 let count = self.u64(&what())?;
-                // Every element takes at least one byte.
-                self.check_count(count, 1, key)?;
-                let mut values = Vec::with_capacity(count as usize);
+                // Each element takes at least its type's smallest encoding, so a count the rest
+                // of the file cannot hold is refused before any allocation; the reservation is
+                // capped as well, as a value takes more memory than its bytes.
+                let smallest = match element {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    other => {
+                        return Err(LlmError::invalid(
+                            self.path,
+                            key,
+                            format!("unknown array element type {other}"),
+                        ));
+                    }
+                };
+                self.check_count(count, smallest, key)?;
+                let mut values = Vec::with_capacity(count.min(1 << 16) as usize);
                 for _ in 0..count {
                     values.push(self.value(element, key, depth + 1)?);
                 }

@@ -258,6 +258,22 @@ impl LlamaConfig {
         if self.head_width() == 0 || !self.head_width().is_multiple_of(2) {
             return bad("head_dim", self.head_width().to_string(), "must be even and >= 2");
         }
+        // Sizes read from a file are untrusted: every tensor's element count must be a number.
+        let products = [
+            self.num_attention_heads.checked_mul(self.head_width()),
+            self.vocab_size.checked_mul(self.hidden_size),
+            self.intermediate_size.checked_mul(self.hidden_size),
+            self.num_attention_heads
+                .checked_mul(self.head_width())
+                .and_then(|q| q.checked_mul(self.hidden_size)),
+        ];
+        if products.iter().any(|p| p.is_none_or(|p| p > isize::MAX as usize / 4)) {
+            return bad(
+                "hidden_size",
+                self.hidden_size.to_string(),
+                "the tensors' sizes overflow together with the other fields",
+            );
+        }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
             return bad("rms_norm_eps", self.rms_norm_eps.to_string(), "must be finite and > 0");
         }

@@ -91,7 +91,24 @@ pub fn gguf_config(gguf: &GgufFile) -> LlmResult<LlamaConfig> {
             });
         }
     }
+    if gguf.tensor("rope_freqs.weight").is_some() {
+        return Err(LlmError::Unsupported {
+            path: gguf.path().to_path_buf(),
+            what: "tensor \"rope_freqs.weight\" (Llama 3.1-style rotary scaling)".into(),
+            reason: "rotary scaling is not supported yet".into(),
+        });
+    }
+    let last = format!("blk.{}.attn_norm.weight", config.num_hidden_layers.saturating_sub(1));
+    if config.num_hidden_layers == 0 || gguf.tensor(&last).is_none() {
+        return Err(LlmError::invalid(
+            gguf.path(),
+            key("block_count"),
+            format!("{} blocks, but there is no tensor {last:?}", config.num_hidden_layers),
+        ));
+    }
     config.model_type = arch.to_string();
+    // llama's biases are optional (attention_bias); Qwen2 always has q/k/v biases.
+    config.attention_bias = arch == "llama" && gguf.tensor("blk.0.attn_q.bias").is_some();
     config.bos_token_id = gguf
         .metadata()
         .get("tokenizer.ggml.bos_token_id")
@@ -119,7 +136,8 @@ fn gguf_to_hf(name: &str, arch: &str, config: &LlamaConfig) -> Option<(String, O
     let (index, part) = rest.split_once('.')?;
     let index: usize = index.parse().ok()?;
     let (module, kind) = part.rsplit_once('.')?;
-    let permute = |heads| (arch == "llama" && kind == "weight").then_some(heads);
+    // llama.cpp interleaves the rows of llama's q and k projections, biases included.
+    let permute = |heads| (arch == "llama").then_some(heads);
     let (hf, heads) = match module {
         "attn_norm" => ("input_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
@@ -205,17 +223,35 @@ fn unpermute_rows(values: Vec<f32>, rows: usize, cols: usize, heads: usize) -> V
 /// weight is dequantised.
 pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> LlmResult<(Llama, Arc<GgufFile>)> {
     let gguf = Arc::new(GgufFile::open(path)?);
+    let model = load_gguf_file(Arc::clone(&gguf), device)?;
+    Ok((model, gguf))
+}
+
+/// [`load_gguf`] for a file already opened.
+///
+/// # Errors
+/// As [`load_gguf`].
+pub fn load_gguf_file(gguf: Arc<GgufFile>, device: &Device) -> LlmResult<Llama> {
     let config = gguf_config(&gguf)?;
     let arch = config.model_type.clone();
     let mut tensors = Vec::new();
     let mut seen = BTreeSet::new();
     let expected: std::collections::BTreeMap<_, _> = expected_shapes(&config).into_iter().collect();
     for info in gguf.tensors() {
+        // A tensor this architecture does not use is an error: skipping it would run a
+        // different model than the file describes.
+        let unknown = || {
+            Err(LlmError::Unsupported {
+                path: gguf.path().to_path_buf(),
+                what: format!("tensor {:?}", info.name),
+                reason: format!("it is not part of the {arch} architecture as this crate implements it"),
+            })
+        };
         let Some((hf_name, heads)) = gguf_to_hf(&info.name, &arch, &config) else {
-            continue; // rope_freqs and other tensors this architecture does not use
+            return unknown();
         };
         let Some(shape) = expected.get(&hf_name) else {
-            continue;
+            return unknown();
         };
         if &info.shape() != shape {
             return Err(LlmError::TensorShape {
@@ -265,7 +301,7 @@ pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> LlmResult<(Llama, A
     let mut model = config.init(device)?;
     let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     check_applied(gguf.path(), &result, &expected.keys().cloned().collect())?;
-    Ok((model, gguf))
+    Ok(model)
 }
 
 fn hf_tensor_to_gguf(hf: &str) -> String {
@@ -457,11 +493,10 @@ pub fn export_hf(model: &Llama, dir: impl AsRef<Path>) -> LlmResult<()> {
         "rope_parameters".into(),
         serde_json::json!({"rope_theta": config.rope_theta, "rope_type": "default"}),
     );
-    let text = serde_json::to_string_pretty(&json).expect("JSON serialises");
-    crate::llm::write_atomically(&dir.join("config.json"), text.as_bytes())?;
-
     let path = dir.join("model.safetensors");
-    let temporary = dir.join(".model.safetensors.partial");
+    // A name of this process's own, renamed into place: an export that fails leaves no partial
+    // file, and the config is written only after the weights it describes.
+    let temporary = dir.join(format!(".model.safetensors.{}.partial", std::process::id()));
     let mut store = SafetensorsStore::from_file(&temporary)
         .with_to_adapter(BurnToPyTorchAdapter)
         .with_key_remapping(r"^(embed_tokens|layers|norm)\.", "model.$1.")
@@ -472,5 +507,7 @@ pub fn export_hf(model: &Llama, dir: impl AsRef<Path>) -> LlmResult<()> {
         return Err(LlmError::invalid(&path, "safetensors", error.to_string()));
     }
     std::fs::rename(&temporary, &path).map_err(|e| LlmError::io(&path, e))?;
-    crate::llm::readable_by_all(&path)
+    crate::llm::readable_by_all(&path)?;
+    let text = serde_json::to_string_pretty(&json).expect("JSON serialises");
+    crate::llm::write_atomically(&dir.join("config.json"), text.as_bytes())
 }

@@ -33,8 +33,23 @@ pub use error::{LlmError, LlmResult};
 pub use generate::{ChatAnswer, FinishReason, GenerateOptions, Generation, GenerationTimings};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use llama::{Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMlp};
-pub use load::{SUPPORTED_ARCHITECTURES, export_hf, gguf_config, hf_config, load_gguf, load_hf};
+pub use load::{SUPPORTED_ARCHITECTURES, export_hf, gguf_config, hf_config, load_gguf, load_gguf_file, load_hf};
 pub use tokenizer::{ChatMessage, ChatTokenizer, ModelSource, TextStream};
+
+/// The file name `scripts/fetch_smollm2.sh` caches SmolLM2-135M-Instruct under.
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where `scripts/fetch_smollm2.sh` puts the SmolLM2 teacher: `$BURN_DISTILL_CACHE`, else
+/// `$XDG_CACHE_HOME/burn-distill`, else `~/.cache/burn-distill`, then [`SMOLLM2_FILE`]. `None`
+/// when none of those variables is set.
+pub fn smollm2_cache_path() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let dir = std::env::var_os("BURN_DISTILL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("burn-distill")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/burn-distill")))?;
+    Some(dir.join(SMOLLM2_FILE))
+}
 
 /// A model with its tokenizer, as [`load_model`] returns them.
 #[derive(Debug)]
@@ -54,10 +69,9 @@ pub struct LoadedModel {
 pub fn load_model(path: impl AsRef<Path>, device: &Device) -> LlmResult<LoadedModel> {
     match ModelSource::of(path)? {
         ModelSource::Gguf(path) => {
-            let gguf = GgufFile::open(&path)?;
+            let gguf = std::sync::Arc::new(GgufFile::open(&path)?);
             let tokenizer = ChatTokenizer::from_gguf(&gguf)?;
-            drop(gguf);
-            let (model, _) = load_gguf(&path, device)?;
+            let model = load_gguf_file(gguf, device)?;
             Ok(LoadedModel { model, tokenizer })
         }
         ModelSource::HuggingFace(dir) => {

@@ -170,6 +170,17 @@ impl ChatTokenizer {
                 .and_then(|id| tokens.get(id as usize).map(|t| (id as u32, t.to_string())))
         };
         let eos = special("tokenizer.ggml.eos_token_id");
+        // End-of-turn and end-of-message tokens end a generation too (Llama 3's <|eot_id|>).
+        let mut eos_ids: Vec<u32> = [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ]
+        .iter()
+        .filter_map(|key| special(key).map(|(id, _)| id))
+        .collect();
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
         let chat_template = gguf
             .metadata()
             .get("tokenizer.chat_template")
@@ -183,7 +194,7 @@ impl ChatTokenizer {
             tokenizer,
             chat_template,
             bos_token: special("tokenizer.ggml.bos_token_id").map(|(_, t)| t),
-            eos_ids: eos.iter().map(|(id, _)| *id).collect(),
+            eos_ids,
             eos_token: eos.map(|(_, t)| t),
             add_bos_token,
             source,
@@ -388,20 +399,32 @@ impl ChatTokenizer {
     /// A streaming decoder: feed it ids one at a time, get the text they complete.
     pub fn decode_stream(&self) -> TextStream<'_> {
         TextStream {
-            tokenizer: self,
-            ids: Vec::new(),
-            emitted: 0,
+            stream: self.tokenizer.decode_stream(true),
+            source: &self.source,
         }
     }
 }
 
-/// Incremental decoding for streaming: text is released once it is complete UTF-8, so a
-/// character split over several byte tokens comes out whole.
-#[derive(Debug)]
+/// Incremental decoding for streaming (the `tokenizers` crate's `DecodeStream`): text is
+/// released once it is complete, so a character split over several byte tokens comes out whole.
 pub struct TextStream<'a> {
-    tokenizer: &'a ChatTokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
+    stream: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+    source: &'a str,
+}
+
+impl std::fmt::Debug for TextStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextStream")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TextStream<'_> {
@@ -410,20 +433,13 @@ impl TextStream<'_> {
     /// # Errors
     /// [`LlmError::Tokenizer`] for an id outside the vocabulary.
     pub fn push(&mut self, id: u32) -> LlmResult<String> {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, true)?;
-        // An incomplete character decodes to U+FFFD at the end; wait for the rest of it.
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
-            return Ok(String::new());
+        match self.stream.step(id) {
+            Ok(piece) => Ok(piece.unwrap_or_default()),
+            Err(e) => Err(LlmError::Tokenizer {
+                source_name: self.source.to_string(),
+                reason: e.to_string(),
+            }),
         }
-        let new = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(new)
-    }
-
-    /// Everything decoded so far.
-    pub fn text(&self) -> LlmResult<String> {
-        self.tokenizer.decode(&self.ids, true)
     }
 }
 

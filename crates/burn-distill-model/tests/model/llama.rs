@@ -432,13 +432,7 @@ fn export_then_reload_is_identical_for_weights_tokenizer_and_logits() {
 fn smollm2() -> Option<PathBuf> {
     let path = match std::env::var_os("BURN_DISTILL_SMOLLM2") {
         Some(path) => PathBuf::from(path),
-        None => {
-            let cache = std::env::var_os("BURN_DISTILL_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("burn-distill")))
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/burn-distill")))?;
-            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
+        None => smollm2_cache_path()?,
     };
     if path.is_file() {
         return Some(path);
@@ -589,6 +583,28 @@ fn smollm2_logits_and_greedy_answers_match_transformers() {
         .unwrap();
     assert_eq!(answers[0].text, "The capital of France is Paris.");
     assert_eq!(answers[0].generation.finish, FinishReason::Stop);
+    // What streams is the answer; a stop string cuts both, also one that spans tokens.
+    let question = vec![ChatMessage::user("What is the capital of France?")];
+    for (stop, expected) in [
+        ("", "The capital of France is Paris."),
+        ("Paris", "The capital of France is "),
+        ("ce is P", "The capital of Fran"),
+    ] {
+        let stops: Vec<String> = [stop].iter().filter(|s| !s.is_empty()).map(|s| s.to_string()).collect();
+        let mut streamed = String::new();
+        let (answers, _) = loaded
+            .model
+            .chat(
+                &loaded.tokenizer,
+                std::slice::from_ref(&question),
+                &GenerateOptions::greedy(32),
+                &stops,
+                |_, piece| streamed.push_str(piece),
+            )
+            .unwrap();
+        assert_eq!(answers[0].text, expected, "stop {stop:?}");
+        assert_eq!(streamed, expected, "stop {stop:?}: the stream differs from the answer");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -720,6 +736,39 @@ fn damaged_gguf_files_and_model_directories_are_clear_errors() {
     let mut bad = good.clone();
     bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     assert!(load_error(&bad, dir.path()).contains("cannot fit"));
+
+    // Lengths that overflow: a tensor whose byte size wraps, an offset near the end of u64, an
+    // array count of far more elements than the file holds.
+    let mut huge = tensors.clone();
+    huge[0].1 = vec![1 << 62];
+    huge[0].2 = 0;
+    assert!(load_error(&gguf_bytes(&metadata, &huge), dir.path()).contains("overflow"));
+    let mut bytes = gguf_bytes(&metadata, &tensors);
+    let mut needle = 17u64.to_le_bytes().to_vec();
+    needle.extend(b"token_embd.weight");
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len();
+    let offset_at = at + 4 + 2 * 8 + 4;
+    bytes[offset_at..offset_at + 8].copy_from_slice(&(u64::MAX - 31).to_le_bytes());
+    assert!(load_error(&bytes, dir.path()).contains("overflows"));
+    let mut lying = metadata.clone();
+    lying.insert("general.zz_lying".into(), GgufValue::Array(vec![GgufValue::U32(7)]));
+    let mut bytes = gguf_bytes(&lying, &tensors);
+    let mut needle = 16u64.to_le_bytes().to_vec();
+    needle.extend(b"general.zz_lying");
+    let count_at = bytes.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len() + 4 + 4;
+    bytes[count_at..count_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert!(load_error(&bytes, dir.path()).contains("cannot fit"));
+    // A tensor the architecture does not have, and Llama 3.1-style rotary scaling.
+    for extra in ["blk.0.attn_rot_embd", "rope_freqs.weight"] {
+        let mut more = tensors.clone();
+        more.push((extra.to_string(), vec![8], 0, vec![0; 32]));
+        let message = load_error(&gguf_bytes(&metadata, &more), dir.path());
+        assert!(message.contains(extra) && message.contains("not"), "{message}");
+    }
+    // A block count larger than the blocks the file has.
+    let mut deeper = metadata.clone();
+    deeper.insert("llama.block_count".into(), GgufValue::U32(3));
+    assert!(load_error(&gguf_bytes(&deeper, &tensors), dir.path()).contains("blk.2.attn_norm.weight"));
 
     // An unsupported quantisation, named with the tensor.
     let mut quantized = tensors.clone();

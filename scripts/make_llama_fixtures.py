@@ -13,7 +13,8 @@ Writes, under tests/fixtures/llama/:
 - hf-sharded/: the same Llama saved in shards of at most 200 kB with their index;
 - hf-bf16/, hf-f16/: the same Llama stored in bf16 and f16 (their logits: transformers in f32 on
   the rounded weights);
-- hf-qwen2/: a tiny Qwen2 (q/k/v biases, tied head) in the Hugging Face layout;
+- hf-qwen2/: a tiny Qwen2 (q/k/v biases, tied head) in the Hugging Face layout, and
+  tiny-qwen2-q8_0.gguf the same as llama.cpp writes it (no row interleaving, biases in F32);
 - tiny.json: token-id prompts and, for the Hugging Face models and each GGUF file loaded by
   transformers (`from_pretrained(dir, gguf_file=...)`, dequantised to f32), the logits at every
   position; greedy continuations; xxh3-64 hashes of every tensor as the `gguf` package
@@ -104,9 +105,9 @@ def gguf_name(name):
     return f"blk.{index}.{LAYER_NAMES[module]}.{kind}"
 
 
-def write_gguf(path, model, config, tokenizer, qtype):
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
+def write_gguf(path, model, config, tokenizer, qtype, arch="llama"):
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -131,10 +132,13 @@ def write_gguf(path, model, config, tokenizer, qtype):
     writer.add_add_bos_token(False)
     writer.add_chat_template(TEMPLATE)
     for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
         data = tensor.detach().numpy().astype(np.float32)
-        if name.endswith("q_proj.weight"):
+        # Only llama's rows are interleaved; Qwen2 keeps Hugging Face's order.
+        if arch == "llama" and name.endswith("q_proj.weight"):
             data = permute(data, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             data = permute(data, config.num_key_value_heads)
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else qtype
         if kind == gguf.GGMLQuantizationType.F32:
@@ -220,6 +224,10 @@ def main():
     randomise(qwen2)
     qwen2.save_pretrained(OUT / "hf-qwen2", safe_serialization=True)
     fixture["qwen2"] = {"logits": logits_of(qwen2, prompts)}
+    write_gguf(OUT / "tiny-qwen2-q8_0.gguf", qwen2, qwen2.config, tokenizer, gguf.GGMLQuantizationType.Q8_0,
+               arch="qwen2")
+    loaded = AutoModelForCausalLM.from_pretrained(OUT, gguf_file="tiny-qwen2-q8_0.gguf", dtype=torch.float32).eval()
+    fixture["qwen2_gguf"] = {"logits": logits_of(loaded, prompts)}
     fixture["tokens_hf"] = {s: hf_tok.encode(s, add_special_tokens=True) for s in TEST_STRINGS}
     fixture["chat_hf"] = [hf_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                           for c in CONVERSATIONS]

@@ -108,6 +108,10 @@ fn tiny_llama_logits_match_transformers_on_every_device() {
             let (model, _) = load_gguf(fixtures().join(format!("tiny-{label}.gguf")), device).unwrap();
             sources.push((label, model));
         }
+        // Qwen2 as GGUF: rows not interleaved, biases in F32, tied head.
+        let (qwen2_gguf, _) = load_gguf(fixtures().join("tiny-qwen2-q8_0.gguf"), device).unwrap();
+        assert_eq!(qwen2_gguf.config().model_type, "qwen2");
+        sources.push(("qwen2_gguf", qwen2_gguf));
         for (label, model) in &sources {
             for (index, prompt) in prompts.iter().enumerate() {
                 let expected = floats(&fixture[*label]["logits"][index]);

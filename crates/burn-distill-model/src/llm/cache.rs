@@ -2,6 +2,10 @@
 
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+/// One block's cached keys and values, `[batch, kv_heads, slots, head_dim]` each; `None` before
+/// the first call.
+pub(crate) type BlockCache = Option<(Tensor<4>, Tensor<4>)>;
+
 /// Keys and values of every block for a batch of left-padded rows, so that each decoding step
 /// runs one new slot per row instead of the whole window.
 ///
@@ -10,7 +14,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 /// from its first real token.
 #[derive(Debug, Clone)]
 pub struct LlamaCache {
-    pub(crate) layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    pub(crate) layers: Vec<BlockCache>,
     left_padding: Vec<usize>,
     len: usize,
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::base::TappedForward;
 use crate::cost::Cost;
-use crate::llm::cache::LlamaCache;
+use crate::llm::cache::{BlockCache, LlamaCache};
 use crate::llm::error::{LlmError, LlmResult};
 use crate::output::{Feature, Features};
 
@@ -465,7 +465,7 @@ impl LlamaAttention {
         x: Tensor<3>,
         rotary: &Rotary,
         mask: Option<&Tensor<4, Bool>>,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        cache: Option<&mut BlockCache>,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let split = |t: Tensor<3>, heads: usize| t.reshape([batch, seq, heads, self.head_dim]).swap_dims(1, 2);
@@ -510,7 +510,7 @@ impl LlamaBlock {
         x: Tensor<3>,
         rotary: &Rotary,
         mask: Option<&Tensor<4, Bool>>,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        cache: Option<&mut BlockCache>,
     ) -> Tensor<3> {
         let x = x.clone()
             + self

@@ -120,6 +120,22 @@ pub fn sampling_distribution(logits: &[f32], config: &SamplingConfig) -> Vec<f64
 
 /// Draws a token from `logits` with `config`, advancing `rng` by one draw.
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut TokenRng) -> usize {
+    if config.temperature == 0.0 {
+        // Greedy: the arg max, the lowest index among equals (the token `sampling_distribution`
+        // gives probability 1), without sorting the vocabulary; the draw is taken all the same,
+        // so the stream stays where the sorting path leaves it.
+        config.validate();
+        rng.next_unit();
+        return (0..logits.len())
+            .reduce(|best, i| {
+                if logits[i].total_cmp(&logits[best]).is_gt() {
+                    i
+                } else {
+                    best
+                }
+            })
+            .unwrap_or(0);
+    }
     let probabilities = sampling_distribution(logits, config);
     let draw = rng.next_unit();
     let mut cumulative = 0.0;

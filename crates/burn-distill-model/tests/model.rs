@@ -793,3 +793,23 @@ fn every_reference_model_round_trips_through_both_formats() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn greedy_sampling_takes_the_token_the_distribution_gives_probability_one() {
+    let greedy = SamplingConfig::new().with_temperature(0.0);
+    for logits in [
+        vec![1.0, 3.0, 3.0, f32::NEG_INFINITY],
+        vec![-2.0, -1.0, -1.5],
+        vec![0.5; 7],
+        (0..1000).map(|i| ((i * 7919) % 1009) as f32 * 0.01).collect(),
+    ] {
+        let distribution = sampling_distribution(&logits, &greedy);
+        let expected = distribution.iter().position(|&p| p == 1.0).unwrap();
+        let mut rng = TokenRng::new(5);
+        assert_eq!(sample_token(&logits, &greedy, &mut rng), expected, "{logits:?}");
+        // One draw taken, as on the sampling path.
+        let mut reference = TokenRng::new(5);
+        reference.next_unit();
+        assert_eq!(rng.next_unit(), reference.next_unit());
+    }
+}

@@ -27,10 +27,18 @@ struct Args {
     /// Repetitions of each measurement (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Measure only these (for a profiler): prefill, decode, step, forward.
+    #[arg(long, value_delimiter = ',', value_parser = ["prefill", "decode", "step", "forward"])]
+    only: Vec<String>,
 }
 
 fn best(repeats: usize, mut run: impl FnMut() -> f64) -> f64 {
     (0..repeats).map(|_| run()).fold(f64::INFINITY, f64::min)
+}
+
+/// `measure()` when `name` is wanted, else `None` (reported as null).
+fn when<T>(only: &[String], name: &str, measure: impl FnOnce() -> T) -> Option<T> {
+    (only.is_empty() || only.iter().any(|o| o == name)).then(measure)
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -61,12 +69,15 @@ fn main() -> Result<(), String> {
     };
 
     // Prefill: 512 tokens through the cache, the head on the last position only.
-    let prefill = best(args.repeats, || {
-        let mut cache = LlamaCache::new(layers, vec![0]);
-        let t = Instant::now();
-        let hidden = model.forward_cached(tokens(1, 512), &mut cache).unwrap();
-        sync(model.head(hidden.slice([0..1, 511..512, 0..model.config().hidden_size])));
-        t.elapsed().as_secs_f64()
+    let only = &args.only;
+    let prefill = when(only, "prefill", || {
+        best(args.repeats, || {
+            let mut cache = LlamaCache::new(layers, vec![0]);
+            let t = Instant::now();
+            let hidden = model.forward_cached(tokens(1, 512), &mut cache).unwrap();
+            sync(model.head(hidden.slice([0..1, 511..512, 0..model.config().hidden_size])));
+            t.elapsed().as_secs_f64()
+        })
     });
     // Decoding: greedy, 64 new tokens after a 16-token prompt, batch 1 and 8.
     let decode = |batch: usize| {
@@ -78,40 +89,45 @@ fn main() -> Result<(), String> {
             timings.decode_tokens as f64 / timings.decode_seconds
         })
     };
-    let (decode_1, decode_8) = (decode(1), decode(8));
+    let decode_1_8 = when(only, "decode", || (decode(1), decode(8)));
     // One cached step at position 256 against re-running the 256-token window for it.
-    let mut cache = LlamaCache::new(layers, vec![0]);
-    let _ = model.forward_cached(tokens(1, 256), &mut cache).unwrap();
-    let step = best(args.repeats, || {
-        let mut c = cache.clone();
-        let t = Instant::now();
-        let hidden = model.forward_cached(tokens(1, 1), &mut c).unwrap();
-        sync(model.head(hidden));
-        t.elapsed().as_secs_f64()
-    });
-    let window = best(args.repeats, || {
-        let t = Instant::now();
-        let hidden = model.forward_hidden(tokens(1, 256));
-        sync(model.head(hidden.slice([0..1, 255..256, 0..model.config().hidden_size])));
-        t.elapsed().as_secs_f64()
+    let step_window = when(only, "step", || {
+        let mut cache = LlamaCache::new(layers, vec![0]);
+        let _ = model.forward_cached(tokens(1, 256), &mut cache).unwrap();
+        let step = best(args.repeats, || {
+            let mut c = cache.clone();
+            let t = Instant::now();
+            let hidden = model.forward_cached(tokens(1, 1), &mut c).unwrap();
+            sync(model.head(hidden));
+            t.elapsed().as_secs_f64()
+        });
+        let window = best(args.repeats, || {
+            let t = Instant::now();
+            let hidden = model.forward_hidden(tokens(1, 256));
+            sync(model.head(hidden.slice([0..1, 255..256, 0..model.config().hidden_size])));
+            t.elapsed().as_secs_f64()
+        });
+        (step, window)
     });
     // The teacher forward of a distillation step: 8 × 256 tokens, full logits.
-    let forward = best(args.repeats, || {
-        let t = Instant::now();
-        sync(model.forward(tokens(8, 256)));
-        t.elapsed().as_secs_f64()
+    let forward = when(only, "forward", || {
+        best(args.repeats, || {
+            let t = Instant::now();
+            sync(model.forward(tokens(8, 256)));
+            t.elapsed().as_secs_f64()
+        })
     });
     let report = serde_json::json!({
         "model": args.model.display().to_string(),
         "device": args.device,
         "load_seconds": load_seconds,
-        "prefill_512_tokens_per_s": 512.0 / prefill,
-        "decode_batch1_tokens_per_s": decode_1,
-        "decode_batch8_tokens_per_s": decode_8,
-        "cached_step_at_256_ms": step * 1e3,
-        "window_256_rerun_ms": window * 1e3,
-        "cache_speedup_at_256": window / step,
-        "forward_8x256_tokens_per_s": 2048.0 / forward,
+        "prefill_512_tokens_per_s": prefill.map(|s| 512.0 / s),
+        "decode_batch1_tokens_per_s": decode_1_8.map(|d| d.0),
+        "decode_batch8_tokens_per_s": decode_1_8.map(|d| d.1),
+        "cached_step_at_256_ms": step_window.map(|(step, _)| step * 1e3),
+        "window_256_rerun_ms": step_window.map(|(_, window)| window * 1e3),
+        "cache_speedup_at_256": step_window.map(|(step, window)| window / step),
+        "forward_8x256_tokens_per_s": forward.map(|s| 2048.0 / s),
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));

@@ -42,6 +42,8 @@ use std::marker::PhantomData;
 #[must_use = "the mode is restored when the guard drops"]
 pub struct FlushDenormals {
     previous: Option<u64>,
+    /// Each rayon worker's previous mode, by its index in the pool, when the guard covers the pool.
+    pool_previous: Option<Vec<Option<u64>>>,
     not_send: PhantomData<*const ()>,
 }
 
@@ -51,19 +53,51 @@ impl FlushDenormals {
 
     /// Turns flush-to-zero on for the current thread.
     pub fn enable() -> Self {
-        let previous = mode::read();
-        if let Some(previous) = previous {
-            mode::write(previous | mode::FLUSH_BITS);
+        Self {
+            previous: flush_here(),
+            pool_previous: None,
+            not_send: PhantomData,
         }
+    }
+
+    /// Turns flush-to-zero on for the current thread and for every thread of the current rayon
+    /// pool (the global one outside a pool), and restores each thread's own mode when dropped.
+    ///
+    /// The CPU backends run their large matrix products and reductions on that pool (burn's
+    /// `rayon` feature, this crate's `parallel`), so a guard on the calling thread alone would
+    /// leave most of a step's arithmetic unflushed. [`Distiller`](crate::Distiller) uses this.
+    /// Do not start other work on the same pool while the guard lives: it runs flushed too.
+    pub fn enable_with_pool() -> Self {
+        let previous = flush_here();
+        let pool_previous = Some(rayon::broadcast(|_| flush_here()));
         Self {
             previous,
+            pool_previous,
             not_send: PhantomData,
         }
     }
 }
 
+/// Sets the flush bits on this thread and returns its previous mode.
+fn flush_here() -> Option<u64> {
+    let previous = mode::read();
+    if let Some(previous) = previous {
+        mode::write(previous | mode::FLUSH_BITS);
+    }
+    previous
+}
+
 impl Drop for FlushDenormals {
     fn drop(&mut self) {
+        // The pool first: the calling thread may itself be one of its workers, and its own mode
+        // from before either was set is the one to end on.
+        if let Some(pool_previous) = self.pool_previous.take() {
+            rayon::broadcast(|context| {
+                if let Some(Some(previous)) = pool_previous.get(context.index()) {
+                    mode::write(*previous);
+                }
+            });
+        }
         if let Some(previous) = self.previous {
             mode::write(previous);
         }

@@ -145,7 +145,7 @@ where
         self
     }
 
-    /// Whether the training thread flushes subnormal floats to zero while fitting (on by
+    /// Whether the training thread and the rayon pool flush subnormal floats to zero while fitting (on by
     /// default; see [`FlushDenormals`](crate::FlushDenormals) for why and what it changes: the
     /// weights, in practice nothing; the speed of SGD with momentum on x86, up to several-fold).
     /// Not part of the config: a run trained with it and one without are the same run.
@@ -249,7 +249,7 @@ where
         let teacher_fingerprint = self.teacher.and_then(|teacher| teacher.fingerprint());
 
         device.seed(config.seed);
-        let _flush_denormals = self.flush_denormals.then(crate::FlushDenormals::enable);
+        let _flush_denormals = self.flush_denormals.then(crate::FlushDenormals::enable_with_pool);
         let connectors = config
             .features
             .iter()

@@ -1103,6 +1103,25 @@ fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
         );
     }
     assert!(halve_smallest_normal() > 0.0, "the mode is restored");
+
+    // The pool form covers every rayon worker (where the CPU backends' matrix products run), nests,
+    // and gives each thread its own mode back.
+    let on_pool = || rayon::broadcast(|_| halve_smallest_normal() == 0.0);
+    assert!(rayon::current_num_threads() >= 1 && on_pool().iter().all(|flushed| !flushed));
+    {
+        let _outer = FlushDenormals::enable_with_pool();
+        assert!(on_pool().iter().all(|&flushed| flushed == FlushDenormals::SUPPORTED));
+        assert_eq!(halve_smallest_normal() == 0.0, FlushDenormals::SUPPORTED);
+        {
+            let _inner = FlushDenormals::enable_with_pool();
+        }
+        assert!(
+            on_pool().iter().all(|&flushed| flushed == FlushDenormals::SUPPORTED),
+            "the inner guard restored the outer mode on the pool"
+        );
+    }
+    assert!(on_pool().iter().all(|flushed| !flushed), "the pool's mode is restored");
+    assert!(halve_smallest_normal() > 0.0, "the mode is restored");
     #[cfg(target_arch = "x86_64")]
     const {
         assert!(FlushDenormals::SUPPORTED)
@@ -1124,6 +1143,7 @@ fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
                 .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
                 .unwrap();
             assert!(halve_smallest_normal() > 0.0, "fit restores the mode");
+            assert!(on_pool().iter().all(|flushed| !flushed), "fit restores the pool's mode");
             probe(&outcome.student, &device)
         })
         .collect();

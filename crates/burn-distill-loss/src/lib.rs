@@ -88,7 +88,7 @@ pub use divergence::{
 };
 pub use dkd::{DkdLoss, DkdLossConfig, decoupled_kd};
 pub use error::{LossError, Result};
-pub use fused::{HeadTeacher, Implementation, LinearHeadKd, LinearHeadKdConfig, fused_available};
+pub use fused::{HeadTeacher, Implementation, LinearHeadKd, LinearHeadKdConfig, fused_available, swiglu};
 pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};
 pub use reduction::{Reduction, valid_mask};
 pub use sparse::{SparseKlLoss, SparseKlLossConfig, TailPolicy, sparse_forward_kl};

@@ -13,6 +13,7 @@ mod cube;
 mod head;
 mod kernel;
 mod op;
+mod swiglu;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
 pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
+pub use swiglu::swiglu;
 
 pub(crate) use kernel::RowSpec;
 use op::{FusedJob, FusedLossBackend};

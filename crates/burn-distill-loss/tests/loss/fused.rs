@@ -630,3 +630,106 @@ fn chunked_linear_head_equals_matmul_and_composed_loss() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(g) · u` and its two partial derivatives, in f64, each with the size of its terms
+/// (what f32 rounding is relative to: `∂/∂g` cancels to 0 near g ≈ −1.28).
+fn swiglu_reference(g: f64, u: f64) -> [(f64, f64); 3] {
+    let s = 1.0 / (1.0 + (-g).exp());
+    [
+        (g * s * u, (g * s * u).abs()),
+        (
+            u * s * (1.0 + g * (1.0 - s)),
+            (u * s).abs() * (1.0 + g.abs() * (1.0 - s)),
+        ),
+        (g * s, (g * s).abs()),
+    ]
+}
+
+/// `|actual − expected| ≤ atol + rtol · scale` per element, each with its own scale: the kernel
+/// is elementwise, so nothing hides behind a large neighbour.
+fn assert_elementwise(what: &str, actual: &[f64], expected: &[(f64, f64)], rtol: f64, atol: f64) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    for (i, (a, (e, scale))) in actual.iter().zip(expected).enumerate() {
+        assert!(
+            (a - e).abs() <= atol + rtol * scale,
+            "{what}[{i}]: got {a}, expected {e}"
+        );
+    }
+}
+
+#[test]
+fn swiglu_matches_its_analytic_values_and_gradients_on_every_device() {
+    // More elements than one parallel task takes, across the range a feed-forward sees and
+    // past where exp(−g) overflows f32, with the signed zeros and tiny values.
+    let specials = [
+        0.0, -0.0, 1e-30, -1e-30, 88.8, -88.8, 100.0, -100.0, 20.0, -20.0, 1.0, -1.0,
+    ];
+    let len = 3 * 17_011;
+    let mut gate = random_logits(&[len], 8.0, 11);
+    gate[..specials.len()].copy_from_slice(&specials);
+    let up = random_logits(&[len], 3.0, 12);
+    let weights = random_logits(&[len], 1.0, 13);
+    let shape = [3, len / 3];
+    let reference: Vec<[(f64, f64); 3]> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| swiglu_reference(g as f32 as f64, u as f32 as f64))
+        .collect();
+    let expected: Vec<(f64, f64)> = reference.iter().map(|r| r[0]).collect();
+    let weighted = |part: usize| -> Vec<(f64, f64)> {
+        let w = weights.iter().map(|&w| w as f32 as f64);
+        reference
+            .iter()
+            .zip(w)
+            .map(|(r, w)| (r[part].0 * w, r[part].1 * w.abs()))
+            .collect()
+    };
+    let (d_gate, d_up) = (weighted(1), weighted(2));
+    for named in devices() {
+        let device = named.device.clone().autodiff();
+        let g = floats::<2>(&gate, &shape, &device).require_grad();
+        let u = floats::<2>(&up, &shape, &device).require_grad();
+        let out = swiglu(g.clone(), u.clone());
+        let grads = (out.clone() * floats::<2>(&weights, &shape, &device)).sum().backward();
+        let name = &named.name;
+        assert_elementwise(
+            &format!("{name}: swiglu"),
+            &to_vec(out.without_autodiff()),
+            &expected,
+            1e-5,
+            1e-30,
+        );
+        let grad = |t: &Tensor<2>| to_vec(t.grad(&grads).expect("gradient").without_autodiff());
+        assert_elementwise(&format!("{name}: d gate"), &grad(&g), &d_gate, 1e-5, 1e-30);
+        assert_elementwise(&format!("{name}: d up"), &grad(&u), &d_up, 1e-5, 1e-30);
+
+        // Without autodiff too (the teacher's path), and a NaN stays NaN.
+        let plain = swiglu(
+            floats::<2>(&gate, &shape, &named.device),
+            floats::<2>(&up, &shape, &named.device),
+        );
+        assert_elementwise(
+            &format!("{name}: swiglu (no autodiff)"),
+            &to_vec(plain),
+            &expected,
+            1e-5,
+            1e-30,
+        );
+        let nan = swiglu(
+            floats::<1>(&[f64::NAN, 1.0], &[2], &named.device),
+            floats::<1>(&[1.0, f64::NAN], &[2], &named.device),
+        );
+        assert!(to_vec(nan).iter().all(|v| v.is_nan()), "{name}: NaN in, NaN out");
+    }
+    let mismatched = std::panic::catch_unwind(|| {
+        let device = &devices()[0].device;
+        swiglu(
+            floats::<1>(&[1.0, 2.0], &[2], device),
+            floats::<1>(&[1.0], &[1], device),
+        )
+    });
+    assert!(mismatched.is_err(), "shapes that differ are refused");
+}

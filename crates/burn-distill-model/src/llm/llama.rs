@@ -3,10 +3,10 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn_distill_loss::swiglu;
 use serde::{Deserialize, Serialize};
 
 use crate::base::TappedForward;
@@ -518,9 +518,10 @@ impl LlamaBlock {
                 .forward(self.input_layernorm.forward(x), rotary, mask, cache);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let mlp = &self.mlp;
+        // One fused pass on the CPU devices (burn_distill_loss::swiglu), composed elsewhere.
         x + project(
             &mlp.down_proj,
-            silu(project(&mlp.gate_proj, normed.clone())) * project(&mlp.up_proj, normed),
+            swiglu(project(&mlp.gate_proj, normed.clone()), project(&mlp.up_proj, normed)),
         )
     }
 }

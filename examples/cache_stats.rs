@@ -21,6 +21,7 @@ use burn_distill::data::{
 };
 use burn_distill::loss::{TailPolicy, device_by_name};
 use burn_distill::model::{FrozenTeacher, MlpConfig, Teacher, TransformerLmConfig, init_seeded};
+use clap::Parser;
 
 struct Row {
     data: &'static str,
@@ -33,16 +34,36 @@ struct Row {
     read_examples: usize,
 }
 
+/// Measure the teacher-output cache.
+#[derive(Parser, Debug)]
+#[command(name = "cache_stats")]
+struct Args {
+    /// ndarray, flex, wgpu or cuda (whichever this build has).
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Where the cache files go (default: a temporary directory); removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Text windows cached.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    text_windows: usize,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
-    let device_name = value("--device").unwrap_or_else(|| "flex".into());
-    let device = device_by_name(&device_name).unwrap_or_else(|| panic!("no device {device_name:?} in this build"));
-    let dir = value("--dir")
-        .map(PathBuf::from)
+    let args = Args::parse();
+    let device_name = args.device;
+    let Some(device) = device_by_name(&device_name) else {
+        eprintln!("error: --device {device_name}: no such device in this build");
+        std::process::exit(2);
+    };
+    let dir = args
+        .dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("burn-distill-cache-stats-{}", std::process::id())));
-    std::fs::create_dir_all(&dir).expect("a writable directory");
-    let text_windows: usize = value("--text-windows").map_or(4096, |v| v.parse().expect("a number"));
+    if let Err(error) = std::fs::create_dir_all(&dir) {
+        eprintln!("error: --dir {}: {error}", dir.display());
+        std::process::exit(1);
+    }
+    let text_windows = args.text_windows;
     let modes = [
         CacheMode::DenseF32,
         CacheMode::DenseF16,

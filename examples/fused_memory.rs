@@ -97,11 +97,22 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
+/// Peak heap of the fused and composed losses.
+#[derive(clap::Parser, Debug)]
+#[command(name = "fused_memory")]
+struct Args {
+    /// ndarray or flex.
+    #[arg(default_value = "flex")]
+    device: String,
+}
+
 fn main() {
-    let name = std::env::args().nth(1).unwrap_or_else(|| "flex".to_string());
-    let device = device_by_name(&name)
-        .unwrap_or_else(|| panic!("no device called {name} in this build (ndarray, flex)"))
-        .autodiff();
+    let name = <Args as clap::Parser>::parse().device;
+    let Some(device) = device_by_name(&name) else {
+        eprintln!("error: no device called {name} in this build (ndarray, flex)");
+        std::process::exit(2);
+    };
+    let device = device.autodiff();
     let classes = 32_000;
     println!("device: {name}; peak heap above the inputs during forward + backward + gradient read\n");
 

@@ -30,18 +30,25 @@ fn logits(seed: u32, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values, [ROWS, CLASSES]), device)
 }
 
+/// One fused loss in a loop, for a profiler.
+#[derive(clap::Parser, Debug)]
+#[command(name = "fused_profile")]
+struct Args {
+    /// The loss.
+    #[arg(default_value = "forward_kl", value_parser = ["forward_kl", "reverse_kl", "total_variation", "hinton"])]
+    loss: String,
+    /// Calls.
+    #[arg(default_value_t = 20)]
+    calls: usize,
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let loss = args.next().unwrap_or_else(|| "forward_kl".into());
-    let calls: usize = args
-        .next()
-        .map_or(20, |calls| calls.parse().expect("a number of calls"));
+    let Args { loss, calls } = <Args as clap::Parser>::parse();
     let divergence = match loss.as_str() {
         "forward_kl" => Some(Divergence::ForwardKl),
         "reverse_kl" => Some(Divergence::ReverseKl),
         "total_variation" => Some(Divergence::TotalVariation),
-        "hinton" => None,
-        other => panic!("unknown loss {other:?}: forward_kl, reverse_kl, total_variation or hinton"),
+        _ => None,
     };
     let device = Device::flex().autodiff();
     let (student, teacher) = (logits(1, &device), logits(2, &device));

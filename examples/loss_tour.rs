@@ -13,10 +13,19 @@ use burn_distill::loss::{
     Divergence, DivergenceLossConfig, HintonKdLossConfig, Reduction, available_devices, device_by_name,
 };
 
+/// A tour of the distillation losses.
+#[derive(clap::Parser, Debug)]
+#[command(name = "loss_tour")]
+struct Args {
+    /// ndarray, flex, wgpu or cuda (default: the first this build has).
+    #[arg(long)]
+    device: Option<String>,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let device_name = match args.iter().position(|a| a == "--device") {
-        Some(i) => args.get(i + 1).cloned().ok_or("--device needs a name")?,
+    let args = <Args as clap::Parser>::parse();
+    let device_name = match args.device {
+        Some(name) => name,
         None => available_devices()
             .first()
             .ok_or("no backend compiled in")?

@@ -14,37 +14,86 @@
 //! `metrics.jsonl` per model and `valid-loss.png` into the run directory (`runs/lm/`,
 //! `runs/lm-quick/`). Finished models are loaded, not retrained, on the next run.
 //!
-//! Options: `--device ndarray|flex|wgpu|cuda`, `--quick`, `--run-dir DIR`, `--teacher-epochs N`,
-//! `--epochs N` (students), `--train-windows N`, `--valid-windows N`, `--transcripts N`,
-//! `--lambda L` (GKD), `--seed S`, `--quiet`.
+//! Options: `--help` lists them.
 
 mod pipeline;
+#[path = "../common/report.rs"]
+mod report;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut options = if args.iter().any(|arg| arg == "--quick") {
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Byte-level language-model distillation on the Jargon File: a teacher, a student alone and
+/// the student distilled with every objective.
+#[derive(Parser, Debug)]
+#[command(name = "lm")]
+struct Args {
+    /// ndarray, flex (the default), wgpu or cuda (whichever this build has).
+    #[arg(long)]
+    device: Option<String>,
+    /// Smaller models and data (a few minutes), run directory runs/lm-quick.
+    #[arg(long)]
+    quick: bool,
+    /// Where the run goes (default runs/lm); finished models are loaded, not retrained.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// The teacher's epochs.
+    #[arg(long, value_name = "N")]
+    teacher_epochs: Option<usize>,
+    /// Each student's epochs.
+    #[arg(long, value_name = "N")]
+    epochs: Option<usize>,
+    /// Training windows.
+    #[arg(long, value_name = "N")]
+    train_windows: Option<usize>,
+    /// Validation windows.
+    #[arg(long, value_name = "N")]
+    valid_windows: Option<usize>,
+    /// Transcripts the teacher writes for sequence-level KD.
+    #[arg(long, value_name = "N")]
+    transcripts: Option<usize>,
+    /// GKD's λ: the share of on-policy (student-sampled) sequences, in [0, 1].
+    #[arg(long, value_name = "L")]
+    lambda: Option<f64>,
+    /// Seed of everything.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut options = if args.quick {
         pipeline::Options::quick()
     } else {
         pipeline::Options::full()
     };
-    let mut iter = args.iter();
-    while let Some(flag) = iter.next() {
-        let mut value = || iter.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--quick" => {}
-            "--quiet" => options.progress = false,
-            "--device" => options.device = value()?.clone(),
-            "--run-dir" => options.run_dir = value()?.into(),
-            "--teacher-epochs" => options.teacher_epochs = value()?.parse()?,
-            "--epochs" => options.student_epochs = value()?.parse()?,
-            "--train-windows" => options.train_windows = value()?.parse()?,
-            "--valid-windows" => options.valid_windows = value()?.parse()?,
-            "--transcripts" => options.transcripts = value()?.parse()?,
-            "--lambda" => options.lambda = value()?.parse()?,
-            "--seed" => options.seed = value()?.parse()?,
-            other => return Err(format!("unknown option {other:?}; see the top of examples/lm/main.rs").into()),
+    macro_rules! set {
+        ($($field:ident = $arg:ident),* $(,)?) => {
+            $(if let Some(value) = args.$arg { options.$field = value; })*
+        };
+    }
+    set!(
+        device = device,
+        run_dir = run_dir,
+        teacher_epochs = teacher_epochs,
+        student_epochs = epochs,
+        train_windows = train_windows,
+        valid_windows = valid_windows,
+        transcripts = transcripts,
+        lambda = lambda,
+        seed = seed,
+    );
+    options.progress &= !args.quiet;
+    match pipeline::run(&options) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", report::sentence(error.as_ref()));
+            ExitCode::FAILURE
         }
     }
-    pipeline::run(&options)?;
-    Ok(())
 }

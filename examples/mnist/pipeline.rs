@@ -374,11 +374,44 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
             .teacher_max_norm
             .map(|c| MaxNormConfig::new(c).with_modules(vec!["hidden".into()])),
     );
+    let student_seed = options.student_seed.unwrap_or(options.seed);
+    let student_config = |objective| {
+        config(
+            transfer.len(),
+            options.student_epochs,
+            options.student_learning_rate,
+            options.batch_size,
+            objective,
+            student_seed,
+        )
+    };
+    let kd = ObjectiveConfig::Hinton(
+        HintonKdLossConfig::new()
+            .with_alpha(options.alpha)
+            .with_temperature(options.temperature),
+    );
+    let mut distilled_config = student_config(kd);
+    if options.hint_weight > 0.0 {
+        let (student_width, teacher_width) = (
+            MlpConfig::hinton_student().hidden[1],
+            MlpConfig::hinton_teacher().hidden[1],
+        );
+        distilled_config = distilled_config.with_features(vec![
+            FeatureTermConfig::new("hidden.1".into(), "hidden.1".into())
+                .with_weight(options.hint_weight)
+                .with_connector(Some(ConnectorConfig::new(student_width, teacher_width))),
+        ]);
+    }
+    // Every phase's config, checked before the first one trains: a bad setting of the last phase
+    // (a temperature of 0, say) must not wait for the teacher's hours.
+    let alone_config = student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 });
+    for config in [&teacher_config, &alone_config, &distilled_config] {
+        config.validate()?;
+    }
     let jitter = ImageBatcher::with_jitter(Jitter {
         max_shift: 2,
         seed: options.seed,
     });
-    let student_seed = options.student_seed.unwrap_or(options.seed);
     let student_jitter = ImageBatcher::with_jitter(Jitter {
         max_shift: 2,
         seed: student_seed,
@@ -409,20 +442,10 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     };
 
     // 2. The same student alone: no dropout, no jitter.
-    let student_config = |objective| {
-        config(
-            transfer.len(),
-            options.student_epochs,
-            options.student_learning_rate,
-            options.batch_size,
-            objective,
-            student_seed,
-        )
-    };
     let alone = train_or_load(
         options,
         &alone_name,
-        student_config(ObjectiveConfig::Supervised { label_smoothing: 0.0 }),
+        alone_config,
         init_student,
         None,
         None,
@@ -434,11 +457,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     )?;
 
     // 3. The same student, distilled (from the live teacher or its cached outputs).
-    let kd = ObjectiveConfig::Hinton(
-        HintonKdLossConfig::new()
-            .with_alpha(options.alpha)
-            .with_temperature(options.temperature),
-    );
     let cached;
     let teacher_for_students: &dyn Teacher<Tensor<2>, 2> = if options.use_cache {
         let path = options.run_dir.join(format!("{teacher_name}-outputs{suffix}.bdkd"));
@@ -466,18 +484,6 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
     } else {
         &teacher
     };
-    let mut distilled_config = student_config(kd);
-    if options.hint_weight > 0.0 {
-        let (student_width, teacher_width) = (
-            MlpConfig::hinton_student().hidden[1],
-            MlpConfig::hinton_teacher().hidden[1],
-        );
-        distilled_config = distilled_config.with_features(vec![
-            FeatureTermConfig::new("hidden.1".into(), "hidden.1".into())
-                .with_weight(options.hint_weight)
-                .with_connector(Some(ConnectorConfig::new(student_width, teacher_width))),
-        ]);
-    }
     let distilled = train_or_load(
         options,
         &distilled_name,

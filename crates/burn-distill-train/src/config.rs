@@ -197,6 +197,9 @@ impl DistillConfig {
         if !self.objective.needs_teacher() && !self.features.is_empty() {
             return Err(TrainError::Config("feature losses need a teacher objective".into()));
         }
+        // The objective's own loss settings (temperature, α, β, k, ...), as `fit` will build them:
+        // a pipeline that validates its configs up front hears of a bad one before any training.
+        crate::objective::LogitObjective::new(&self.objective, true)?;
         Ok(())
     }
 }

@@ -612,6 +612,28 @@ fn every_objective_trains_with_adam() {
         .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
         .unwrap_err();
     assert!(error.to_string().contains("needs a teacher"), "{error}");
+
+    // A bad loss setting is refused by `validate`, so a pipeline that checks its configs before
+    // training hears of it first (it used to surface only when that phase's `fit` built the loss).
+    for (objective, named) in [
+        (
+            ObjectiveConfig::Hinton(HintonKdLossConfig::new().with_temperature(0.0)),
+            "temperature",
+        ),
+        (
+            ObjectiveConfig::Hinton(HintonKdLossConfig::new().with_alpha(1.5)),
+            "alpha",
+        ),
+    ] {
+        let config = DistillConfig::new(1, sgd(0.1, false).0, sgd(0.1, false).1, objective);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains(named), "{named}: {error}");
+    }
+    assert!(
+        DistillConfig::new(1, sgd(0.1, false).0, sgd(0.1, false).1, hinton())
+            .validate()
+            .is_ok()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -719,9 +719,8 @@ fn inference_tokens_per_second(model: &TransformerLm, valid: &Subset<TextWindows
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)?;
+    use std::io::Write;
+    burn_distill::model::files::write_atomically(path, |file| file.write_all(bytes))?;
     Ok(())
 }
 
@@ -791,45 +790,47 @@ fn plot(path: &Path, summary: &Summary) -> Result<(), Error> {
         .map(|p| p.1)
         .chain([summary.teacher.valid_loss])
         .fold(max_loss, f64::min);
-    let temporary = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&temporary, (1000, 650)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Students: validation loss (nats per byte) per step", ("sans-serif", 24))
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..max_step, (min_loss * 0.97)..(max_loss * 1.02))?;
-        chart
-            .configure_mesh()
-            .x_desc("optimizer step")
-            .y_desc("validation loss")
-            .draw()?;
-        let teacher = summary.teacher.valid_loss;
-        chart
-            .draw_series(LineSeries::new(
-                vec![(0.0, teacher), (max_step, teacher)],
-                BLACK.stroke_width(1),
-            ))?
-            .label("teacher (final)")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-        for (index, result) in students.iter().enumerate() {
-            let color = Palette99::pick(index).to_rgba();
-            let points: Vec<(f64, f64)> = result.valid_loss_per_step.iter().map(|&(s, l)| (s as f64, l)).collect();
+    burn_distill::model::files::save_atomically(
+        path,
+        |temporary| -> Result<(), Box<dyn std::error::Error>> {
+            let root = BitMapBackend::new(temporary, (1000, 650)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("Students: validation loss (nats per byte) per step", ("sans-serif", 24))
+                .margin(15)
+                .x_label_area_size(45)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..max_step, (min_loss * 0.97)..(max_loss * 1.02))?;
             chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                .label(result.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
-        root.present()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    Ok(())
+                .configure_mesh()
+                .x_desc("optimizer step")
+                .y_desc("validation loss")
+                .draw()?;
+            let teacher = summary.teacher.valid_loss;
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(0.0, teacher), (max_step, teacher)],
+                    BLACK.stroke_width(1),
+                ))?
+                .label("teacher (final)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            for (index, result) in students.iter().enumerate() {
+                let color = Palette99::pick(index).to_rgba();
+                let points: Vec<(f64, f64)> = result.valid_loss_per_step.iter().map(|&(s, l)| (s as f64, l)).collect();
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .label(result.name.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        },
+        |error| error.into(),
+    )
 }

@@ -896,31 +896,33 @@ fn plot(path: &Path, phases: &[(&str, &Vec<EpochRecord>)]) -> Result<(), Box<dyn
         .iter()
         .flat_map(|(_, points)| points.iter().map(|p| p.1))
         .fold(max_errors, f64::min);
-    let temporary = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&temporary, (900, 600)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("MNIST test errors per epoch", ("sans-serif", 26))
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(1.0..max_epoch.max(2.0), (min_errors * 0.8).max(1.0)..max_errors * 1.05)?;
-        chart.configure_mesh().x_desc("epoch").y_desc("test errors").draw()?;
-        let colors = [BLUE, RED, GREEN];
-        for ((name, points), color) in series.into_iter().zip(colors) {
+    burn_distill::model::files::save_atomically(
+        path,
+        |temporary| -> Result<(), Box<dyn std::error::Error>> {
+            let root = BitMapBackend::new(temporary, (900, 600)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption("MNIST test errors per epoch", ("sans-serif", 26))
+                .margin(15)
+                .x_label_area_size(45)
+                .y_label_area_size(60)
+                .build_cartesian_2d(1.0..max_epoch.max(2.0), (min_errors * 0.8).max(1.0)..max_errors * 1.05)?;
+            chart.configure_mesh().x_desc("epoch").y_desc("test errors").draw()?;
+            let colors = [BLUE, RED, GREEN];
+            for ((name, points), color) in series.into_iter().zip(colors) {
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
             chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
-        root.present()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    Ok(())
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        },
+        |error| error.into(),
+    )
 }

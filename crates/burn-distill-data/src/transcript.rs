@@ -101,18 +101,17 @@ fn ids_of(text: &str, tokens: Option<&[u32]>) -> Vec<u32> {
 /// # Errors
 /// [`DataError::Io`] when the file cannot be written.
 pub fn write_transcripts(path: &Path, transcripts: &[Transcript]) -> Result<()> {
-    let partial = path.with_extension("jsonl.partial");
     let write = || -> std::io::Result<()> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             fs::create_dir_all(parent)?;
         }
-        let mut file = std::io::BufWriter::new(fs::File::create(&partial)?);
-        for transcript in transcripts {
-            serde_json::to_writer(&mut file, transcript)?;
-            file.write_all(b"\n")?;
-        }
-        file.into_inner().map_err(|error| error.into_error())?.sync_all()?;
-        fs::rename(&partial, path)
+        burn_distill_model::files::write_atomically(path, |file| {
+            for transcript in transcripts {
+                serde_json::to_writer(&mut *file, transcript)?;
+                file.write_all(b"\n")?;
+            }
+            Ok(())
+        })
     };
     write().map_err(|error| DataError::io(path, error))
 }

@@ -36,6 +36,7 @@ mod cost;
 mod dense;
 mod ensemble;
 mod error;
+pub mod files;
 mod fingerprint;
 pub mod llm;
 mod mlp;

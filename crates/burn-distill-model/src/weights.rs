@@ -1,6 +1,6 @@
 //! Saving and loading models, and importing teachers trained in PyTorch.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Module;
 use burn::store::{
@@ -44,24 +44,25 @@ impl WeightFormat {
 pub fn save_weights<M: Module>(model: &M, path: impl AsRef<Path>) -> crate::Result<()> {
     let path = path.as_ref();
     let format = WeightFormat::of(path)?;
-    let temporary = temporary_path(path);
-    let written = match format {
-        WeightFormat::Burnpack => {
-            let mut store = BurnpackStore::from_file(&temporary)
-                .auto_extension(false)
-                .overwrite(true);
-            model.save_into(&mut store).map_err(|e| e.to_string())
-        }
-        WeightFormat::Safetensors => {
-            let mut store = SafetensorsStore::from_file(&temporary).overwrite(true);
-            model.save_into(&mut store).map_err(|e| e.to_string())
-        }
-    };
-    if let Err(reason) = written {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(file_error(path, &reason));
-    }
-    std::fs::rename(&temporary, path).map_err(|e| file_error(path, &format!("renaming the written file: {e}")))
+    crate::files::save_atomically(
+        path,
+        |temporary| {
+            let written = match format {
+                WeightFormat::Burnpack => {
+                    let mut store = BurnpackStore::from_file(temporary)
+                        .auto_extension(false)
+                        .overwrite(true);
+                    model.save_into(&mut store).map_err(|e| e.to_string())
+                }
+                WeightFormat::Safetensors => {
+                    let mut store = SafetensorsStore::from_file(temporary).overwrite(true);
+                    model.save_into(&mut store).map_err(|e| e.to_string())
+                }
+            };
+            written.map_err(|reason| file_error(path, &reason))
+        },
+        |error| file_error(path, &error.to_string()),
+    )
 }
 
 /// Loads parameters saved by [`save_weights`] into `model` (which gives the architecture).
@@ -158,12 +159,6 @@ fn apply<M: Module, S: ModuleStore>(mut model: M, path: &Path, mut store: S) -> 
         });
     }
     Ok(model)
-}
-
-fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
 }
 
 fn file_error(path: &Path, reason: &str) -> ModelError {

@@ -813,3 +813,66 @@ fn greedy_sampling_takes_the_token_the_distribution_gives_probability_one() {
         assert_eq!(rng.next_unit(), reference.next_unit());
     }
 }
+
+#[test]
+fn files_are_replaced_whole_or_not_at_all() {
+    use burn_distill_model::files::{save_atomically, write_atomically};
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let entries = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let path = dir.path().join("notes.txt");
+    write_atomically(&path, |file| file.write_all(b"first")).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"first");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "readable by all, not private like a temporary file");
+    }
+
+    // A write that fails half way leaves the old file and nothing else.
+    let failed = write_atomically(&path, |file| {
+        file.write_all(b"half")?;
+        Err(std::io::Error::other("disk full"))
+    });
+    assert_eq!(failed.unwrap_err().to_string(), "disk full");
+    assert_eq!(std::fs::read(&path).unwrap(), b"first");
+    assert_eq!(entries(), ["notes.txt"]);
+
+    // A writer that takes a path, even one that replaces the file there, and sees the extension.
+    let png = dir.path().join("plot.png");
+    save_atomically(
+        &png,
+        |temporary| {
+            assert_eq!(temporary.extension().unwrap(), "png");
+            assert_eq!(temporary.parent(), Some(dir.path()));
+            std::fs::remove_file(temporary)?;
+            std::fs::write(temporary, b"pixels")
+        },
+        |error| error,
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&png).unwrap(), b"pixels");
+    let refused = save_atomically(
+        &png,
+        |temporary| {
+            std::fs::write(temporary, b"junk").map_err(|_| "io")?;
+            Err("bad plot")
+        },
+        |_| "io",
+    );
+    assert_eq!(refused, Err("bad plot"));
+    assert_eq!(std::fs::read(&png).unwrap(), b"pixels");
+    assert_eq!(entries(), ["notes.txt", "plot.png"]);
+
+    // A directory that does not exist is an error, before anything is written.
+    let missing = dir.path().join("absent").join("x.txt");
+    assert!(write_atomically(&missing, |file| file.write_all(b"x")).is_err());
+}

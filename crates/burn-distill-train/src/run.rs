@@ -223,10 +223,7 @@ impl RunDir {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = path.with_extension("tmp");
-    fs::File::create(&temporary)
-        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
-        .and_then(|()| fs::rename(&temporary, path))
+    burn_distill_model::files::write_atomically(path, |file| file.write_all(bytes))
         .map_err(|error| TrainError::file(path, error))
 }
 

@@ -494,20 +494,23 @@ pub fn export_hf(model: &Llama, dir: impl AsRef<Path>) -> LlmResult<()> {
         serde_json::json!({"rope_theta": config.rope_theta, "rope_type": "default"}),
     );
     let path = dir.join("model.safetensors");
-    // A name of this process's own, renamed into place: an export that fails leaves no partial
-    // file, and the config is written only after the weights it describes.
-    let temporary = dir.join(format!(".model.safetensors.{}.partial", std::process::id()));
-    let mut store = SafetensorsStore::from_file(&temporary)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .with_key_remapping(r"^(embed_tokens|layers|norm)\.", "model.$1.")
-        .metadata("format", "pt")
-        .overwrite(true);
-    if let Err(error) = model.valid().save_into(&mut store) {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(LlmError::invalid(&path, "safetensors", error.to_string()));
-    }
-    std::fs::rename(&temporary, &path).map_err(|e| LlmError::io(&path, e))?;
-    crate::llm::readable_by_all(&path)?;
+    // Atomically, and the config only after the weights it describes: an export that fails
+    // leaves no partial file.
+    crate::files::save_atomically(
+        &path,
+        |temporary| {
+            let mut store = SafetensorsStore::from_file(temporary)
+                .with_to_adapter(BurnToPyTorchAdapter)
+                .with_key_remapping(r"^(embed_tokens|layers|norm)\.", "model.$1.")
+                .metadata("format", "pt")
+                .overwrite(true);
+            model
+                .valid()
+                .save_into(&mut store)
+                .map_err(|error| LlmError::invalid(&path, "safetensors", error.to_string()))
+        },
+        |error| LlmError::io(&path, error),
+    )?;
     let text = serde_json::to_string_pretty(&json).expect("JSON serialises");
     crate::llm::write_atomically(&dir.join("config.json"), text.as_bytes())
 }

@@ -82,26 +82,7 @@ pub fn load_model(path: impl AsRef<Path>, device: &Device) -> LlmResult<LoadedMo
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory, renamed into
-/// place, so a reader never sees half a file.
+/// Writes `bytes` to `path` atomically ([`crate::files::write_atomically`]).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> LlmResult<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(|e| LlmError::io(path, e))?;
-    file.write_all(bytes).map_err(|e| LlmError::io(path, e))?;
-    file.persist(path).map_err(|e| LlmError::io(path, e.error))?;
-    readable_by_all(path)
-}
-
-/// Temporary files are created private (0600); exported model files are for sharing.
-pub(crate) fn readable_by_all(path: &Path) -> LlmResult<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| LlmError::io(path, e))?;
-    }
-    let _ = path;
-    Ok(())
+    crate::files::write_atomically(path, |file| file.write_all(bytes)).map_err(|e| LlmError::io(path, e))
 }

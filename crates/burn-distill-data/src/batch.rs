@@ -24,9 +24,7 @@ pub trait Fingerprinted {
     fn fingerprint(&self) -> Fingerprint;
 }
 
-/// The target id that marks a position out of every loss and metric (padding, prompts):
-/// PyTorch's `ignore_index` default, and the loss crate's.
-pub const IGNORE_INDEX: i64 = -100;
+pub use burn_distill_loss::IGNORE_INDEX;
 
 /// A batch ready for a model: inputs, flattened targets and the dataset index of each example.
 pub trait Batch {

@@ -24,7 +24,7 @@ use crate::vocab::VocabPolicy;
 /// | `beta` | 8.0 | weight of NCKD (the paper uses 8 on CIFAR-100) | `≥ 0` |
 /// | `temperature` | 4.0 | softens both distributions | `T > 0` |
 /// | `scale_by_temperature_squared` | true | the paper's `T²` factor | |
-/// | `ignore_index` | -100 | labels equal to it mask their position | |
+/// | `ignore_index` | [`IGNORE_INDEX`](crate::IGNORE_INDEX) (-100) | labels equal to it mask their position | |
 /// | `check_inputs` | true | refuse NaN/+inf logits and out-of-range labels | |
 #[derive(Config, Debug)]
 pub struct DkdLossConfig {
@@ -41,7 +41,7 @@ pub struct DkdLossConfig {
     #[config(default = true)]
     pub scale_by_temperature_squared: bool,
     /// Label value that marks a position to ignore.
-    #[config(default = -100)]
+    #[config(default = "crate::IGNORE_INDEX")]
     pub ignore_index: i64,
     /// Check inputs for NaN, +inf and out-of-range labels.
     #[config(default = true)]

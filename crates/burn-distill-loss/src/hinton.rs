@@ -21,7 +21,7 @@ use crate::vocab::VocabPolicy;
 /// | `temperature` | 4.0 | softens both distributions in the KL term only | `T > 0` |
 /// | `scale_by_temperature_squared` | true | the `T²` factor that keeps soft-term gradients the same size at any `T` | |
 /// | `label_smoothing` | 0.0 | hard target `(1 − ε) onehot + ε / C`, as PyTorch's `label_smoothing` | `[0, 1]` |
-/// | `ignore_index` | -100 | labels equal to it mask their position out of both terms | |
+/// | `ignore_index` | [`IGNORE_INDEX`](crate::IGNORE_INDEX) (-100) | labels equal to it mask their position out of both terms | |
 /// | `vocab_policy` | `Strict` | different class counts | see [`VocabPolicy`] |
 /// | `check_inputs` | true | refuse NaN/+inf logits and out-of-range labels | |
 /// | `implementation` | `Auto` | fused kernel or composed tensor ops ([`forward_terms`](HintonKdLoss::forward_terms) is always composed) | see [`Implementation`] |
@@ -40,7 +40,7 @@ pub struct HintonKdLossConfig {
     #[config(default = 0.0)]
     pub label_smoothing: f64,
     /// Label value that marks a position to ignore.
-    #[config(default = -100)]
+    #[config(default = "crate::IGNORE_INDEX")]
     pub ignore_index: i64,
     /// What to do when the class counts differ.
     #[config(default = "VocabPolicy::Strict")]

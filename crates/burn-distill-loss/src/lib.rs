@@ -81,6 +81,11 @@ mod sparse;
 mod temperature;
 mod vocab;
 
+/// The label that marks a position out of every loss and metric (padding, prompts): PyTorch's
+/// `ignore_index` default. The losses' `ignore_index` defaults to it; the data and training crates
+/// re-export it.
+pub const IGNORE_INDEX: i64 = -100;
+
 pub use device::{NamedDevice, available_devices, device_by_name, device_works, devices_for_tests, runnable_devices};
 pub use divergence::{
     Divergence, DivergenceLoss, DivergenceLossConfig, divergence, forward_kl, generalized_jsd, reverse_kl, skew_kl,

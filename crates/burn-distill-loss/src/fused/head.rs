@@ -42,7 +42,7 @@ pub enum HeadTeacher {
 /// | `scale_by_temperature_squared` | false | multiply the soft term by `T²` | |
 /// | `alpha` | 0.0 | weight of the hard-label cross-entropy (`T = 1`) | `[0, 1]` |
 /// | `chunk_rows` | 1024 | positions per chunk: the student logits exist `chunk_rows × classes` at a time | `≥ 1` |
-/// | `ignore_index` | -100 | labels equal to it mask their position out | |
+/// | `ignore_index` | [`IGNORE_INDEX`](crate::IGNORE_INDEX) (-100) | labels equal to it mask their position out | |
 /// | `implementation` | `Auto` | chunked fused kernel (ndarray, flex) or a plain matmul + composed loss | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct LinearHeadKdConfig {
@@ -62,7 +62,7 @@ pub struct LinearHeadKdConfig {
     #[config(default = 1024)]
     pub chunk_rows: usize,
     /// Label value that masks a position.
-    #[config(default = -100)]
+    #[config(default = "crate::IGNORE_INDEX")]
     pub ignore_index: i64,
     /// Chunked fused kernel or composed tensor operations.
     #[config(default = "Implementation::Auto")]

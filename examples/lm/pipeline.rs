@@ -680,8 +680,18 @@ fn open_or_build_cache(
     if path.is_file() {
         match CachedTeacher::open(path, train, teacher_fingerprint, device) {
             Ok(cached) if cached.cache().header().mode == (CacheMode::TopK { k }) => return Ok(cached),
-            _ => {
-                say(options, &format!("{}: stale, rebuilding", path.display()));
+            // Said even with --quiet: an hour-long rebuild should not be a surprise.
+            Ok(cached) => {
+                let mode = cached.cache().header().mode;
+                eprintln!(
+                    "warning: rebuilding the teacher cache {}: it holds {mode:?}, not the top {k}",
+                    path.display()
+                );
+                drop(cached);
+                std::fs::remove_file(path)?;
+            }
+            Err(error) => {
+                eprintln!("warning: rebuilding the teacher cache {}: {error}", path.display());
                 std::fs::remove_file(path)?;
             }
         }

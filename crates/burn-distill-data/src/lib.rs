@@ -6,10 +6,12 @@
 //! Distillation needs data twice: inputs for teacher and student, and the teacher's outputs.
 //!
 //! - [`MnistDataset`] reads MNIST or Fashion-MNIST from IDX files ([`read_idx`], gzipped or
-//!   raw), checking every magic number, dimension and length. The full MNIST is bundled
-//!   (`data/mnist/`); [`MNIST_DIR_ENV`] or an argument points elsewhere.
+//!   raw), checking every magic number, dimension and length. The repository bundles the full
+//!   MNIST (`data/mnist/`, what `cargo run` and `cargo test` read there); [`MNIST_DIR_ENV`] or an
+//!   argument points elsewhere.
 //! - [`ByteCorpus`] / [`TextWindows`]: byte-level language-model data from any UTF-8 file, cut
-//!   into context windows with a leak-free train/validation split. The Jargon File is bundled.
+//!   into context windows with a leak-free train/validation split. The repository bundles The
+//!   Jargon File ([`TEXT_FILE_ENV`] points elsewhere).
 //! - [`ImageBatcher`] (with Hinton's ±2-pixel [`Jitter`]) and [`TokenBatcher`] are burn
 //!   `Batcher`s; their batches implement [`Batch`], which carries each example's dataset index.
 //! - [`split_validation`] holds out a seeded validation [`Subset`]; [`EpochSampler`] gives each

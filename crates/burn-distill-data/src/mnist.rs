@@ -32,12 +32,13 @@ impl MnistSplit {
 }
 
 /// Where MNIST is read from when no directory is given: the directory in
-/// `BURN_DISTILL_MNIST_DIR` if set, otherwise the copy bundled with this repository
-/// (`data/mnist/`).
+/// `BURN_DISTILL_MNIST_DIR` if set, otherwise `mnist/` in burn-distill's cache directory
+/// ([`cache_dir`](burn_distill_model::files::cache_dir)). Inside this repository, `cargo run` and
+/// `cargo test` set the variable to the bundled copy (`data/mnist/`, `.cargo/config.toml`).
 pub fn default_mnist_dir() -> PathBuf {
     match std::env::var_os(MNIST_DIR_ENV) {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist"),
+        None => burn_distill_model::files::cache_dir().unwrap_or_default().join("mnist"),
     }
 }
 

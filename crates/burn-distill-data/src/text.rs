@@ -20,11 +20,14 @@ pub const BYTE_VOCAB: usize = 256;
 pub const TEXT_FILE_ENV: &str = "BURN_DISTILL_TEXT_FILE";
 
 /// The default corpus: the file in `BURN_DISTILL_TEXT_FILE` if set, otherwise The Jargon File
-/// 4.4.7 bundled with this repository (`data/text/jargon-4.4.7.txt.gz`, public domain).
+/// 4.4.7 (public domain) as `jargon-4.4.7.txt.gz` in burn-distill's cache directory
+/// ([`cache_dir`](burn_distill_model::files::cache_dir)). Inside this repository, `cargo run` and
+/// `cargo test` set the variable to the bundled copy (`data/text/jargon-4.4.7.txt.gz`,
+/// `.cargo/config.toml`).
 pub fn default_text_file() -> PathBuf {
     match std::env::var_os(TEXT_FILE_ENV) {
         Some(file) => PathBuf::from(file),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/text/jargon-4.4.7.txt.gz"),
+        None => burn_distill_model::files::cache_dir().unwrap_or_default().join("jargon-4.4.7.txt.gz"),
     }
 }
 

@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 
 use tempfile::NamedTempFile;
 
+/// The directory burn-distill keeps downloaded and default files in: `$BURN_DISTILL_CACHE`,
+/// else `$XDG_CACHE_HOME/burn-distill`, else `~/.cache/burn-distill`; `None` without any of
+/// those variables.
+pub fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("BURN_DISTILL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("burn-distill")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/burn-distill")))
+}
+
 /// Writes `path` through `write`, which gets a buffered writer on a temporary file.
 ///
 /// # Errors

@@ -43,12 +43,7 @@ pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// `$XDG_CACHE_HOME/burn-distill`, else `~/.cache/burn-distill`, then [`SMOLLM2_FILE`]. `None`
 /// when none of those variables is set.
 pub fn smollm2_cache_path() -> Option<std::path::PathBuf> {
-    use std::path::PathBuf;
-    let dir = std::env::var_os("BURN_DISTILL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("burn-distill")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/burn-distill")))?;
-    Some(dir.join(SMOLLM2_FILE))
+    Some(crate::files::cache_dir()?.join(SMOLLM2_FILE))
 }
 
 /// A model with its tokenizer, as [`load_model`] returns them.

@@ -27,7 +27,9 @@ pub const TEXT_FILE_ENV: &str = "BURN_DISTILL_TEXT_FILE";
 pub fn default_text_file() -> PathBuf {
     match std::env::var_os(TEXT_FILE_ENV) {
         Some(file) => PathBuf::from(file),
-        None => burn_distill_model::files::cache_dir().unwrap_or_default().join("jargon-4.4.7.txt.gz"),
+        None => burn_distill_model::files::cache_dir()
+            .unwrap_or_default()
+            .join("jargon-4.4.7.txt.gz"),
     }
 }
 

@@ -325,9 +325,14 @@ where
                 for (micro, positions) in step.iter().enumerate() {
                     let items = positions
                         .iter()
-                        .map(|&position| train.get(position))
-                        .collect::<core::result::Result<Vec<_>, _>>()
-                        .map_err(|error| TrainError::Config(format!("training data: {error}")))?;
+                        .map(|&position| {
+                            train.get(position).map_err(|source| TrainError::Dataset {
+                                set: "training data",
+                                index: position,
+                                source,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
                     let mut batch = train_batcher.batch(items, device);
                     if let Some(rollout) = rollout {
                         batch = rollout(&trainee.student, batch, state.global_step, micro)?;
@@ -540,7 +545,7 @@ where
                 self.dir.root.display()
             )));
         }
-        fs::create_dir_all(self.dir.checkpoints()).map_err(|error| TrainError::file(&self.dir.root, error))?;
+        fs::create_dir_all(self.dir.checkpoints()).map_err(|error| TrainError::io(&self.dir.root, error))?;
         write_json(&self.dir.config(), &self.config)
     }
 
@@ -593,7 +598,7 @@ where
             .checkpoints()
             .join(format!(".epoch-{:04}.partial", state.epoch));
         let _ = fs::remove_dir_all(&partial);
-        fs::create_dir_all(&partial).map_err(|error| TrainError::file(&partial, error))?;
+        fs::create_dir_all(&partial).map_err(|error| TrainError::io(&partial, error))?;
         save_weights(trainee, partial.join("model.bpk"))?;
         let optimizer_path = partial.join("optimizer.bpk");
         optimizer
@@ -606,9 +611,9 @@ where
             .map_err(|error| TrainError::file(&scheduler_path, format!("{error:?}")))?;
         write_json(&partial.join("state.json"), state)?;
         if target.exists() {
-            fs::remove_dir_all(&target).map_err(|error| TrainError::file(&target, error))?;
+            fs::remove_dir_all(&target).map_err(|error| TrainError::io(&target, error))?;
         }
-        fs::rename(&partial, &target).map_err(|error| TrainError::file(&target, error))?;
+        fs::rename(&partial, &target).map_err(|error| TrainError::io(&target, error))?;
         Ok(target)
     }
 
@@ -616,7 +621,7 @@ where
         let checkpoints = self.dir.epoch_checkpoints();
         let excess = checkpoints.len().saturating_sub(self.config.keep_checkpoints);
         for (_, path) in checkpoints.into_iter().take(excess) {
-            fs::remove_dir_all(&path).map_err(|error| TrainError::file(&path, error))?;
+            fs::remove_dir_all(&path).map_err(|error| TrainError::io(&path, error))?;
         }
         Ok(())
     }
@@ -638,16 +643,16 @@ where
 fn copy_checkpoint(source: &Path, target: &Path) -> Result<()> {
     let partial = target.with_extension("partial");
     let _ = fs::remove_dir_all(&partial);
-    fs::create_dir_all(&partial).map_err(|error| TrainError::file(&partial, error))?;
-    for entry in fs::read_dir(source).map_err(|error| TrainError::file(source, error))? {
-        let entry = entry.map_err(|error| TrainError::file(source, error))?;
+    fs::create_dir_all(&partial).map_err(|error| TrainError::io(&partial, error))?;
+    for entry in fs::read_dir(source).map_err(|error| TrainError::io(source, error))? {
+        let entry = entry.map_err(|error| TrainError::io(source, error))?;
         fs::copy(entry.path(), partial.join(entry.file_name()))
-            .map_err(|error| TrainError::file(&entry.path(), error))?;
+            .map_err(|error| TrainError::io(&entry.path(), error))?;
     }
     if target.exists() {
-        fs::remove_dir_all(target).map_err(|error| TrainError::file(target, error))?;
+        fs::remove_dir_all(target).map_err(|error| TrainError::io(target, error))?;
     }
-    fs::rename(&partial, target).map_err(|error| TrainError::file(target, error))
+    fs::rename(&partial, target).map_err(|error| TrainError::io(target, error))
 }
 
 fn scalar(tensor: &Tensor<1>) -> f64 {

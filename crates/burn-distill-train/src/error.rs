@@ -34,7 +34,28 @@ pub enum TrainError {
         /// The checkpoint to resume from, if one was written.
         checkpoint: Option<PathBuf>,
     },
+    /// A dataset failed to give an example while the run was going (the run stops; the last
+    /// checkpoint is kept).
+    #[error("{set}: reading example {index}: {source}")]
+    Dataset {
+        /// Which set: "training data" or "evaluation data".
+        set: &'static str,
+        /// The example's position in the set.
+        index: usize,
+        /// The dataset's own error.
+        #[source]
+        source: burn::data::dataset::DatasetError,
+    },
     /// A run directory file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A run directory file could not be encoded or decoded (JSON, burn records).
     #[error("{path}: {reason}")]
     File {
         /// The file.
@@ -53,6 +74,13 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
     pub(crate) fn file(path: &Path, reason: impl ToString) -> Self {
         Self::File {
             path: path.to_path_buf(),

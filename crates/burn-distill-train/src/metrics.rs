@@ -96,9 +96,14 @@ where
     for positions in EpochSampler::sequential(dataset.len(), batch_size).batches(0) {
         let items = positions
             .iter()
-            .map(|&position| dataset.get(position))
-            .collect::<core::result::Result<Vec<_>, _>>()
-            .map_err(|error| TrainError::Config(format!("evaluation data: {error}")))?;
+            .map(|&position| {
+                dataset.get(position).map_err(|source| TrainError::Dataset {
+                    set: "evaluation data",
+                    index: position,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let batch = batcher.batch(items, device);
         let input = batch.input().without_autodiff();
         let logits = flatten_logits(model.learn(input.clone(), &[])?.logits);

@@ -175,10 +175,10 @@ impl RunDir {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|error| TrainError::file(&path, error))?;
+            .map_err(|error| TrainError::io(&path, error))?;
         writeln!(file, "{line}")
             .and_then(|()| file.sync_data())
-            .map_err(|error| TrainError::file(&path, error))
+            .map_err(|error| TrainError::io(&path, error))
     }
 
     /// The records of `metrics.jsonl`, without changing the file.
@@ -187,7 +187,7 @@ impl RunDir {
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(error) => return Err(TrainError::file(&path, error)),
+            Err(error) => return Err(TrainError::io(&path, error)),
         };
         let mut records = Vec::new();
         let line_count = text.lines().count();
@@ -224,7 +224,7 @@ impl RunDir {
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     burn_distill_model::files::write_atomically(path, |file| file.write_all(bytes))
-        .map_err(|error| TrainError::file(path, error))
+        .map_err(|error| TrainError::io(path, error))
 }
 
 /// Writes `value` as pretty JSON, atomically.
@@ -235,6 +235,6 @@ pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 
 /// Reads JSON.
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = fs::read_to_string(path).map_err(|error| TrainError::file(path, error))?;
+    let text = fs::read_to_string(path).map_err(|error| TrainError::io(path, error))?;
     serde_json::from_str(&text).map_err(|error| TrainError::file(path, error))
 }

@@ -1451,3 +1451,74 @@ fn metrics_are_read_back_bit_for_bit_and_reading_writes_nothing() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A training set whose example `bad` cannot be read.
+struct Failing {
+    inner: Synthetic,
+    bad: usize,
+}
+
+impl Dataset<MnistItem> for Failing {
+    fn get(&self, index: usize) -> std::result::Result<MnistItem, DatasetError> {
+        if index == self.bad {
+            return Err(DatasetError::new(std::io::Error::other("the disk went away")));
+        }
+        self.inner.get(index)
+    }
+
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+impl Fingerprinted for Failing {
+    fn fingerprint(&self) -> Fingerprint {
+        self.inner.fingerprint()
+    }
+}
+
+#[test]
+fn run_time_failures_are_structured_errors_with_their_sources() {
+    use std::error::Error as _;
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let batcher = ImageBatcher::new();
+
+    // A dataset that fails mid-epoch: which set, which example, and the dataset's own error.
+    let train = Failing {
+        inner: Synthetic::new(32, 1, &oracle, &device),
+        bad: 17,
+    };
+    let error = Distiller::<Tensor<2>, 2>::new(
+        config(1, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 0.05),
+        scratch("failing-data"),
+    )
+    .fit::<_, _, Failing, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+    .unwrap_err();
+    match &error {
+        TrainError::Dataset { set, index, .. } => assert_eq!((*set, *index), ("training data", 17)),
+        other => panic!("expected a dataset error, got {other:?}"),
+    }
+    assert!(error.to_string().contains("the disk went away"), "{error}");
+    assert!(error.source().is_some());
+
+    // A run directory that cannot be made (its parent is a file): the path and the OS error.
+    let blocker = scratch("blocker");
+    std::fs::write(&blocker, b"a file").unwrap();
+    let train = Synthetic::new(32, 1, &oracle, &device);
+    let error = Distiller::<Tensor<2>, 2>::new(
+        config(1, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 0.05),
+        blocker.join("run"),
+    )
+    .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+    .unwrap_err();
+    match &error {
+        TrainError::Io { path, source } => {
+            assert!(path.starts_with(&blocker), "{path:?}");
+            assert!(error.source().is_some() && !source.to_string().is_empty());
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    let _ = std::fs::remove_file(&blocker);
+}

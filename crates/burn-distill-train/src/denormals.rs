@@ -66,10 +66,16 @@ impl FlushDenormals {
     /// The CPU backends run their large matrix products and reductions on that pool (burn's
     /// `rayon` feature, this crate's `parallel`), so a guard on the calling thread alone would
     /// leave most of a step's arithmetic unflushed. [`Distiller`](crate::Distiller) uses this.
-    /// Do not start other work on the same pool while the guard lives: it runs flushed too.
+    /// Do not start other work on the same pool while the guard lives: it runs flushed too. Two
+    /// guards held at once by different threads share the pool: the first dropped restores its
+    /// workers' earlier mode while the other still runs (a training run in parallel with another
+    /// in one process then computes unflushed: slower on subnormals, the same weights otherwise).
     pub fn enable_with_pool() -> Self {
-        let previous = flush_here();
+        // The pool first: a pool started by this call spawns its workers from this thread, and a
+        // new thread inherits its parent's floating-point mode; started from a flushed thread
+        // they would record "flushed" as their own mode and keep it after the guard.
         let pool_previous = Some(rayon::broadcast(|_| flush_here()));
+        let previous = flush_here();
         Self {
             previous,
             pool_previous,

@@ -1107,6 +1107,8 @@ fn a_teacher_with_a_larger_vocabulary_distils_under_a_vocabulary_policy() {
 #[test]
 fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
     use std::hint::black_box;
+    // First: a fit in a parallel test flushes the shared rayon pool while it runs.
+    let _serial = serial();
     let halve_smallest_normal = || black_box(black_box(f32::MIN_POSITIVE) * black_box(0.5));
     assert!(halve_smallest_normal() > 0.0);
     {
@@ -1151,7 +1153,6 @@ fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
 
     // The mode touches nothing but subnormals: a run with it (the Distiller's default) and one
     // without end on the same weights, and the mode is off again after fitting.
-    let _serial = serial();
     let device = devices().remove(0).device.autodiff();
     let oracle = oracle(&device);
     let train = Synthetic::new(64, 1, &oracle, &device);

@@ -52,6 +52,10 @@ impl FlushDenormals {
     pub const SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
     /// Turns flush-to-zero on for the current thread.
+    ///
+    /// New threads inherit the mode of the thread that spawns them: a rayon pool first started
+    /// while this guard is on gets flushed workers for good. [`enable_with_pool`](Self::enable_with_pool)
+    /// covers the pool and starts it unflushed.
     pub fn enable() -> Self {
         Self {
             previous: flush_here(),

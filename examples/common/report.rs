@@ -1,5 +1,18 @@
-//! How the examples print an error: one line, the error and each source it does not already
-//! quote.
+//! How the examples end on an error: one line on standard error, the error and each source it
+//! does not already quote, and a failing exit code.
+
+use std::process::ExitCode;
+
+/// `SUCCESS`, or the error printed as [`sentence`] and `FAILURE`.
+pub fn exit<T>(result: Result<T, Box<dyn std::error::Error>>) -> ExitCode {
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", sentence(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// An error and its sources as one line: "what failed: why".
 pub fn sentence(error: &dyn std::error::Error) -> String {

@@ -89,11 +89,5 @@ fn main() -> ExitCode {
         seed = seed,
     );
     options.progress &= !args.quiet;
-    match pipeline::run(&options) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", report::sentence(error.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    report::exit(pipeline::run(&options))
 }

@@ -167,11 +167,5 @@ impl Args {
 
 fn main() -> ExitCode {
     let options = Args::parse().options();
-    match pipeline::run(&options) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", report::sentence(error.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    report::exit(pipeline::run(&options))
 }

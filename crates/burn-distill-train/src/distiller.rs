@@ -323,16 +323,7 @@ where
                 let data_start = Instant::now();
                 let mut micro_batches = Vec::with_capacity(step.len());
                 for (micro, positions) in step.iter().enumerate() {
-                    let items = positions
-                        .iter()
-                        .map(|&position| {
-                            train.get(position).map_err(|source| TrainError::Dataset {
-                                set: "training data",
-                                index: position,
-                                source,
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let items = crate::metrics::read_items(train, positions, "training data")?;
                     let mut batch = train_batcher.batch(items, device);
                     if let Some(rollout) = rollout {
                         batch = rollout(&trainee.student, batch, state.global_step, micro)?;

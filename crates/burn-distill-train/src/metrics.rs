@@ -70,6 +70,18 @@ pub(crate) fn flatten_indices<const D: usize>(indices: Tensor<D, Int>) -> Tensor
     indices.flatten::<2>(0, D - 2)
 }
 
+/// The examples at `positions` of `dataset`; a failure is [`TrainError::Dataset`] naming `set`.
+pub(crate) fn read_items<It>(dataset: &impl Dataset<It>, positions: &[usize], set: &'static str) -> Result<Vec<It>> {
+    positions
+        .iter()
+        .map(|&index| {
+            dataset
+                .get(index)
+                .map_err(|source| TrainError::Dataset { set, index, source })
+        })
+        .collect()
+}
+
 /// Evaluates `student` (in inference mode: no dropout, no autodiff) on `dataset`, batched by
 /// `batcher` on `device`, in dataset order; compares it with `teacher` when given.
 ///
@@ -94,16 +106,7 @@ where
     let model = student.valid();
     let mut totals = Totals::default();
     for positions in EpochSampler::sequential(dataset.len(), batch_size).batches(0) {
-        let items = positions
-            .iter()
-            .map(|&position| {
-                dataset.get(position).map_err(|source| TrainError::Dataset {
-                    set: "evaluation data",
-                    index: position,
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let items = read_items(dataset, &positions, "evaluation data")?;
         let batch = batcher.batch(items, device);
         let input = batch.input().without_autodiff();
         let logits = flatten_logits(model.learn(input.clone(), &[])?.logits);

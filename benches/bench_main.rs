@@ -4,4 +4,8 @@ use criterion::criterion_main;
 
 mod benchmarks;
 
-criterion_main!(benchmarks::losses::benches, benchmarks::fused::benches);
+criterion_main!(
+    benchmarks::losses::benches,
+    benchmarks::fused::benches,
+    benchmarks::rows::benches
+);

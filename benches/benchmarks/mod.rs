@@ -1,2 +1,3 @@
 pub mod fused;
 pub mod losses;
+pub mod rows;

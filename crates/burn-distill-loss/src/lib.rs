@@ -93,6 +93,7 @@ pub use divergence::{
 };
 pub use dkd::{DkdLoss, DkdLossConfig, decoupled_kd};
 pub use error::{LossError, Result};
+pub use fused::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use fused::{HeadTeacher, Implementation, LinearHeadKd, LinearHeadKdConfig, fused_available, swiglu};
 pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};
 pub use reduction::{Reduction, valid_mask};

@@ -13,6 +13,7 @@ mod cube;
 mod head;
 mod kernel;
 mod op;
+mod rows;
 mod swiglu;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
 pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
+pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use swiglu::swiglu;
 
 pub(crate) use kernel::RowSpec;

@@ -733,3 +733,101 @@ fn swiglu_matches_its_analytic_values_and_gradients_on_every_device() {
     });
     assert!(mismatched.is_err(), "shapes that differ are refused");
 }
+
+/// `x · W` in f64, with `Σ |x| |W|` per output as the scale of its rounding error. `w` is
+/// `[k, n]`, or `[n, k]` when `transposed`.
+fn matmul_reference(x: &[f64], w: &[f64], m: usize, k: usize, n: usize, transposed: bool) -> Vec<(f64, f64)> {
+    let at = |i: usize, j: usize| if transposed { w[j * k + i] } else { w[i * n + j] };
+    let mut out = Vec::with_capacity(m * n);
+    for r in 0..m {
+        for j in 0..n {
+            let (mut value, mut scale) = (0.0, 0.0);
+            for i in 0..k {
+                let (a, b) = (x[r * k + i] as f32 as f64, at(i, j) as f32 as f64);
+                value += a * b;
+                scale += (a * b).abs();
+            }
+            out.push((value, scale));
+        }
+    }
+    out
+}
+
+#[test]
+fn weight_matmul_matches_the_f64_product_and_its_gradients_on_every_device() {
+    // Inner widths off the kernel's 4- and 16-wide steps, a weight wider than one column block
+    // (1024) and one deep enough to be split across tasks; row counts up to FEW_ROWS and one past
+    // it (burn's matmul).
+    for (k, n) in [(37, 1030), (1541, 70)] {
+        for m in [1, 3, 8, FEW_ROWS, FEW_ROWS + 1] {
+            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+                let transposed = layout == WeightLayout::OutIn;
+                let x = random_logits(&[m * k], 1.0, 21);
+                let w = random_logits(&[k * n], 1.0, 22);
+                let upstream = random_logits(&[m * n], 1.0, 23);
+                let w_shape = if transposed { [n, k] } else { [k, n] };
+                let expected = matmul_reference(&x, &w, m, k, n, transposed);
+                // d x = G · Wᵀ and d W = xᵀ · G (stored as W is), in f64.
+                let g_w: Vec<f64> = if transposed {
+                    (0..n * k).map(|e| (e / k, e % k)).collect::<Vec<_>>()
+                } else {
+                    (0..k * n).map(|e| (e % n, e / n)).collect::<Vec<_>>()
+                }
+                .into_iter()
+                .map(|(j, i)| {
+                    (0..m)
+                        .map(|r| x[r * k + i] as f32 as f64 * upstream[r * n + j] as f32 as f64)
+                        .sum()
+                })
+                .collect();
+                let g_x: Vec<f64> = (0..m * k)
+                    .map(|e| {
+                        let (r, i) = (e / k, e % k);
+                        let at = |j: usize| if transposed { w[j * k + i] } else { w[i * n + j] };
+                        (0..n)
+                            .map(|j| upstream[r * n + j] as f32 as f64 * at(j) as f32 as f64)
+                            .sum()
+                    })
+                    .collect();
+                let scaled = |values: &[f64]| -> Vec<(f64, f64)> {
+                    let largest = values.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+                    values.iter().map(|&v| (v, largest)).collect()
+                };
+                for named in devices() {
+                    let what = format!("{}: {m}x{k}x{n} {layout:?}", named.name);
+                    let plain = weight_matmul(
+                        floats::<2>(&x, &[m, k], &named.device),
+                        floats::<2>(&w, &w_shape, &named.device),
+                        layout,
+                    );
+                    assert_eq!(plain.dims(), [m, n], "{what}: shape");
+                    assert_elementwise(&what, &to_vec(plain), &expected, 1e-5, 1e-30);
+
+                    let device = named.device.clone().autodiff();
+                    let xt = floats::<2>(&x, &[m, k], &device).require_grad();
+                    let wt = floats::<2>(&w, &w_shape, &device).require_grad();
+                    let out = weight_matmul(xt.clone(), wt.clone(), layout);
+                    let grads = (out * floats::<2>(&upstream, &[m, n], &device)).sum().backward();
+                    let grad = |t: &Tensor<2>| to_vec(t.grad(&grads).expect("gradient").without_autodiff());
+                    assert_elementwise(&format!("{what}: d x"), &grad(&xt), &scaled(&g_x), 1e-5, 0.0);
+                    assert_elementwise(&format!("{what}: d W"), &grad(&wt), &scaled(&g_w), 1e-5, 0.0);
+                }
+            }
+        }
+    }
+    let device = &devices()[0].device;
+    let mismatched = std::panic::catch_unwind(|| {
+        weight_matmul(
+            floats::<2>(&[1.0; 6], &[2, 3], device),
+            floats::<2>(&[1.0; 8], &[4, 2], device),
+            WeightLayout::InOut,
+        )
+    });
+    assert!(mismatched.is_err(), "inner widths that differ are refused");
+    let nan = weight_matmul(
+        floats::<2>(&[f64::NAN, 1.0], &[1, 2], device),
+        floats::<2>(&[1.0, 2.0, 3.0, 4.0], &[2, 2], device),
+        WeightLayout::InOut,
+    );
+    assert!(to_vec(nan).iter().all(|v| v.is_nan()), "NaN in, NaN out");
+}

@@ -6,7 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNor
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use burn_distill_loss::swiglu;
+use burn_distill_loss::{WeightLayout, swiglu, weight_matmul};
 use serde::{Deserialize, Serialize};
 
 use crate::base::TappedForward;
@@ -452,9 +452,18 @@ impl Rotary {
 }
 
 /// `linear` applied to `[batch, seq, in]` as one 2-D product over the flattened positions.
+/// The few positions of a decoding step take a host kernel on the CPU devices
+/// ([`weight_matmul`]); larger products are burn's GEMM.
 fn project(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [batch, seq, width] = x.dims();
-    let out = linear.forward(x.reshape([batch * seq, width]));
+    let mut out = weight_matmul(
+        x.reshape([batch * seq, width]),
+        linear.weight.val(),
+        WeightLayout::InOut,
+    );
+    if let Some(bias) = &linear.bias {
+        out = out + bias.val().unsqueeze_dim(0);
+    }
     let out_width = out.dims()[1];
     out.reshape([batch, seq, out_width])
 }
@@ -571,8 +580,8 @@ impl Llama {
         let [batch, seq, width] = hidden.dims();
         let flat = hidden.reshape([batch * seq, width]);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(flat),
-            None => flat.matmul(self.embed_tokens.weight.val().transpose()),
+            Some(head) => weight_matmul(flat, head.weight.val(), WeightLayout::InOut),
+            None => weight_matmul(flat, self.embed_tokens.weight.val(), WeightLayout::OutIn),
         };
         logits.reshape([batch, seq, self.config.vocab_size])
     }

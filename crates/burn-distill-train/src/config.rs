@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::constraint::MaxNormConfig;
 use crate::error::TrainError;
+use crate::objective::{BuiltinObjective, Objective};
 
 /// A whole run: data order, optimisation, objective, evaluation and checkpoints. Saved as
 /// `config.json` in the run directory; [`Distiller::resume`](crate::Distiller::resume) reads it
@@ -180,11 +181,6 @@ impl DistillConfig {
             if on_policy.prompt_tokens == 0 {
                 return Err(TrainError::Config("on_policy.prompt_tokens must be at least 1".into()));
             }
-            if !self.objective.needs_teacher() {
-                return Err(TrainError::Config(
-                    "on-policy distillation needs a teacher objective".into(),
-                ));
-            }
             let t = on_policy.sampling.temperature;
             let k_ok = on_policy.sampling.top_k != Some(0);
             let p_ok = on_policy.sampling.top_p.is_none_or(|p| p > 0.0 && p <= 1.0);
@@ -194,12 +190,40 @@ impl DistillConfig {
                 )));
             }
         }
-        if !self.objective.needs_teacher() && !self.features.is_empty() {
+        match &self.objective {
+            ObjectiveConfig::Custom { name } => {
+                if name.trim().is_empty() {
+                    return Err(TrainError::Config("a custom objective needs a name".into()));
+                }
+                // Its teacher needs are checked when `fit` is given the objective.
+                Ok(())
+            }
+            // The objective's own loss settings (temperature, α, β, k, ...), as `fit` will build
+            // them: a pipeline that validates its configs up front hears of a bad one before any
+            // training.
+            builtin => self.check_objective(&BuiltinObjective::new(builtin)?),
+        }
+    }
+
+    /// The checks that depend on the objective itself: what needs a teacher objective, and that
+    /// a custom objective is the one the config names.
+    pub(crate) fn check_objective(&self, objective: &dyn Objective) -> Result<(), TrainError> {
+        if let ObjectiveConfig::Custom { name } = &self.objective
+            && name != objective.name()
+        {
+            return Err(TrainError::Config(format!(
+                "the config names the custom objective `{name}`, the distiller was given `{}`",
+                objective.name()
+            )));
+        }
+        if self.on_policy.is_some() && !objective.needs_teacher() {
+            return Err(TrainError::Config(
+                "on-policy distillation needs a teacher objective".into(),
+            ));
+        }
+        if !objective.needs_teacher() && !self.features.is_empty() {
             return Err(TrainError::Config("feature losses need a teacher objective".into()));
         }
-        // The objective's own loss settings (temperature, α, β, k, ...), as `fit` will build them:
-        // a pipeline that validates its configs up front hears of a bad one before any training.
-        crate::objective::LogitObjective::new(&self.objective, true)?;
         Ok(())
     }
 }
@@ -236,7 +260,8 @@ pub enum ObjectiveConfig {
     },
     /// Hinton et al.'s loss: `α · CE(labels) + (1 − α) · T² · KL(p_T ‖ q_T)`.
     Hinton(HintonKdLossConfig),
-    /// Decoupled KD (target-class and non-target-class terms) plus cross-entropy.
+    /// Decoupled KD (target-class and non-target-class terms) plus cross-entropy with weight 1,
+    /// as Zhao et al. (2022) train.
     Dkd(DkdLossConfig),
     /// Any divergence to the teacher, plus `hard_weight` × cross-entropy on the labels.
     Divergence {
@@ -254,10 +279,18 @@ pub enum ObjectiveConfig {
         /// Weight of the cross-entropy term (0: teacher only).
         hard_weight: f64,
     },
+    /// An [`Objective`] defined outside this crate, given to
+    /// [`Distiller::with_objective`](crate::Distiller::with_objective); the config records its
+    /// [`name`](Objective::name), and `fit` refuses an objective of another name.
+    Custom {
+        /// The objective's name.
+        name: String,
+    },
 }
 
 impl ObjectiveConfig {
-    /// Whether the objective uses a teacher.
+    /// Whether the objective uses a teacher (for [`Custom`](Self::Custom), assumed: the objective
+    /// given to the distiller says).
     pub fn needs_teacher(&self) -> bool {
         !matches!(self, Self::Supervised { .. })
     }

@@ -19,7 +19,7 @@ use crate::config::{DistillConfig, Metric};
 use crate::constraint::apply_max_norm;
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, evaluate, flatten_indices, flatten_logits};
-use crate::objective::{LogitObjective, TeacherLogits, feature_loss, valid_positions};
+use crate::objective::{BuiltinObjective, Objective, ObjectiveInput, TeacherLogits, feature_loss, valid_positions};
 use crate::run::{CheckpointState, EpochRecord, RunDir, RunStatus, RunSummary, TrainStats, read_json, write_json};
 
 /// The student with the connectors of its feature terms: what the optimizer trains and a
@@ -76,6 +76,7 @@ pub struct Distiller<'a, I, const D: usize> {
     dir: RunDir,
     teacher: Option<&'a dyn Teacher<I, D>>,
     eval_teacher: Option<&'a dyn Teacher<I, D>>,
+    objective: Option<&'a dyn Objective>,
     progress: bool,
     flush_denormals: bool,
     resume: bool,
@@ -93,6 +94,7 @@ where
             dir: RunDir { root: run_dir.into() },
             teacher: None,
             eval_teacher: None,
+            objective: None,
             progress: false,
             flush_denormals: true,
             resume: false,
@@ -116,6 +118,7 @@ where
             dir,
             teacher: None,
             eval_teacher: None,
+            objective: None,
             progress: false,
             flush_denormals: true,
             resume: true,
@@ -135,6 +138,14 @@ where
     /// unless one is given here, e.g. the live model the cache was made from.
     pub fn with_eval_teacher(mut self, teacher: &'a dyn Teacher<I, D>) -> Self {
         self.eval_teacher = Some(teacher);
+        self
+    }
+
+    /// Trains with `objective` instead of a built-in one; the config's objective must be
+    /// [`ObjectiveConfig::Custom`](crate::ObjectiveConfig::Custom) with its name (so that
+    /// `config.json` records it, and a resume is refused another objective).
+    pub fn with_objective(mut self, objective: &'a dyn Objective) -> Self {
+        self.objective = Some(objective);
         self
     }
 
@@ -232,7 +243,16 @@ where
     {
         let config = &self.config;
         config.validate()?;
-        if config.objective.needs_teacher() && self.teacher.is_none() {
+        let builtin;
+        let objective: &dyn Objective = match (self.objective, &config.objective) {
+            (Some(objective), _) => objective,
+            (None, builtin_config) => {
+                builtin = BuiltinObjective::new(builtin_config)?;
+                &builtin
+            }
+        };
+        config.check_objective(objective)?;
+        if objective.needs_teacher() && self.teacher.is_none() {
             return Err(TrainError::Config(
                 "the objective needs a teacher: call with_teacher".into(),
             ));
@@ -291,8 +311,6 @@ where
             self.create_run_dir()?;
         }
 
-        let checked = LogitObjective::new(&config.objective, true)?;
-        let fast = LogitObjective::new(&config.objective, false)?;
         let teacher_taps: Vec<&str> = config.features.iter().map(|term| term.teacher_tap.as_str()).collect();
         let student_taps: Vec<&str> = config.features.iter().map(|term| term.student_tap.as_str()).collect();
         let connector_of: Vec<Option<usize>> = {
@@ -362,18 +380,14 @@ where
                         }
                         None => (None, Default::default()),
                     };
-                    let objective = if state.global_step == 0 && micro_step == 0 {
-                        &checked
-                    } else {
-                        &fast
-                    };
-                    let logit_loss = objective.loss(
-                        flatten_logits(student_output.logits),
-                        teacher_logits,
-                        batch.targets(),
+                    let logit_loss = objective.loss(ObjectiveInput {
+                        student: flatten_logits(student_output.logits),
+                        teacher: teacher_logits,
+                        targets: batch.targets(),
                         mask,
                         normaliser,
-                    )?;
+                        check_inputs: state.global_step == 0 && micro_step == 0,
+                    })?;
                     let features = feature_loss(
                         &config.features,
                         &trainee.connectors,

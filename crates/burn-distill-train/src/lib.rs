@@ -55,5 +55,6 @@ pub use denormals::FlushDenormals;
 pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
 pub use error::{Result, TrainError};
 pub use metrics::{ECE_BINS, EvalMetrics, evaluate};
+pub use objective::{BuiltinObjective, Objective, ObjectiveInput, ObjectiveLoss, TeacherLogits};
 pub use on_policy::roll_out;
 pub use run::{EpochRecord, RunStatus, RunSummary, TrainStats, read_metrics};

@@ -1,4 +1,5 @@
-//! The training objective built from a config: logit loss plus feature terms.
+//! Training objectives: the open [`Objective`] trait, the built-ins behind [`ObjectiveConfig`],
+//! and the feature terms.
 
 use burn::tensor::{Bool, Int, Tensor, activation};
 use burn_distill_loss::{DivergenceLoss, DkdLoss, HintonKdLoss, Reduction, SparseKlLoss};
@@ -7,9 +8,116 @@ use burn_distill_model::{Connector, Feature, Features, ModelError};
 use crate::config::{FeatureTermConfig, IGNORE_INDEX, ObjectiveConfig};
 use crate::error::{Result, TrainError};
 
-/// The loss of one micro-batch and its parts, each already divided by the step's global count
-/// of positions, so that summing micro-batches gives the big-batch mean.
-pub(crate) struct StepLoss {
+/// What a training objective minimises, given the student's and the teacher's logits of one
+/// micro-batch.
+///
+/// The built-ins ([`BuiltinObjective`], made from an [`ObjectiveConfig`]) implement it; so can a
+/// type outside this crate. Give one to [`Distiller::with_objective`](crate::Distiller::with_objective)
+/// with [`ObjectiveConfig::Custom`] naming it in the run's config, so that `config.json` says what
+/// was trained and a resume can check it is given the same objective.
+///
+/// The loss must be a sum over the valid positions divided by [`ObjectiveInput::normaliser`] (the
+/// valid positions of the whole optimizer step), so that accumulating micro-batches gives the
+/// big batch's mean; [`ObjectiveInput::cross_entropy`] and [`ObjectiveInput::reduction`] do this.
+///
+/// ```
+/// use burn_distill_train::{Objective, ObjectiveInput, ObjectiveLoss, Result};
+///
+/// /// Ba & Caruana (2014): regress the student's logits on the teacher's.
+/// struct LogitMatching;
+///
+/// impl Objective for LogitMatching {
+///     fn name(&self) -> &str {
+///         "logit_matching"
+///     }
+///     fn needs_teacher(&self) -> bool {
+///         true
+///     }
+///     fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss> {
+///         let teacher = input.teacher()?.dense.clone();
+///         let squared = (input.student.clone() - teacher).powi_scalar(2).sum_dim(1).squeeze_dim::<1>(1);
+///         let soft = input.sum_over_valid(squared);
+///         Ok(ObjectiveLoss::soft(soft))
+///     }
+/// }
+/// ```
+pub trait Objective {
+    /// The name [`ObjectiveConfig::Custom`] records.
+    fn name(&self) -> &str;
+
+    /// Whether the objective reads the teacher (the distiller then requires one).
+    fn needs_teacher(&self) -> bool;
+
+    /// The loss of one micro-batch.
+    ///
+    /// # Errors
+    /// Whatever the objective finds wrong with its inputs (the built-ins: the losses' own input
+    /// checks on the first micro-batch, a teacher without the top-k outputs it needs).
+    fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss>;
+}
+
+/// One micro-batch as an [`Objective`] sees it, flattened to positions.
+#[derive(Debug, Clone)]
+pub struct ObjectiveInput {
+    /// The student's logits, `[n, classes]`, tracked by autodiff.
+    pub student: Tensor<2>,
+    /// The teacher's side, when the run has a teacher.
+    pub teacher: Option<TeacherLogits>,
+    /// `[n]` targets, [`IGNORE_INDEX`] where a position does not count.
+    pub targets: Tensor<1, Int>,
+    /// `targets != IGNORE_INDEX`, or `None` when every position is valid.
+    pub mask: Option<Tensor<1, Bool>>,
+    /// Valid positions in the whole optimizer step: what sums are divided by.
+    pub normaliser: usize,
+    /// `true` for the run's first micro-batch: validate the inputs then (the built-ins turn the
+    /// losses' shape and finiteness checks on for it and off after it).
+    pub check_inputs: bool,
+}
+
+impl ObjectiveInput {
+    /// The teacher's logits, or an error saying the objective needs a teacher.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] when the run has no teacher.
+    pub fn teacher(&self) -> Result<&TeacherLogits> {
+        self.teacher
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("this objective needs a teacher; give the distiller one".into()))
+    }
+
+    /// The reduction that divides a loss's sum by [`normaliser`](Self::normaliser), for
+    /// `burn-distill-loss` calls.
+    pub fn reduction(&self) -> Reduction {
+        Reduction::SumOver(self.normaliser.max(1))
+    }
+
+    /// `per_position` (`[n]`) summed over the valid positions, divided by the normaliser.
+    pub fn sum_over_valid(&self, per_position: Tensor<1>) -> Tensor<1> {
+        let total = match &self.mask {
+            Some(mask) => per_position.mask_fill(mask.clone().bool_not(), 0.0).sum(),
+            None => per_position.sum(),
+        };
+        total.div_scalar(self.normaliser.max(1) as f64)
+    }
+
+    /// Cross-entropy of the student with the targets, label smoothing `smoothing`, summed over
+    /// the valid positions and divided by the normaliser.
+    pub fn cross_entropy(&self, smoothing: f64) -> Tensor<1> {
+        cross_entropy(
+            self.student.clone(),
+            self.targets.clone(),
+            self.mask.clone(),
+            smoothing,
+            self.normaliser,
+        )
+    }
+}
+
+/// The loss of one micro-batch and its parts, each already divided by the step's count of
+/// valid positions, so that summing micro-batches gives the big-batch mean.
+#[derive(Debug, Clone)]
+pub struct ObjectiveLoss {
+    /// What is minimised.
     pub total: Tensor<1>,
     /// Cross-entropy with the labels (`None` when the objective has no such term).
     pub hard: Option<Tensor<1>>,
@@ -17,7 +125,50 @@ pub(crate) struct StepLoss {
     pub soft: Option<Tensor<1>>,
 }
 
-pub(crate) enum LogitObjective {
+impl ObjectiveLoss {
+    /// A teacher term alone.
+    pub fn soft(soft: Tensor<1>) -> Self {
+        Self {
+            total: soft.clone(),
+            hard: None,
+            soft: Some(soft),
+        }
+    }
+
+    /// A teacher term plus `weight` × a cross-entropy term; `hard` is not called at weight 0.
+    pub fn soft_and_hard(soft: Tensor<1>, weight: f64, hard: impl FnOnce() -> Tensor<1>) -> Self {
+        if weight == 0.0 {
+            return Self::soft(soft);
+        }
+        let hard = hard();
+        Self {
+            total: soft.clone() + hard.clone().mul_scalar(weight),
+            hard: Some(hard),
+            soft: Some(soft),
+        }
+    }
+}
+
+/// The teacher's side of one micro-batch, flattened to positions.
+#[derive(Debug, Clone)]
+pub struct TeacherLogits {
+    /// `[n, classes]`.
+    pub dense: Tensor<2>,
+    /// `[n, k]` class ids and log-probabilities, when the teacher gives them (a top-k cache).
+    pub top_k: Option<(Tensor<2, Int>, Tensor<2>)>,
+}
+
+/// The built-in objectives, made from an [`ObjectiveConfig`].
+#[derive(Debug)]
+pub struct BuiltinObjective {
+    name: &'static str,
+    /// With the losses' input checks (the first micro-batch) and without.
+    checked: Builtin,
+    fast: Builtin,
+}
+
+#[derive(Debug)]
+enum Builtin {
     Supervised { label_smoothing: f64 },
     Hinton(HintonKdLoss),
     Dkd(DkdLoss),
@@ -25,17 +176,50 @@ pub(crate) enum LogitObjective {
     Sparse { loss: SparseKlLoss, hard_weight: f64 },
 }
 
-/// The teacher's side of one micro-batch, flattened to positions.
-pub(crate) struct TeacherLogits {
-    /// `[n, classes]`.
-    pub dense: Tensor<2>,
-    /// `[n, k]` class ids and log-probabilities, when the teacher gives them.
-    pub top_k: Option<(Tensor<2, Int>, Tensor<2>)>,
+impl BuiltinObjective {
+    /// Builds the objective `config` describes.
+    ///
+    /// # Errors
+    /// A loss error for bad loss settings (temperature, α, β, k, ...); [`TrainError::Config`] for
+    /// [`ObjectiveConfig::Custom`], which only names an objective given elsewhere.
+    pub fn new(config: &ObjectiveConfig) -> Result<Self> {
+        let name = match config {
+            ObjectiveConfig::Supervised { .. } => "supervised",
+            ObjectiveConfig::Hinton(_) => "hinton",
+            ObjectiveConfig::Dkd(_) => "dkd",
+            ObjectiveConfig::Divergence { .. } => "divergence",
+            ObjectiveConfig::Sparse { .. } => "sparse",
+            ObjectiveConfig::Custom { name } => {
+                return Err(TrainError::Config(format!(
+                    "the objective `{name}` is a custom one: give it with Distiller::with_objective"
+                )));
+            }
+        };
+        Ok(Self {
+            name,
+            checked: Builtin::new(config, true)?,
+            fast: Builtin::new(config, false)?,
+        })
+    }
 }
 
-impl LogitObjective {
-    /// Builds the objective; `check_inputs` turns the losses' input validation on or off.
-    pub fn new(config: &ObjectiveConfig, check_inputs: bool) -> Result<Self> {
+impl Objective for BuiltinObjective {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn needs_teacher(&self) -> bool {
+        !matches!(self.fast, Builtin::Supervised { .. })
+    }
+
+    fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss> {
+        let objective = if input.check_inputs { &self.checked } else { &self.fast };
+        objective.loss(input)
+    }
+}
+
+impl Builtin {
+    fn new(config: &ObjectiveConfig, check_inputs: bool) -> Result<Self> {
         Ok(match config {
             ObjectiveConfig::Supervised { label_smoothing } => Self::Supervised {
                 label_smoothing: *label_smoothing,
@@ -50,87 +234,59 @@ impl LogitObjective {
                 loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
                 hard_weight: *hard_weight,
             },
+            ObjectiveConfig::Custom { .. } => unreachable!("BuiltinObjective::new refuses custom objectives"),
         })
     }
 
-    /// The loss of `student` (`[n, classes]`) against `targets` (`[n]`, [`IGNORE_INDEX`] where a
-    /// position does not count) and, when the objective has one, `teacher`, summed over the
-    /// valid positions and divided by `normaliser`. `mask` is `None` when every position is
-    /// valid (the faster unmasked path), else `targets != IGNORE_INDEX`.
-    pub fn loss(
-        &self,
-        student: Tensor<2>,
-        teacher: Option<TeacherLogits>,
-        targets: Tensor<1, Int>,
-        mask: Option<Tensor<1, Bool>>,
-        normaliser: usize,
-    ) -> Result<StepLoss> {
-        let reduction = Reduction::SumOver(normaliser.max(1));
-        let no_teacher = || TrainError::Config("this objective needs a teacher; give the distiller one".into());
-        let hard_term = |student: Tensor<2>, weight: f64, soft: Tensor<1>| {
-            if weight > 0.0 {
-                let hard = cross_entropy(student, targets.clone(), mask.clone(), 0.0, normaliser);
-                StepLoss {
-                    total: soft.clone() + hard.clone().mul_scalar(weight),
-                    hard: Some(hard),
-                    soft: Some(soft),
-                }
-            } else {
-                StepLoss {
-                    total: soft.clone(),
-                    hard: None,
-                    soft: Some(soft),
-                }
-            }
-        };
+    fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss> {
+        let reduction = input.reduction();
         Ok(match self {
             Self::Supervised { label_smoothing } => {
-                let hard = cross_entropy(student, targets, mask, *label_smoothing, normaliser);
-                StepLoss {
+                let hard = input.cross_entropy(*label_smoothing);
+                ObjectiveLoss {
                     total: hard.clone(),
                     hard: Some(hard),
                     soft: None,
                 }
             }
             Self::Hinton(loss) => {
-                let teacher = teacher.ok_or_else(no_teacher)?.dense;
-                let terms = loss.forward_terms(student, teacher, targets, reduction)?;
-                StepLoss {
+                let teacher = input.teacher()?.dense.clone();
+                let terms = loss.forward_terms(input.student, teacher, input.targets, reduction)?;
+                ObjectiveLoss {
                     total: terms.loss,
                     hard: Some(terms.hard),
                     soft: Some(terms.soft),
                 }
             }
             Self::Dkd(loss) => {
-                let teacher = teacher.ok_or_else(no_teacher)?.dense;
-                let total = loss.forward(student, teacher, targets, reduction)?;
-                StepLoss {
-                    total: total.clone(),
-                    hard: None,
-                    soft: Some(total),
-                }
+                // Zhao et al. (2022) train with cross-entropy plus the decoupled terms.
+                let teacher = input.teacher()?.dense.clone();
+                let soft = loss.forward(input.student.clone(), teacher, input.targets.clone(), reduction)?;
+                ObjectiveLoss::soft_and_hard(soft, 1.0, || input.cross_entropy(0.0))
             }
             Self::Divergence { loss, hard_weight } => {
-                let teacher = teacher.ok_or_else(no_teacher)?.dense;
-                let soft = match &mask {
-                    Some(mask) => loss.forward_masked(student.clone(), teacher, mask.clone(), reduction)?,
-                    None => loss.forward(student.clone(), teacher, reduction)?,
+                let teacher = input.teacher()?.dense.clone();
+                let soft = match &input.mask {
+                    Some(mask) => loss.forward_masked(input.student.clone(), teacher, mask.clone(), reduction)?,
+                    None => loss.forward(input.student.clone(), teacher, reduction)?,
                 };
-                hard_term(student, *hard_weight, soft)
+                ObjectiveLoss::soft_and_hard(soft, *hard_weight, || input.cross_entropy(0.0))
             }
             Self::Sparse { loss, hard_weight } => {
-                let (indices, log_probs) = teacher.ok_or_else(no_teacher)?.top_k.ok_or_else(|| {
+                let (indices, log_probs) = input.teacher()?.top_k.clone().ok_or_else(|| {
                     TrainError::Config(
                         "the sparse objective needs a teacher that gives top-k outputs (a top-k CachedTeacher); \
                          this teacher gives dense logits only"
                             .into(),
                     )
                 })?;
-                let soft = match &mask {
-                    Some(mask) => loss.forward_masked(student.clone(), indices, log_probs, mask.clone(), reduction)?,
-                    None => loss.forward(student.clone(), indices, log_probs, reduction)?,
+                let soft = match &input.mask {
+                    Some(mask) => {
+                        loss.forward_masked(input.student.clone(), indices, log_probs, mask.clone(), reduction)?
+                    }
+                    None => loss.forward(input.student.clone(), indices, log_probs, reduction)?,
                 };
-                hard_term(student, *hard_weight, soft)
+                ObjectiveLoss::soft_and_hard(soft, *hard_weight, || input.cross_entropy(0.0))
             }
         })
     }

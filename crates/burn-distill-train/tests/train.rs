@@ -1523,3 +1523,89 @@ fn run_time_failures_are_structured_errors_with_their_sources() {
     }
     let _ = std::fs::remove_file(&blocker);
 }
+
+/// An objective defined here, outside the crate: Ba & Caruana's (2014) regression of the
+/// student's logits on the teacher's, the mean squared difference over classes.
+struct LogitMatching;
+
+impl Objective for LogitMatching {
+    fn name(&self) -> &str {
+        "logit_matching"
+    }
+
+    fn needs_teacher(&self) -> bool {
+        true
+    }
+
+    fn loss(&self, input: ObjectiveInput) -> burn_distill_train::Result<ObjectiveLoss> {
+        let teacher = input.teacher()?.dense.clone();
+        let squared = (input.student.clone() - teacher).powi_scalar(2).mean_dim(1);
+        Ok(ObjectiveLoss::soft(input.sum_over_valid(squared.squeeze_dim::<1>(1))))
+    }
+}
+
+#[test]
+fn an_objective_defined_outside_the_crate_trains_and_is_recorded_by_name() {
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let oracle = oracle(&device);
+    let train = Synthetic::new(64, 1, &oracle, &device);
+    let valid = Synthetic::new(2000, 2, &oracle, &device);
+    let evals = [EvalSet {
+        name: "valid",
+        dataset: &valid,
+    }];
+    let batcher = ImageBatcher::new();
+    let custom = ObjectiveConfig::Custom {
+        name: "logit_matching".into(),
+    };
+    let dir = scratch("custom-objective");
+    let outcome = Distiller::new(config(40, custom.clone(), 0.03), &dir)
+        .with_teacher(&oracle)
+        .with_objective(&LogitMatching)
+        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .unwrap();
+    let soft = |epoch: usize| {
+        outcome.records[epoch]
+            .train
+            .soft_loss
+            .expect("the objective's soft term")
+    };
+    assert!(
+        soft(39) < 0.2 * soft(0),
+        "the squared logit gap fell from {} to {}",
+        soft(0),
+        soft(39)
+    );
+    let agreement = outcome.summary.last.eval[0].1.teacher_agreement.unwrap();
+    assert!(
+        agreement > 0.8,
+        "agreement with the teacher {agreement:.3}; soft {} -> {}",
+        soft(0),
+        soft(39)
+    );
+    let saved = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(
+        saved.contains("logit_matching"),
+        "config.json names the objective: {saved}"
+    );
+
+    // A config naming another objective, or none given for a custom config: refused up front.
+    let other = ObjectiveConfig::Custom { name: "other".into() };
+    let error = Distiller::new(config(1, other, 0.01), scratch("custom-other"))
+        .with_teacher(&oracle)
+        .with_objective(&LogitMatching)
+        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("`other`") && error.contains("`logit_matching`"),
+        "{error}"
+    );
+    let error = Distiller::new(config(1, custom, 0.01), scratch("custom-missing"))
+        .with_teacher(&oracle)
+        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("with_objective"), "{error}");
+}

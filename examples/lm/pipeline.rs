@@ -27,8 +27,8 @@ use burn_distill::model::{
     save_weights,
 };
 use burn_distill::train::{
-    DistillConfig, Distiller, EvalSet, ObjectiveConfig, OnPolicyConfig, OptimizerConfig, RunStatus, RunSummary,
-    read_metrics,
+    DistillConfig, Distiller, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, OptimizerConfig, RunStatus,
+    RunSummary, read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -562,7 +562,16 @@ impl Context<'_> {
                 Some(teacher) => distiller.with_eval_teacher(teacher),
                 None => distiller,
             };
-            let outcome = distiller.fit_on_policy(init(), train, evals, batcher, batcher, self.device)?;
+            let outcome = distiller.fit_on_policy(
+                init(),
+                FitData {
+                    train,
+                    evals,
+                    train_batcher: batcher,
+                    eval_batcher: batcher,
+                },
+                self.device,
+            )?;
             save_weights(&outcome.student, &weights)?;
             (outcome.student, outcome.summary, outcome.records)
         };

@@ -24,8 +24,8 @@ use burn_distill::model::{
     ConnectorConfig, Cost, FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded, load_weights, save_weights,
 };
 use burn_distill::train::{
-    DistillConfig, Distiller, EpochRecord, EvalSet, FeatureTermConfig, MaxNormConfig, ObjectiveConfig, OptimizerConfig,
-    RunStatus, RunSummary, read_metrics,
+    DistillConfig, Distiller, EpochRecord, EvalSet, FeatureTermConfig, FitData, MaxNormConfig, ObjectiveConfig,
+    OptimizerConfig, RunStatus, RunSummary, read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -709,7 +709,16 @@ fn train_or_load(
     let outcome = distiller
         .with_progress(options.progress)
         .with_flush_denormals(options.flush_denormals)
-        .fit(init(), train, evals, train_batcher, eval_batcher, device)?;
+        .fit(
+            init(),
+            FitData {
+                train,
+                evals,
+                train_batcher,
+                eval_batcher,
+            },
+            device,
+        )?;
     save_weights(&outcome.student, &weights)?;
     Ok(Phase {
         model: outcome.student,

@@ -1,26 +1,26 @@
 //! The training loop.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::{Module, ModuleDisplay};
-use burn::optim::lr_scheduler::LrSchedulerRecord;
-use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLrScheduler, ModuleLrSchedulerConfig};
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_distill_data::{Batch, EpochAware, EpochSampler, Fingerprinted, Indexed};
-use burn_distill_model::{Connector, Fingerprint, Student, Teacher, TeacherInput, load_weights, save_weights};
+use burn_distill_model::{Connector, Fingerprint, Student, Teacher, TeacherInput};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::{DistillConfig, Metric};
+use crate::checkpoint::{Checkpointer, Session};
+use crate::config::DistillConfig;
 use crate::constraint::apply_max_norm;
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, evaluate, flatten_indices, flatten_logits};
 use crate::objective::{BuiltinObjective, Objective, ObjectiveInput, TeacherLogits, feature_loss, valid_positions};
 use crate::run::{CheckpointState, EpochRecord, RunDir, RunStatus, RunSummary, TrainStats, read_json, write_json};
+use crate::stopping::EarlyStopping;
 
 /// The student with the connectors of its feature terms: what the optimizer trains and a
 /// checkpoint holds.
@@ -54,6 +54,116 @@ pub struct RunOutcome<M> {
     pub summary: RunSummary,
     /// Every epoch's record (as in `metrics.jsonl`).
     pub records: Vec<EpochRecord>,
+}
+
+/// What [`Distiller::fit`] trains on and evaluates with.
+///
+/// ```ignore
+/// let data = FitData::new(&train, &batcher).with_evals(&[EvalSet { name: "valid", dataset: &valid }]);
+/// distiller.fit(student, data, &device)?;
+/// ```
+#[derive(Debug)]
+pub struct FitData<'d, S, V, Bt> {
+    /// The training set.
+    pub train: &'d S,
+    /// Sets evaluated after every epoch; the first drives early stopping and `best/`.
+    pub evals: &'d [EvalSet<'d, V>],
+    /// Batches the training set.
+    pub train_batcher: &'d Bt,
+    /// Batches the evaluation sets.
+    pub eval_batcher: &'d Bt,
+}
+
+impl<S, V, Bt> Clone for FitData<'_, S, V, Bt> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S, V, Bt> Copy for FitData<'_, S, V, Bt> {}
+
+impl<'d, S, Bt> FitData<'d, S, S, Bt> {
+    /// Training on `train` batched by `batcher`, which also batches evaluation; no evaluation
+    /// sets.
+    pub fn new(train: &'d S, batcher: &'d Bt) -> Self {
+        Self {
+            train,
+            evals: &[],
+            train_batcher: batcher,
+            eval_batcher: batcher,
+        }
+    }
+}
+
+impl<'d, S, V, Bt> FitData<'d, S, V, Bt> {
+    /// Evaluates on `evals` after every epoch.
+    pub fn with_evals<W>(self, evals: &'d [EvalSet<'d, W>]) -> FitData<'d, S, W, Bt> {
+        FitData {
+            train: self.train,
+            evals,
+            train_batcher: self.train_batcher,
+            eval_batcher: self.eval_batcher,
+        }
+    }
+
+    /// Batches evaluation with `batcher` (e.g. without augmentation).
+    pub fn with_eval_batcher(mut self, batcher: &'d Bt) -> Self {
+        self.eval_batcher = batcher;
+        self
+    }
+}
+
+/// The objective and the taps a run's steps read, fixed for the run.
+struct Terms<'o> {
+    objective: &'o dyn Objective,
+    teacher_taps: Vec<&'o str>,
+    student_taps: Vec<&'o str>,
+    /// For each feature term, the index of its connector (terms without one have `None`).
+    connector_of: Vec<Option<usize>>,
+}
+
+impl<'o> Terms<'o> {
+    fn new(config: &'o DistillConfig, objective: &'o dyn Objective) -> Self {
+        let mut next = 0;
+        let connector_of = config
+            .features
+            .iter()
+            .map(|term| {
+                term.connector.as_ref().map(|_| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        Self {
+            objective,
+            teacher_taps: config.features.iter().map(|term| term.teacher_tap.as_str()).collect(),
+            student_taps: config.features.iter().map(|term| term.student_tap.as_str()).collect(),
+            connector_of,
+        }
+    }
+}
+
+/// One micro-batch, its mask of valid targets and their count.
+struct MicroBatch<B> {
+    batch: B,
+    mask: Option<Tensor<1, Bool>>,
+    valid: usize,
+}
+
+/// What a step's terms are normalised by: its valid positions and examples.
+#[derive(Clone, Copy)]
+struct StepCounts {
+    positions: usize,
+    examples: usize,
+}
+
+/// The running epoch: its number, micro-steps so far, totals and progress bar.
+struct EpochState {
+    epoch: usize,
+    micro_step: usize,
+    totals: EpochTotals,
+    bar: ProgressBar,
 }
 
 /// Trains a [`Student`] against an optional [`Teacher`] with a [`DistillConfig`], writing a run
@@ -187,23 +297,19 @@ where
         &self.dir.root
     }
 
-    /// Trains `student` (built on `device`, an autodiff device) on `train`, batched by
-    /// `train_batcher`, evaluating every epoch on `evals` (batched by `eval_batcher`; the first
-    /// set drives early stopping and the best checkpoint).
+    /// Trains `student` (built on `device`, an autodiff device) on `data`: its training set,
+    /// evaluation sets (evaluated every epoch; the first drives early stopping and the best
+    /// checkpoint) and batchers.
     ///
     /// # Errors
-    /// [`TrainError::Config`] for a bad config, a missing teacher, a non-autodiff device or a
-    /// run directory that already holds a run; [`TrainError::NonFiniteLoss`] when the loss
-    /// becomes NaN or infinite (the last good checkpoint is kept); loss, model, data and file
-    /// errors as they come.
-    #[allow(clippy::too_many_arguments)]
+    /// [`TrainError::Config`] for a bad config, a missing teacher or objective, a non-autodiff
+    /// device or a run directory that already holds a run; [`TrainError::NonFiniteLoss`] when the
+    /// loss becomes NaN or infinite (the last good checkpoint is kept); loss, model, data and
+    /// file errors as they come.
     pub fn fit<M, S, V, It, Bt, B>(
         &self,
         student: M,
-        train: &S,
-        evals: &[EvalSet<'_, V>],
-        train_batcher: &Bt,
-        eval_batcher: &Bt,
+        data: FitData<'_, S, V, Bt>,
         device: &Device,
     ) -> Result<RunOutcome<M>>
     where
@@ -219,17 +325,15 @@ where
                 "the config asks for on-policy distillation: call fit_on_policy (language models)".into(),
             ));
         }
-        self.fit_inner(student, train, evals, train_batcher, eval_batcher, device, None)
+        self.fit_inner(student, data, device, None)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The loop: check, start or resume, then per epoch train, evaluate, checkpoint and ask the
+    /// early-stopping strategy.
     pub(crate) fn fit_inner<M, S, V, It, Bt, B>(
         &self,
         student: M,
-        train: &S,
-        evals: &[EvalSet<'_, V>],
-        train_batcher: &Bt,
-        eval_batcher: &Bt,
+        data: FitData<'_, S, V, Bt>,
         device: &Device,
         rollout: Option<&Rollout<'_, M, B>>,
     ) -> Result<RunOutcome<M>>
@@ -244,14 +348,43 @@ where
         let config = &self.config;
         config.validate()?;
         let builtin;
-        let objective: &dyn Objective = match (self.objective, &config.objective) {
-            (Some(objective), _) => objective,
-            (None, builtin_config) => {
-                builtin = BuiltinObjective::new(builtin_config)?;
+        let objective: &dyn Objective = match self.objective {
+            Some(objective) => objective,
+            None => {
+                builtin = BuiltinObjective::new(&config.objective)?;
                 &builtin
             }
         };
-        config.check_objective(objective)?;
+        self.check_run(objective, data.train.is_empty(), device)?;
+        let _flush_denormals = self.flush_denormals.then(crate::FlushDenormals::enable_with_pool);
+        let checkpointer = Checkpointer::new(&self.dir, config.keep_checkpoints);
+        let mut session = self.start(student, data.train.fingerprint(), &checkpointer, device)?;
+        let terms = Terms::new(config, objective);
+        let stopping = EarlyStopping::new(config);
+        let mut status = RunStatus::Completed;
+        for epoch in session.state.epoch + 1..=config.epochs {
+            let record;
+            (session, record) = self.run_epoch(session, epoch, &data, &terms, device, rollout)?;
+            let best = stopping.observe(&mut session.state, &record);
+            session.state.epoch = epoch;
+            self.dir.append_metrics(&record)?;
+            session.records.push(record);
+            checkpointer.save(&session, best)?;
+            if stopping.should_stop(&session.state) {
+                status = RunStatus::EarlyStopped;
+                break;
+            }
+            if self.stop_after.is_some_and(|last| epoch >= last) && epoch < config.epochs {
+                status = RunStatus::Stopped;
+                break;
+            }
+        }
+        self.finish(session, status)
+    }
+
+    /// What can be refused before any work: the teacher the objective needs, the device, the data.
+    fn check_run(&self, objective: &dyn Objective, no_training_data: bool, device: &Device) -> Result<()> {
+        self.config.check_objective(objective)?;
         if objective.needs_teacher() && self.teacher.is_none() {
             return Err(TrainError::Config(
                 "the objective needs a teacher: call with_teacher".into(),
@@ -262,233 +395,306 @@ where
                 "train on an autodiff device (device.autodiff()) with the student built on it".into(),
             ));
         }
-        if train.is_empty() {
+        if no_training_data {
             return Err(TrainError::Config("the training set is empty".into()));
         }
-        let train_fingerprint = train.fingerprint();
-        let teacher_fingerprint = self.teacher.and_then(|teacher| teacher.fingerprint());
+        Ok(())
+    }
 
+    /// The student, its connectors, optimizer and schedule at epoch 0, or as the last
+    /// checkpoint left them when resuming.
+    fn start<M: Module + ModuleDisplay>(
+        &self,
+        student: M,
+        train_data: Fingerprint,
+        checkpointer: &Checkpointer<'_>,
+        device: &Device,
+    ) -> Result<Session<M>> {
+        let config = &self.config;
         device.seed(config.seed);
-        let _flush_denormals = self.flush_denormals.then(crate::FlushDenormals::enable_with_pool);
         let connectors = config
             .features
             .iter()
             .filter_map(|term| term.connector.as_ref().map(|connector| connector.init(device)))
             .collect();
-        let mut trainee = Trainee { student, connectors };
-        let mut optimizer = config.optimizer.init();
-        let mut scheduler = ModuleLrSchedulerConfig::new(config.schedule.clone())
-            .init()
-            .map_err(|reason| TrainError::Config(format!("schedule: {reason}")))?;
-
-        let mut state = CheckpointState {
-            epoch: 0,
-            global_step: 0,
-            best_epoch: 0,
-            best_value: None,
-            epochs_without_improvement: 0,
-            train_data: train_fingerprint,
-            teacher: teacher_fingerprint,
+        let session = Session {
+            trainee: Trainee { student, connectors },
+            optimizer: config.optimizer.init(),
+            scheduler: ModuleLrSchedulerConfig::new(config.schedule.clone())
+                .init()
+                .map_err(|reason| TrainError::Config(format!("schedule: {reason}")))?,
+            state: CheckpointState {
+                epoch: 0,
+                global_step: 0,
+                best_epoch: 0,
+                best_value: None,
+                epochs_without_improvement: 0,
+                train_data,
+                teacher: self.teacher.and_then(|teacher| teacher.fingerprint()),
+            },
+            records: Vec::new(),
         };
-        let mut records = Vec::new();
         if self.resume {
-            if let Some((epoch, path)) = self.dir.epoch_checkpoints().pop() {
-                let saved: CheckpointState = read_json(&path.join("state.json"))?;
-                self.check_same_sources(&saved, train_fingerprint, teacher_fingerprint)?;
-                trainee = load_weights(trainee, path.join("model.bpk"))?;
-                optimizer = optimizer
-                    .load(path.join("optimizer.bpk"))
-                    .map_err(|error| TrainError::file(&path.join("optimizer.bpk"), format!("{error:?}")))?;
-                let record = LrSchedulerRecord::load(path.join("scheduler.bpk"))
-                    .map_err(|error| TrainError::file(&path.join("scheduler.bpk"), format!("{error:?}")))?;
-                scheduler = scheduler.load_record(record);
-                records = self.dir.metrics_up_to(epoch)?;
-                state = saved;
-            } else {
-                records = self.dir.metrics_up_to(0)?;
-            }
+            checkpointer.resume(session)
         } else {
-            self.create_run_dir()?;
+            checkpointer.create(config)?;
+            Ok(session)
         }
+    }
 
-        let teacher_taps: Vec<&str> = config.features.iter().map(|term| term.teacher_tap.as_str()).collect();
-        let student_taps: Vec<&str> = config.features.iter().map(|term| term.student_tap.as_str()).collect();
-        let connector_of: Vec<Option<usize>> = {
-            let mut next = 0;
-            config
-                .features
-                .iter()
-                .map(|term| {
-                    term.connector.as_ref().map(|_| {
-                        next += 1;
-                        next - 1
-                    })
-                })
-                .collect()
+    /// One epoch: its optimizer steps, then every evaluation set.
+    fn run_epoch<M, S, V, It, Bt, B>(
+        &self,
+        mut session: Session<M>,
+        epoch: usize,
+        data: &FitData<'_, S, V, Bt>,
+        terms: &Terms<'_>,
+        device: &Device,
+        rollout: Option<&Rollout<'_, M, B>>,
+    ) -> Result<(Session<M>, EpochRecord)>
+    where
+        M: Module + ModuleDisplay + Student<I, D>,
+        S: Dataset<It>,
+        V: Dataset<It>,
+        It: Indexed,
+        Bt: Batcher<It, B> + EpochAware,
+        B: Batch<Input = I>,
+    {
+        let config = &self.config;
+        device.seed(burn_seed(config.seed, epoch));
+        data.train_batcher.set_epoch(epoch);
+        let sampler = EpochSampler::new(data.train.len(), config.batch_size, config.seed);
+        let batches = sampler.batches(epoch - 1);
+        let bar = self.progress_bar(epoch, batches.len());
+        let mut epoch_state = EpochState {
+            epoch,
+            micro_step: 0,
+            totals: EpochTotals::default(),
+            bar,
         };
-
-        let sampler = EpochSampler::new(train.len(), config.batch_size, config.seed);
-        let mut status = RunStatus::Completed;
-        for epoch in state.epoch + 1..=config.epochs {
-            device.seed(burn_seed(config.seed, epoch));
-            train_batcher.set_epoch(epoch);
-            let batches = sampler.batches(epoch - 1);
-            let bar = self.progress_bar(epoch, batches.len());
-            let mut totals = EpochTotals::default();
-            let epoch_start = Instant::now();
-            let mut micro_step = 0;
-            for step in batches.chunks(config.accumulation) {
-                let data_start = Instant::now();
-                let mut micro_batches = Vec::with_capacity(step.len());
-                for (micro, positions) in step.iter().enumerate() {
-                    let items = crate::metrics::read_items(train, positions, "training data")?;
-                    let mut batch = train_batcher.batch(items, device);
-                    if let Some(rollout) = rollout {
-                        batch = rollout(&trainee.student, batch, state.global_step, micro)?;
-                    }
-                    let (mask, valid) = valid_positions(&batch.targets());
-                    micro_batches.push((batch, mask, valid));
-                }
-                let normaliser: usize = micro_batches.iter().map(|(_, _, valid)| valid).sum();
-                let examples_in_step: usize = micro_batches.iter().map(|(batch, _, _)| batch.size()).sum();
-                totals.data_seconds += data_start.elapsed().as_secs_f64();
-
-                let mut accumulator = GradientsAccumulator::<Trainee<M>>::new();
-                for (batch, mask, valid) in micro_batches {
-                    let input = batch.input();
-                    let teacher_output = match self.teacher {
-                        Some(teacher) => {
-                            let start = Instant::now();
-                            let output = teacher.teach_examples(input.clone(), batch.indices(), &teacher_taps)?;
-                            totals.teacher_seconds += start.elapsed().as_secs_f64();
-                            Some(output)
-                        }
-                        None => None,
-                    };
-                    let student_output = trainee.student.learn(input, &student_taps)?;
-                    let (teacher_logits, teacher_features) = match teacher_output {
-                        Some(output) => {
-                            let top_k = output.top_k().map(|(indices, values)| {
-                                (flatten_indices(indices.clone()), flatten_logits(values.clone()))
-                            });
-                            let (logits, features) = output.into_parts();
-                            let logits = TeacherLogits {
-                                dense: flatten_logits(logits),
-                                top_k,
-                            };
-                            (Some(logits), features)
-                        }
-                        None => (None, Default::default()),
-                    };
-                    let logit_loss = objective.loss(ObjectiveInput {
-                        student: flatten_logits(student_output.logits),
-                        teacher: teacher_logits,
-                        targets: batch.targets(),
-                        mask,
-                        normaliser,
-                        check_inputs: state.global_step == 0 && micro_step == 0,
-                    })?;
-                    let features = feature_loss(
-                        &config.features,
-                        &trainee.connectors,
-                        &connector_of,
-                        &student_output.features,
-                        &teacher_features,
-                        examples_in_step,
-                    )?;
-                    let total = match &features {
-                        Some(features) => logit_loss.total.clone() + features.clone(),
-                        None => logit_loss.total.clone(),
-                    };
-                    let value = scalar(&total);
-                    if !value.is_finite() {
-                        bar.abandon();
-                        return Err(TrainError::NonFiniteLoss {
-                            value,
-                            epoch,
-                            step: micro_step,
-                            global_step: state.global_step,
-                            checkpoint: self.dir.epoch_checkpoints().pop().map(|(_, path)| path),
-                        });
-                    }
-                    totals.loss += value * normaliser as f64;
-                    totals.hard += logit_loss.hard.as_ref().map(|t| scalar(t) * normaliser as f64);
-                    totals.soft += logit_loss.soft.as_ref().map(|t| scalar(t) * normaliser as f64);
-                    totals.features += features.as_ref().map(|t| scalar(t) * normaliser as f64);
-                    totals.positions += valid;
-                    totals.examples += batch.size();
-                    let gradients = GradientsParams::from_grads(total.backward(), &trainee);
-                    accumulator.accumulate(&trainee, gradients);
-                    micro_step += 1;
-                    bar.inc(1);
-                }
-                let learning_rate = scheduler.step();
-                totals.learning_rate = learning_rate.base();
-                trainee = optimizer.step(learning_rate, trainee, accumulator.grads());
-                if let Some(max_norm) = &config.max_norm {
-                    trainee.student = apply_max_norm(trainee.student, max_norm);
-                }
-                state.global_step += 1;
-                totals.steps += 1;
-                if self.progress {
-                    let seconds = epoch_start.elapsed().as_secs_f64();
-                    bar.set_message(format!(
-                        "loss {:.4}  {:.0} ex/s",
-                        totals.loss / totals.positions.max(1) as f64,
-                        totals.examples as f64 / seconds
-                    ));
-                }
+        let start = Instant::now();
+        for step in batches.chunks(config.accumulation) {
+            let micro_batches = self.load_step(&session, step, data, device, rollout, &mut epoch_state)?;
+            session = self.train_step(session, micro_batches, terms, &mut epoch_state)?;
+            if self.progress {
+                let totals = &epoch_state.totals;
+                epoch_state.bar.set_message(format!(
+                    "loss {:.4}  {:.0} ex/s",
+                    totals.loss / totals.positions.max(1) as f64,
+                    totals.examples as f64 / start.elapsed().as_secs_f64()
+                ));
             }
-            let train_seconds = epoch_start.elapsed().as_secs_f64();
-            bar.finish_and_clear();
+        }
+        let train = epoch_state.totals.stats(start.elapsed().as_secs_f64());
+        epoch_state.bar.finish_and_clear();
 
-            let eval_teacher = self
-                .eval_teacher
-                .or(self.teacher.filter(|teacher| !teacher.needs_indices()));
-            let eval_start = Instant::now();
-            let mut eval = Vec::with_capacity(evals.len());
-            for set in evals {
+        let eval_start = Instant::now();
+        let eval = self.evaluate_sets(&session.trainee.student, data, device)?;
+        let record = EpochRecord {
+            epoch,
+            train,
+            eval,
+            eval_seconds: eval_start.elapsed().as_secs_f64(),
+        };
+        if self.progress {
+            eprintln!("{}", describe(&record));
+        }
+        Ok((session, record))
+    }
+
+    /// The micro-batches of one optimizer step (rolled out when on-policy), with their valid
+    /// positions.
+    fn load_step<M, S, V, It, Bt, B>(
+        &self,
+        session: &Session<M>,
+        step: &[Vec<usize>],
+        data: &FitData<'_, S, V, Bt>,
+        device: &Device,
+        rollout: Option<&Rollout<'_, M, B>>,
+        epoch: &mut EpochState,
+    ) -> Result<Vec<MicroBatch<B>>>
+    where
+        S: Dataset<It>,
+        It: Indexed,
+        Bt: Batcher<It, B>,
+        B: Batch<Input = I>,
+    {
+        let start = Instant::now();
+        let mut micro_batches = Vec::with_capacity(step.len());
+        for (micro, positions) in step.iter().enumerate() {
+            let items = crate::metrics::read_items(data.train, positions, "training data")?;
+            let mut batch = data.train_batcher.batch(items, device);
+            if let Some(rollout) = rollout {
+                batch = rollout(&session.trainee.student, batch, session.state.global_step, micro)?;
+            }
+            let (mask, valid) = valid_positions(&batch.targets());
+            micro_batches.push(MicroBatch { batch, mask, valid });
+        }
+        epoch.totals.data_seconds += start.elapsed().as_secs_f64();
+        Ok(micro_batches)
+    }
+
+    /// One optimizer step: every micro-batch's gradients accumulated, the step, the max-norm
+    /// constraint.
+    fn train_step<M, B>(
+        &self,
+        mut session: Session<M>,
+        micro_batches: Vec<MicroBatch<B>>,
+        terms: &Terms<'_>,
+        epoch: &mut EpochState,
+    ) -> Result<Session<M>>
+    where
+        M: Module + ModuleDisplay + Student<I, D>,
+        B: Batch<Input = I>,
+    {
+        let step = StepCounts {
+            positions: micro_batches.iter().map(|micro| micro.valid).sum(),
+            examples: micro_batches.iter().map(|micro| micro.batch.size()).sum(),
+        };
+        let mut accumulator = GradientsAccumulator::<Trainee<M>>::new();
+        for micro in micro_batches {
+            let total = self.micro_batch_loss(&session, micro, step, terms, epoch)?;
+            let gradients = GradientsParams::from_grads(total.backward(), &session.trainee);
+            accumulator.accumulate(&session.trainee, gradients);
+            epoch.micro_step += 1;
+            epoch.bar.inc(1);
+        }
+        let learning_rate = session.scheduler.step();
+        epoch.totals.learning_rate = learning_rate.base();
+        session.trainee = session
+            .optimizer
+            .step(learning_rate, session.trainee, accumulator.grads());
+        if let Some(max_norm) = &self.config.max_norm {
+            session.trainee.student = apply_max_norm(session.trainee.student, max_norm);
+        }
+        session.state.global_step += 1;
+        epoch.totals.steps += 1;
+        Ok(session)
+    }
+
+    /// One micro-batch's loss (the objective and the feature terms), its parts added to the
+    /// epoch's totals; a NaN or infinite loss ends the run here.
+    fn micro_batch_loss<M, B>(
+        &self,
+        session: &Session<M>,
+        micro: MicroBatch<B>,
+        step: StepCounts,
+        terms: &Terms<'_>,
+        epoch: &mut EpochState,
+    ) -> Result<Tensor<1>>
+    where
+        M: Module + ModuleDisplay + Student<I, D>,
+        B: Batch<Input = I>,
+    {
+        let MicroBatch { batch, mask, valid } = micro;
+        let input = batch.input();
+        let teacher_output = match self.teacher {
+            Some(teacher) => {
+                let start = Instant::now();
+                let output = teacher.teach_examples(input.clone(), batch.indices(), &terms.teacher_taps)?;
+                epoch.totals.teacher_seconds += start.elapsed().as_secs_f64();
+                Some(output)
+            }
+            None => None,
+        };
+        let student_output = session.trainee.student.learn(input, &terms.student_taps)?;
+        let (teacher_logits, teacher_features) = match teacher_output {
+            Some(output) => {
+                let top_k = output
+                    .top_k()
+                    .map(|(indices, values)| (flatten_indices(indices.clone()), flatten_logits(values.clone())));
+                let (logits, features) = output.into_parts();
+                let logits = TeacherLogits {
+                    dense: flatten_logits(logits),
+                    top_k,
+                };
+                (Some(logits), features)
+            }
+            None => (None, Default::default()),
+        };
+        let logit_loss = terms.objective.loss(ObjectiveInput {
+            student: flatten_logits(student_output.logits),
+            teacher: teacher_logits,
+            targets: batch.targets(),
+            mask,
+            normaliser: step.positions,
+            check_inputs: session.state.global_step == 0 && epoch.micro_step == 0,
+        })?;
+        let features = feature_loss(
+            &self.config.features,
+            &session.trainee.connectors,
+            &terms.connector_of,
+            &student_output.features,
+            &teacher_features,
+            step.examples,
+        )?;
+        let total = match &features {
+            Some(features) => logit_loss.total.clone() + features.clone(),
+            None => logit_loss.total.clone(),
+        };
+        let value = scalar(&total);
+        if !value.is_finite() {
+            epoch.bar.abandon();
+            return Err(TrainError::NonFiniteLoss {
+                value,
+                epoch: epoch.epoch,
+                step: epoch.micro_step,
+                global_step: session.state.global_step,
+                checkpoint: self.dir.epoch_checkpoints().pop().map(|(_, path)| path),
+            });
+        }
+        let weighted = |term: &Option<Tensor<1>>| term.as_ref().map(|t| scalar(t) * step.positions as f64);
+        let totals = &mut epoch.totals;
+        totals.loss += value * step.positions as f64;
+        totals.hard += weighted(&logit_loss.hard);
+        totals.soft += weighted(&logit_loss.soft);
+        totals.features += weighted(&features);
+        totals.positions += valid;
+        totals.examples += batch.size();
+        Ok(total)
+    }
+
+    /// Every evaluation set's metrics, against the evaluation teacher.
+    fn evaluate_sets<M, S, V, It, Bt, B>(
+        &self,
+        student: &M,
+        data: &FitData<'_, S, V, Bt>,
+        device: &Device,
+    ) -> Result<Vec<(String, EvalMetrics)>>
+    where
+        M: Module + ModuleDisplay + Student<I, D>,
+        V: Dataset<It>,
+        It: Indexed,
+        Bt: Batcher<It, B>,
+        B: Batch<Input = I>,
+    {
+        let eval_teacher = self
+            .eval_teacher
+            .or(self.teacher.filter(|teacher| !teacher.needs_indices()));
+        data.evals
+            .iter()
+            .map(|set| {
                 let metrics = evaluate(
-                    &trainee.student,
+                    student,
                     eval_teacher,
                     set.dataset,
-                    eval_batcher,
-                    config.eval_batch_size,
+                    data.eval_batcher,
+                    self.config.eval_batch_size,
                     device,
                 )?;
-                eval.push((set.name.to_string(), metrics));
-            }
-            let record = EpochRecord {
-                epoch,
-                train: totals.stats(train_seconds),
-                eval,
-                eval_seconds: eval_start.elapsed().as_secs_f64(),
-            };
-            if self.progress {
-                eprintln!("{}", describe(&record));
-            }
+                Ok((set.name.to_string(), metrics))
+            })
+            .collect()
+    }
 
-            let improved = self.update_best(&mut state, &record);
-            state.epoch = epoch;
-            self.dir.append_metrics(&record)?;
-            records.push(record);
-            let checkpoint = self.save_checkpoint(&trainee, &optimizer, &scheduler, &state)?;
-            if improved {
-                copy_checkpoint(&checkpoint, &self.dir.best())?;
-            }
-            self.prune_checkpoints()?;
-            if let Some(early) = &config.early_stopping
-                && state.epochs_without_improvement >= early.patience
-            {
-                status = RunStatus::EarlyStopped;
-                break;
-            }
-            if self.stop_after.is_some_and(|last| epoch >= last) && epoch < config.epochs {
-                status = RunStatus::Stopped;
-                break;
-            }
-        }
-
+    /// `summary.json` and the outcome.
+    fn finish<M: Module + ModuleDisplay>(&self, session: Session<M>, status: RunStatus) -> Result<RunOutcome<M>> {
+        let Session {
+            trainee,
+            state,
+            records,
+            ..
+        } = session;
         let last = records
             .last()
             .cloned()
@@ -506,8 +712,8 @@ where
             student_seconds: records.iter().map(|r| r.train.student_seconds).sum(),
             eval_seconds: records.iter().map(|r| r.eval_seconds).sum(),
             student_parameters: Module::num_params(&trainee.student),
-            train_data: train_fingerprint,
-            teacher: teacher_fingerprint,
+            train_data: state.train_data,
+            teacher: state.teacher,
             last,
         };
         write_json(&self.dir.summary(), &summary)?;
@@ -516,119 +722,6 @@ where
             summary,
             records,
         })
-    }
-
-    fn check_same_sources(
-        &self,
-        saved: &CheckpointState,
-        train: Fingerprint,
-        teacher: Option<Fingerprint>,
-    ) -> Result<()> {
-        let refuse = |reason: String| TrainError::Resume {
-            dir: self.dir.root.clone(),
-            reason,
-        };
-        if saved.train_data != train {
-            return Err(refuse(format!(
-                "it was trained on data {}, this training set is {train}",
-                saved.train_data
-            )));
-        }
-        if saved.teacher != teacher {
-            return Err(refuse(format!(
-                "it was trained with teacher {:?}, this teacher is {teacher:?}",
-                saved.teacher.map(|f| f.to_string())
-            )));
-        }
-        Ok(())
-    }
-
-    fn create_run_dir(&self) -> Result<()> {
-        if self.dir.metrics().exists() || self.dir.checkpoints().exists() {
-            return Err(TrainError::Config(format!(
-                "{} already holds a run; resume it (Distiller::resume) or choose another directory",
-                self.dir.root.display()
-            )));
-        }
-        fs::create_dir_all(self.dir.checkpoints()).map_err(|error| TrainError::io(&self.dir.root, error))?;
-        write_json(&self.dir.config(), &self.config)
-    }
-
-    /// Updates the early-stopping state with an epoch's record; says whether it is the best.
-    fn update_best(&self, state: &mut CheckpointState, record: &EpochRecord) -> bool {
-        let Some((metric, min_delta)) = self
-            .config
-            .early_stopping
-            .as_ref()
-            .map(|early| (early.metric, early.min_delta))
-            .or(Some((Metric::Loss, 0.0)))
-        else {
-            return false;
-        };
-        let Some((_, metrics)) = record.eval.first() else {
-            // Without an evaluation set the latest epoch counts as the best.
-            state.best_epoch = record.epoch;
-            return true;
-        };
-        let (value, higher_is_better) = match metric {
-            Metric::Loss => (metrics.loss, false),
-            Metric::Accuracy => (metrics.accuracy, true),
-            Metric::TeacherKl => (metrics.teacher_kl.unwrap_or(f64::INFINITY), false),
-        };
-        let improved = match state.best_value {
-            None => true,
-            Some(best) if higher_is_better => value > best + min_delta,
-            Some(best) => value < best - min_delta,
-        };
-        if improved {
-            state.best_value = Some(value);
-            state.best_epoch = record.epoch;
-            state.epochs_without_improvement = 0;
-        } else {
-            state.epochs_without_improvement += 1;
-        }
-        improved
-    }
-
-    fn save_checkpoint<M: Module + ModuleDisplay>(
-        &self,
-        trainee: &Trainee<M>,
-        optimizer: &burn::optim::ModuleOptimizer,
-        scheduler: &ModuleLrScheduler,
-        state: &CheckpointState,
-    ) -> Result<PathBuf> {
-        let target = self.dir.checkpoint(state.epoch);
-        let partial = self
-            .dir
-            .checkpoints()
-            .join(format!(".epoch-{:04}.partial", state.epoch));
-        let _ = fs::remove_dir_all(&partial);
-        fs::create_dir_all(&partial).map_err(|error| TrainError::io(&partial, error))?;
-        save_weights(trainee, partial.join("model.bpk"))?;
-        let optimizer_path = partial.join("optimizer.bpk");
-        optimizer
-            .save(&optimizer_path)
-            .map_err(|error| TrainError::file(&optimizer_path, format!("{error:?}")))?;
-        let scheduler_path = partial.join("scheduler.bpk");
-        scheduler
-            .to_record()
-            .save(&scheduler_path)
-            .map_err(|error| TrainError::file(&scheduler_path, format!("{error:?}")))?;
-        write_json(&partial.join("state.json"), state)?;
-        if target.exists() {
-            fs::remove_dir_all(&target).map_err(|error| TrainError::io(&target, error))?;
-        }
-        fs::rename(&partial, &target).map_err(|error| TrainError::io(&target, error))?;
-        Ok(target)
-    }
-
-    fn prune_checkpoints(&self) -> Result<()> {
-        let checkpoints = self.dir.epoch_checkpoints();
-        let excess = checkpoints.len().saturating_sub(self.config.keep_checkpoints);
-        for (_, path) in checkpoints.into_iter().take(excess) {
-            fs::remove_dir_all(&path).map_err(|error| TrainError::io(&path, error))?;
-        }
-        Ok(())
     }
 
     fn progress_bar(&self, epoch: usize, batches: usize) -> ProgressBar {
@@ -642,22 +735,6 @@ where
         bar.set_prefix(format!("{epoch}/{}", self.config.epochs));
         bar
     }
-}
-
-/// Copies a checkpoint directory to `target` (replacing it) through a temporary directory.
-fn copy_checkpoint(source: &Path, target: &Path) -> Result<()> {
-    let partial = target.with_extension("partial");
-    let _ = fs::remove_dir_all(&partial);
-    fs::create_dir_all(&partial).map_err(|error| TrainError::io(&partial, error))?;
-    for entry in fs::read_dir(source).map_err(|error| TrainError::io(source, error))? {
-        let entry = entry.map_err(|error| TrainError::io(source, error))?;
-        fs::copy(entry.path(), partial.join(entry.file_name()))
-            .map_err(|error| TrainError::io(&entry.path(), error))?;
-    }
-    if target.exists() {
-        fs::remove_dir_all(target).map_err(|error| TrainError::io(target, error))?;
-    }
-    fs::rename(&partial, target).map_err(|error| TrainError::io(target, error))
 }
 
 fn scalar(tensor: &Tensor<1>) -> f64 {

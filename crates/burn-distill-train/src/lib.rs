@@ -36,6 +36,7 @@
 //! Rust 1.95 or newer.
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod config;
 mod constraint;
 mod denormals;
@@ -45,6 +46,7 @@ mod metrics;
 mod objective;
 mod on_policy;
 mod run;
+mod stopping;
 
 pub use config::{
     DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, Metric, ObjectiveConfig, OnPolicyConfig,
@@ -52,7 +54,7 @@ pub use config::{
 };
 pub use constraint::{MaxNormConfig, apply_max_norm};
 pub use denormals::FlushDenormals;
-pub use distiller::{Distiller, EvalSet, RunOutcome, Trainee};
+pub use distiller::{Distiller, EvalSet, FitData, RunOutcome, Trainee};
 pub use error::{Result, TrainError};
 pub use metrics::{ECE_BINS, EvalMetrics, evaluate};
 pub use objective::{BuiltinObjective, Objective, ObjectiveInput, ObjectiveLoss, TeacherLogits};

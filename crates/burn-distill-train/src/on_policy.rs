@@ -8,7 +8,7 @@ use burn_distill_data::{EpochAware, Fingerprinted, Indexed, TokenBatch};
 use burn_distill_model::{Generator, SamplingConfig, Student, TokenRng};
 
 use crate::config::{IGNORE_INDEX, OnPolicyConfig};
-use crate::distiller::{Distiller, EvalSet, RunOutcome};
+use crate::distiller::{Distiller, FitData, RunOutcome};
 use crate::error::{Result, TrainError};
 
 impl Distiller<'_, Tensor<2, Int>, 3> {
@@ -23,14 +23,10 @@ impl Distiller<'_, Tensor<2, Int>, 3> {
     /// # Errors
     /// As [`fit`](Self::fit); also a teacher that answers by example index (a cache cannot
     /// score sequences it has never seen), and batches too short for the prompt.
-    #[allow(clippy::too_many_arguments)]
     pub fn fit_on_policy<M, S, V, It, Bt>(
         &self,
         student: M,
-        train: &S,
-        evals: &[EvalSet<'_, V>],
-        train_batcher: &Bt,
-        eval_batcher: &Bt,
+        data: FitData<'_, S, V, Bt>,
         device: &Device,
     ) -> Result<RunOutcome<M>>
     where
@@ -42,7 +38,7 @@ impl Distiller<'_, Tensor<2, Int>, 3> {
     {
         let config = self.config();
         let Some(on_policy) = config.on_policy.clone() else {
-            return self.fit_inner(student, train, evals, train_batcher, eval_batcher, device, None);
+            return self.fit_inner(student, data, device, None);
         };
         config.validate()?;
         if on_policy.lambda > 0.0 && self.teacher().is_some_and(|teacher| teacher.needs_indices()) {
@@ -56,15 +52,7 @@ impl Distiller<'_, Tensor<2, Int>, 3> {
         let rollout = move |student: &M, batch: TokenBatch, step: usize, micro: usize| {
             roll_out(student, batch, &on_policy, seed, step, micro)
         };
-        self.fit_inner(
-            student,
-            train,
-            evals,
-            train_batcher,
-            eval_batcher,
-            device,
-            Some(&rollout),
-        )
+        self.fit_inner(student, data, device, Some(&rollout))
     }
 }
 

@@ -168,11 +168,19 @@ fn a_distilled_student_beats_the_same_student_trained_alone() {
         config(40, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 0.05),
         scratch("alone"),
     )
-    .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+    .fit(
+        student(5, 0.0, &device),
+        FitData::new(&train, &batcher).with_evals(&evals),
+        &device,
+    )
     .unwrap();
     let distilled = Distiller::new(config(40, hinton(), 0.05), scratch("distilled"))
         .with_teacher(&oracle)
-        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .fit(
+            student(5, 0.0, &device),
+            FitData::new(&train, &batcher).with_evals(&evals),
+            &device,
+        )
         .unwrap();
 
     let accuracy = |outcome: &RunOutcome<Mlp>| outcome.summary.last.eval[0].1.accuracy;
@@ -220,21 +228,33 @@ fn a_resumed_run_ends_exactly_as_an_uninterrupted_one() {
         let whole_dir = scratch(&format!("whole-{}", named.name));
         let whole = Distiller::new(config.clone(), &whole_dir)
             .with_teacher(&oracle)
-            .fit(student(5, 0.2, &device), &train, &evals, &jitter, &jitter, &device)
+            .fit(
+                student(5, 0.2, &device),
+                FitData::new(&train, &jitter).with_evals(&evals),
+                &device,
+            )
             .unwrap();
 
         let split_dir = scratch(&format!("split-{}", named.name));
         let first = Distiller::new(config.clone(), &split_dir)
             .with_teacher(&oracle)
             .with_stop_after(2)
-            .fit(student(5, 0.2, &device), &train, &evals, &jitter, &jitter, &device)
+            .fit(
+                student(5, 0.2, &device),
+                FitData::new(&train, &jitter).with_evals(&evals),
+                &device,
+            )
             .unwrap();
         assert_eq!(first.summary.status, RunStatus::Stopped);
         assert_eq!(first.records.len(), 2);
         let resumed = Distiller::resume(&split_dir)
             .unwrap()
             .with_teacher(&oracle)
-            .fit(student(77, 0.2, &device), &train, &evals, &jitter, &jitter, &device)
+            .fit(
+                student(77, 0.2, &device),
+                FitData::new(&train, &jitter).with_evals(&evals),
+                &device,
+            )
             .unwrap();
         assert_eq!(resumed.records.len(), 4);
         for (a, b) in whole.records.iter().zip(&resumed.records) {
@@ -281,7 +301,11 @@ fn a_resumed_run_ends_exactly_as_an_uninterrupted_one() {
         let error = Distiller::resume(&split_dir)
             .unwrap()
             .with_teacher(&oracle)
-            .fit(student(5, 0.2, &device), &other, &evals, &jitter, &jitter, &device)
+            .fit(
+                student(5, 0.2, &device),
+                FitData::new(&other, &jitter).with_evals(&evals),
+                &device,
+            )
             .unwrap_err();
         assert!(error.to_string().contains("trained on data"), "{error}");
     }
@@ -312,7 +336,7 @@ fn accumulated_micro_batches_give_the_big_batch_step() {
         let run = |config: DistillConfig, name: &str| {
             Distiller::new(config, scratch(&format!("{name}-{}", named.name)))
                 .with_teacher(&oracle)
-                .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+                .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
                 .unwrap()
         };
         let big = run(base.clone().with_batch_size(30), "big");
@@ -352,7 +376,7 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let batcher = ImageBatcher::new();
     let error = Distiller::new(config, &dir)
         .with_teacher(&oracle)
-        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
     let TrainError::NonFiniteLoss { epoch, checkpoint, .. } = &error else {
         panic!("expected a non-finite loss, got {error}");
@@ -385,13 +409,15 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
         .with_teacher(&oracle)
         .fit(
             student(5, 0.0, &device),
-            &train,
-            &[EvalSet {
-                name: "valid",
-                dataset: &valid,
-            }],
-            &batcher,
-            &batcher,
+            FitData {
+                train: &train,
+                evals: &[EvalSet {
+                    name: "valid",
+                    dataset: &valid,
+                }],
+                train_batcher: &batcher,
+                eval_batcher: &batcher,
+            },
             &device,
         )
         .unwrap();
@@ -401,7 +427,7 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
     // The directory now holds a run: a new run there is refused, nothing is overwritten.
     let again = Distiller::new(config_for_reuse(), &dir)
         .with_teacher(&oracle)
-        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
     assert!(again.to_string().contains("already holds a run"), "{again}");
 }
@@ -424,13 +450,15 @@ fn every_compiled_device_trains_and_evaluates() {
             .with_teacher(&oracle)
             .fit(
                 student(5, 0.1, &device),
-                &train,
-                &[EvalSet {
-                    name: "valid",
-                    dataset: &valid,
-                }],
-                &batcher,
-                &batcher,
+                FitData {
+                    train: &train,
+                    evals: &[EvalSet {
+                        name: "valid",
+                        dataset: &valid,
+                    }],
+                    train_batcher: &batcher,
+                    eval_batcher: &batcher,
+                },
                 &device,
             )
             .unwrap();
@@ -501,7 +529,7 @@ fn feature_terms_train_their_connectors_with_adamw_and_warm_up() {
     let dir = scratch("features");
     let outcome = Distiller::new(config, &dir)
         .with_teacher(&teacher)
-        .fit::<_, _, Synthetic, _, _, _>(narrow, &train, &[], &batcher, &batcher, &device)
+        .fit(narrow, FitData::new(&train, &batcher), &device)
         .unwrap();
     let feature_losses: Vec<f64> = outcome.records.iter().map(|r| r.train.feature_loss.unwrap()).collect();
     assert!(
@@ -517,7 +545,7 @@ fn feature_terms_train_their_connectors_with_adamw_and_warm_up() {
         .with_features(vec![FeatureTermConfig::new("hidden.0".into(), "hidden.7".into())]);
     let error = Distiller::new(bad, scratch("bad-tap"))
         .with_teacher(&teacher)
-        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
     assert!(error.to_string().contains("hidden.7"), "{error}");
 }
@@ -547,13 +575,15 @@ fn a_language_model_distils_on_text_windows_with_perplexity() {
         .with_teacher(&teacher)
         .fit(
             student,
-            &train,
-            &[EvalSet {
-                name: "valid",
-                dataset: &valid,
-            }],
-            &TokenBatcher,
-            &TokenBatcher,
+            FitData {
+                train: &train,
+                evals: &[EvalSet {
+                    name: "valid",
+                    dataset: &valid,
+                }],
+                train_batcher: &TokenBatcher,
+                eval_batcher: &TokenBatcher,
+            },
             &device,
         )
         .unwrap();
@@ -601,7 +631,7 @@ fn every_objective_trains_with_adam() {
             distiller.with_teacher(&oracle)
         };
         let outcome = distiller
-            .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+            .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
             .unwrap();
         let losses: Vec<f64> = outcome.records.iter().map(|r| r.train.loss).collect();
         assert!(losses[3] < losses[0], "objective {index}: {losses:?}");
@@ -609,7 +639,7 @@ fn every_objective_trains_with_adam() {
     // An objective that needs a teacher refuses to run without one.
     let config = DistillConfig::new(1, sgd(0.1, false).0, sgd(0.1, false).1, hinton());
     let error = Distiller::<Tensor<2>, 2>::new(config, scratch("no-teacher"))
-        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
     assert!(error.to_string().contains("needs a teacher"), "{error}");
 
@@ -706,14 +736,7 @@ fn token_level_kd_is_a_mean_over_valid_tokens_for_every_divergence() {
                 )
                 .with_teacher(&teacher)
                 .with_progress(false)
-                .fit::<_, _, TranscriptDataset, _, _, _>(
-                    student,
-                    &dataset,
-                    &[],
-                    &SequenceBatcher { pad },
-                    &SequenceBatcher { pad },
-                    &device,
-                )
+                .fit(student, FitData::new(&dataset, &SequenceBatcher { pad }), &device)
                 .unwrap();
                 assert_eq!(outcome.records[0].train.positions, valid_tokens, "{divergence:?}");
                 losses.push(outcome.records[0].train.loss);
@@ -807,12 +830,9 @@ fn sequence_level_kd_generates_round_trips_and_trains_on_jsonl() {
         scratch("seq-ce"),
     )
     .with_progress(false)
-    .fit::<_, _, TranscriptDataset, _, _, _>(
+    .fit(
         tiny_lm(3, BYTE_VOCAB, 16, &device),
-        &dataset,
-        &[],
-        &SequenceBatcher::default(),
-        &SequenceBatcher::default(),
+        FitData::new(&dataset, &SequenceBatcher::default()),
         &device,
     )
     .unwrap();
@@ -829,12 +849,9 @@ fn sequence_level_kd_generates_round_trips_and_trains_on_jsonl() {
     )
     .with_teacher(&text_teacher)
     .with_progress(false)
-    .fit::<_, _, TranscriptDataset, _, _, _>(
+    .fit(
         tiny_lm(3, BYTE_VOCAB, 16, &device),
-        &dataset,
-        &[],
-        &SequenceBatcher::default(),
-        &SequenceBatcher::default(),
+        FitData::new(&dataset, &SequenceBatcher::default()),
         &device,
     )
     .unwrap();
@@ -855,12 +872,9 @@ fn sequence_level_kd_generates_round_trips_and_trains_on_jsonl() {
     )
     .with_teacher(&smoothed)
     .with_progress(false)
-    .fit::<_, _, TranscriptDataset, _, _, _>(
+    .fit(
         tiny_lm(3, BYTE_VOCAB, 16, &device),
-        &dataset,
-        &[],
-        &SequenceBatcher::default(),
-        &SequenceBatcher::default(),
+        FitData::new(&dataset, &SequenceBatcher::default()),
         &device,
     )
     .unwrap();
@@ -897,9 +911,9 @@ fn on_policy_rollouts_follow_lambda_and_score_only_generated_tokens() {
             .with_progress(false);
         let student = tiny_lm(2, BYTE_VOCAB, 16, &device);
         if on_policy {
-            distiller.fit_on_policy(student, &train, &evals, &TokenBatcher, &TokenBatcher, &device)
+            distiller.fit_on_policy(student, FitData::new(&train, &TokenBatcher).with_evals(&evals), &device)
         } else {
-            distiller.fit(student, &train, &evals, &TokenBatcher, &TokenBatcher, &device)
+            distiller.fit(student, FitData::new(&train, &TokenBatcher).with_evals(&evals), &device)
         }
         .unwrap()
     };
@@ -917,10 +931,7 @@ fn on_policy_rollouts_follow_lambda_and_score_only_generated_tokens() {
         .with_teacher(&teacher)
         .fit(
             tiny_lm(2, BYTE_VOCAB, 16, &device),
-            &train,
-            &evals,
-            &TokenBatcher,
-            &TokenBatcher,
+            FitData::new(&train, &TokenBatcher).with_evals(&evals),
             &device,
         )
         .unwrap_err();
@@ -999,10 +1010,7 @@ fn a_top_k_cache_trains_a_language_model_with_the_sparse_loss() {
         .with_progress(false)
         .fit(
             tiny_lm(2, BYTE_VOCAB, 16, &device),
-            &train,
-            &evals,
-            &TokenBatcher,
-            &TokenBatcher,
+            FitData::new(&train, &TokenBatcher).with_evals(&evals),
             &device,
         )
         .unwrap();
@@ -1017,10 +1025,7 @@ fn a_top_k_cache_trains_a_language_model_with_the_sparse_loss() {
         .with_teacher(&teacher)
         .fit(
             tiny_lm(2, BYTE_VOCAB, 16, &device),
-            &train,
-            &evals,
-            &TokenBatcher,
-            &TokenBatcher,
+            FitData::new(&train, &TokenBatcher).with_evals(&evals),
             &device,
         )
         .unwrap_err();
@@ -1033,10 +1038,7 @@ fn a_top_k_cache_trains_a_language_model_with_the_sparse_loss() {
     .with_teacher(&cached)
     .fit_on_policy(
         tiny_lm(2, BYTE_VOCAB, 16, &device),
-        &train,
-        &evals,
-        &TokenBatcher,
-        &TokenBatcher,
+        FitData::new(&train, &TokenBatcher).with_evals(&evals),
         &device,
     )
     .unwrap_err();
@@ -1073,10 +1075,7 @@ fn a_teacher_with_a_larger_vocabulary_distils_under_a_vocabulary_policy() {
     .with_teacher(&teacher)
     .fit(
         tiny_lm(2, BYTE_VOCAB, 16, &device),
-        &train,
-        &evals,
-        &TokenBatcher,
-        &TokenBatcher,
+        FitData::new(&train, &TokenBatcher).with_evals(&evals),
         &device,
     )
     .unwrap_err()
@@ -1088,10 +1087,7 @@ fn a_teacher_with_a_larger_vocabulary_distils_under_a_vocabulary_policy() {
             .with_progress(false)
             .fit(
                 tiny_lm(2, BYTE_VOCAB, 16, &device),
-                &train,
-                &evals,
-                &TokenBatcher,
-                &TokenBatcher,
+                FitData::new(&train, &TokenBatcher).with_evals(&evals),
                 &device,
             )
             .unwrap();
@@ -1163,7 +1159,7 @@ fn flush_denormals_guards_the_thread_and_leaves_training_unchanged() {
             let outcome = Distiller::new(config(4, hinton(), 0.05), scratch(&format!("flush-{flush}")))
                 .with_teacher(&oracle)
                 .with_flush_denormals(flush)
-                .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+                .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
                 .unwrap();
             assert!(halve_smallest_normal() > 0.0, "fit restores the mode");
             assert!(on_pool().iter().all(|flushed| !flushed), "fit restores the pool's mode");
@@ -1284,7 +1280,7 @@ fn a_max_norm_run_keeps_every_column_on_the_ball_and_still_learns() {
     let run = |config: DistillConfig, name: &str| {
         Distiller::new(config, scratch(name))
             .with_teacher(&oracle)
-            .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+            .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
             .unwrap()
     };
     let widest = |model: &Mlp| {
@@ -1330,7 +1326,7 @@ fn a_max_norm_run_keeps_every_column_on_the_ball_and_still_learns() {
             scratch("max-norm-bad"),
         )
         .with_teacher(&oracle)
-        .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+        .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
         assert!(error.to_string().contains("max_norm"), "{error}");
     }
@@ -1495,7 +1491,7 @@ fn run_time_failures_are_structured_errors_with_their_sources() {
         config(1, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 0.05),
         scratch("failing-data"),
     )
-    .fit::<_, _, Failing, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+    .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
     .unwrap_err();
     match &error {
         TrainError::Dataset { set, index, .. } => assert_eq!((*set, *index), ("training data", 17)),
@@ -1512,7 +1508,7 @@ fn run_time_failures_are_structured_errors_with_their_sources() {
         config(1, ObjectiveConfig::Supervised { label_smoothing: 0.0 }, 0.05),
         blocker.join("run"),
     )
-    .fit::<_, _, Synthetic, _, _, _>(student(5, 0.0, &device), &train, &[], &batcher, &batcher, &device)
+    .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
     .unwrap_err();
     match &error {
         TrainError::Io { path, source } => {
@@ -1563,7 +1559,11 @@ fn an_objective_defined_outside_the_crate_trains_and_is_recorded_by_name() {
     let outcome = Distiller::new(config(40, custom.clone(), 0.03), &dir)
         .with_teacher(&oracle)
         .with_objective(&LogitMatching)
-        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .fit(
+            student(5, 0.0, &device),
+            FitData::new(&train, &batcher).with_evals(&evals),
+            &device,
+        )
         .unwrap();
     let soft = |epoch: usize| {
         outcome.records[epoch]
@@ -1595,7 +1595,11 @@ fn an_objective_defined_outside_the_crate_trains_and_is_recorded_by_name() {
     let error = Distiller::new(config(1, other, 0.01), scratch("custom-other"))
         .with_teacher(&oracle)
         .with_objective(&LogitMatching)
-        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .fit(
+            student(5, 0.0, &device),
+            FitData::new(&train, &batcher).with_evals(&evals),
+            &device,
+        )
         .unwrap_err()
         .to_string();
     assert!(
@@ -1604,7 +1608,11 @@ fn an_objective_defined_outside_the_crate_trains_and_is_recorded_by_name() {
     );
     let error = Distiller::new(config(1, custom, 0.01), scratch("custom-missing"))
         .with_teacher(&oracle)
-        .fit(student(5, 0.0, &device), &train, &evals, &batcher, &batcher, &device)
+        .fit(
+            student(5, 0.0, &device),
+            FitData::new(&train, &batcher).with_evals(&evals),
+            &device,
+        )
         .unwrap_err()
         .to_string();
     assert!(error.contains("with_objective"), "{error}");

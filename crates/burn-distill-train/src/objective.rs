@@ -2,7 +2,9 @@
 //! and the feature terms.
 
 use burn::tensor::{Bool, Int, Tensor, activation};
-use burn_distill_loss::{DivergenceLoss, DkdLoss, HintonKdLoss, Reduction, SparseKlLoss};
+use burn_distill_loss::{
+    DivergenceLoss, DkdLoss, HintonKdLoss, Implementation, Reduction, SparseKlLoss, fused_available,
+};
 use burn_distill_model::{Connector, Feature, Features, ModelError};
 
 use crate::config::{FeatureTermConfig, IGNORE_INDEX, ObjectiveConfig};
@@ -251,11 +253,30 @@ impl Builtin {
             }
             Self::Hinton(loss) => {
                 let teacher = input.teacher()?.dense.clone();
-                let terms = loss.forward_terms(input.student, teacher, input.targets, reduction)?;
+                if !runs_fused(loss, &input.student) {
+                    let terms = loss.forward_terms(input.student, teacher, input.targets, reduction)?;
+                    return Ok(ObjectiveLoss {
+                        total: terms.loss,
+                        hard: Some(terms.hard),
+                        soft: Some(terms.soft),
+                    });
+                }
+                // The fused kernel gives the loss and its gradient in one sweep, but not the
+                // terms: for the record, the cross-entropy of the detached logits, and the
+                // teacher term from the two (neither is differentiated).
+                let total = loss.forward(input.student.clone(), teacher, input.targets.clone(), reduction)?;
+                let hard = cross_entropy(
+                    input.student.detach(),
+                    input.targets,
+                    input.mask,
+                    loss.label_smoothing,
+                    input.normaliser,
+                );
+                let soft = (total.clone().detach() - hard.clone().mul_scalar(loss.alpha)).div_scalar(1.0 - loss.alpha);
                 ObjectiveLoss {
-                    total: terms.loss,
-                    hard: Some(terms.hard),
-                    soft: Some(terms.soft),
+                    total,
+                    hard: Some(hard),
+                    soft: Some(soft),
                 }
             }
             Self::Dkd(loss) => {
@@ -290,6 +311,12 @@ impl Builtin {
             }
         })
     }
+}
+
+/// Whether Hinton KD's loss runs the fused kernel here (and its terms can be recovered from the
+/// loss and the cross-entropy: not at `α = 1`, where the teacher term has no weight).
+fn runs_fused(loss: &HintonKdLoss, student: &Tensor<2>) -> bool {
+    loss.alpha < 1.0 && loss.implementation != Implementation::Composed && fused_available(&student.device())
 }
 
 /// `Σ_valid positions [(1 − ε) · (−log q_label) + ε · mean_c(−log q_c)] / normaliser`; positions

@@ -17,8 +17,8 @@ use burn_distill_data::{
     generate_transcripts, read_transcripts, write_transcripts,
 };
 use burn_distill_loss::{
-    Divergence, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, NamedDevice, SparseKlLossConfig, TailPolicy,
-    VocabPolicy, devices_for_tests,
+    Divergence, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, Implementation, NamedDevice, Reduction,
+    SparseKlLossConfig, TailPolicy, VocabPolicy, devices_for_tests, fused_available,
 };
 use burn_distill_model::{
     ConnectorConfig, Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, TransformerLm,
@@ -1616,4 +1616,88 @@ fn an_objective_defined_outside_the_crate_trains_and_is_recorded_by_name() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("with_objective"), "{error}");
+}
+
+#[test]
+fn the_hinton_objective_runs_fused_with_the_composed_terms_and_gradient() {
+    // 37 positions × 10 classes, three ignored, label smoothing on: the fused path's loss and
+    // gradient and the terms it reports against Hinton KD composed from tensor operations.
+    let (positions, classes) = (37, 10);
+    let value = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 1000) as f32 / 125.0 - 4.0;
+    for named in devices().into_iter().filter(|named| fused_available(&named.device)) {
+        let device = named.device.autodiff();
+        let logits = |seed| {
+            let values: Vec<f32> = (0..positions * classes).map(|i| value(i, seed)).collect();
+            Tensor::<2>::from_data(TensorData::new(values, [positions, classes]), &device)
+        };
+        let labels: Vec<i64> = (0..positions)
+            .map(|i| {
+                if i % 12 == 5 {
+                    IGNORE_INDEX
+                } else {
+                    (i % classes) as i64
+                }
+            })
+            .collect();
+        let targets = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(labels, [positions]), &device);
+        let normaliser = positions - 3;
+        let config = HintonKdLossConfig::new()
+            .with_alpha(0.3)
+            .with_temperature(3.0)
+            .with_label_smoothing(0.1);
+        let objective = BuiltinObjective::new(&ObjectiveConfig::Hinton(config.clone())).unwrap();
+        let fused_student = logits(1).require_grad();
+        let mask = targets.clone().not_equal_elem(IGNORE_INDEX);
+        let fused = objective
+            .loss(ObjectiveInput {
+                student: fused_student.clone(),
+                teacher: Some(TeacherLogits {
+                    dense: logits(2),
+                    top_k: None,
+                }),
+                targets: targets.clone(),
+                mask: Some(mask),
+                normaliser,
+                check_inputs: true,
+            })
+            .unwrap();
+        let composed_student = logits(1).require_grad();
+        let composed = config
+            .with_implementation(Implementation::Composed)
+            .init()
+            .forward_terms(
+                composed_student.clone(),
+                logits(2),
+                targets,
+                Reduction::SumOver(normaliser),
+            )
+            .unwrap();
+        let scalar = |t: &Tensor<1>| f64::from(t.clone().into_scalar::<f32>());
+        let close = |what: &str, a: f64, b: f64| {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{}: {what} {a} vs composed {b}",
+                named.name
+            )
+        };
+        close("loss", scalar(&fused.total), scalar(&composed.loss));
+        close("hard", scalar(fused.hard.as_ref().unwrap()), scalar(&composed.hard));
+        close("soft", scalar(fused.soft.as_ref().unwrap()), scalar(&composed.soft));
+        let grad = |loss: Tensor<1>, student: &Tensor<2>| -> Vec<f32> {
+            let grads = loss.backward();
+            student.grad(&grads).unwrap().into_data().iter::<f32>().collect()
+        };
+        let (a, b) = (
+            grad(fused.total, &fused_student),
+            grad(composed.loss, &composed_student),
+        );
+        let largest = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * largest,
+                "{}: gradient[{i}] {a} vs {b}",
+                named.name
+            );
+        }
+    }
 }

@@ -61,9 +61,12 @@ struct Args {
     /// Weight of the hard-label term.
     #[arg(long, default_value_t = 0.7)]
     alpha: f64,
-    /// Seed of weights and batch order.
+    /// Seed of the teacher's weights and batch order.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Seed of both students' weights and batch order (default: seed + 1).
+    #[arg(long)]
+    student_seed: Option<u64>,
 }
 
 /// SGD with momentum 0.9 at a constant learning rate, batches of 128.
@@ -87,8 +90,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let supervised = ObjectiveConfig::Supervised { label_smoothing: 0.0 };
     let teacher_config = config(args.teacher_epochs, supervised.clone(), args.seed);
-    let alone_config = config(args.epochs, supervised, args.seed + 1);
-    let distilled_config = config(args.epochs, distilled_objective, args.seed + 1);
+    let student_seed = args.student_seed.unwrap_or(args.seed + 1);
+    let alone_config = config(args.epochs, supervised, student_seed);
+    let distilled_config = config(args.epochs, distilled_objective, student_seed);
     for config in [&teacher_config, &alone_config, &distilled_config] {
         config.validate()?;
     }
@@ -117,7 +121,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let frozen = FrozenTeacher::new(&teacher.student);
 
     // 2. and 3. The same 784-800-800-10 student, from the same weights, alone and distilled.
-    let student = || init_seeded(args.seed + 1, &training, |d| MlpConfig::hinton_student().init(d));
+    let student = || init_seeded(student_seed, &training, |d| MlpConfig::hinton_student().init(d));
     eprintln!("student alone, {} epochs", args.epochs);
     let alone = Distiller::new(alone_config, args.run_dir.join("student-alone"))
         .with_progress(true)

@@ -40,10 +40,9 @@ impl<'r> Checkpointer<'r> {
     /// Makes the run directory and writes `config.json`; refuses a directory that holds a run.
     pub fn create(&self, config: &DistillConfig) -> Result<()> {
         if self.dir.metrics().exists() || self.dir.checkpoints().exists() {
-            return Err(TrainError::Config(format!(
-                "{} already holds a run; resume it (Distiller::resume) or choose another directory",
-                self.dir.root.display()
-            )));
+            return Err(TrainError::RunExists {
+                dir: self.dir.root.clone(),
+            });
         }
         fs::create_dir_all(self.dir.checkpoints()).map_err(|error| TrainError::io(&self.dir.root, error))?;
         write_json(&self.dir.config(), config)

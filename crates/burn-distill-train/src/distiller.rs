@@ -386,17 +386,15 @@ where
     fn check_run(&self, objective: &dyn Objective, no_training_data: bool, device: &Device) -> Result<()> {
         self.config.check_objective(objective)?;
         if objective.needs_teacher() && self.teacher.is_none() {
-            return Err(TrainError::Config(
-                "the objective needs a teacher: call with_teacher".into(),
-            ));
+            return Err(TrainError::MissingTeacher {
+                objective: format!("the objective `{}`", objective.name()),
+            });
         }
         if !device.is_autodiff() {
-            return Err(TrainError::Config(
-                "train on an autodiff device (device.autodiff()) with the student built on it".into(),
-            ));
+            return Err(TrainError::NotAutodiff);
         }
         if no_training_data {
-            return Err(TrainError::Config("the training set is empty".into()));
+            return Err(TrainError::EmptyTrainingSet);
         }
         Ok(())
     }
@@ -695,10 +693,9 @@ where
             records,
             ..
         } = session;
-        let last = records
-            .last()
-            .cloned()
-            .ok_or_else(|| TrainError::Config("no epoch was run (the run had already ended)".into()))?;
+        let last = records.last().cloned().ok_or_else(|| TrainError::AlreadyEnded {
+            dir: self.dir.root.clone(),
+        })?;
         let summary = RunSummary {
             status,
             epochs: last.epoch,

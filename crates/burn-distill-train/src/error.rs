@@ -8,6 +8,47 @@ pub enum TrainError {
     /// The configuration is out of range; nothing was run.
     #[error("invalid config: {0}")]
     Config(String),
+    /// The objective reads a teacher and the distiller was given none; nothing was run.
+    #[error("{objective} needs a teacher: call Distiller::with_teacher")]
+    MissingTeacher {
+        /// What needs it (the objective, by name).
+        objective: String,
+    },
+    /// The teacher cannot give what the objective or the training mode needs; nothing was run,
+    /// or (top-k outputs, found at the first step) the run stops there.
+    #[error("{needs}, and this teacher {has}")]
+    UnsuitableTeacher {
+        /// What is needed, and by whom.
+        needs: &'static str,
+        /// What the teacher gives instead.
+        has: &'static str,
+    },
+    /// The device cannot train: it records no gradients; nothing was run.
+    #[error("train on an autodiff device (device.autodiff()) with the student built on it")]
+    NotAutodiff,
+    /// The training set has no examples; nothing was run.
+    #[error("the training set is empty")]
+    EmptyTrainingSet,
+    /// A new run was asked for in a directory that holds one; nothing was written.
+    #[error("{} already holds a run; resume it (Distiller::resume) or choose another directory", dir.display())]
+    RunExists {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// A resumed run had already run all its epochs.
+    #[error("the run in {} had already ended: no epoch was left to run", dir.display())]
+    AlreadyEnded {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// A batch is too short for what the config asks of it (on-policy prompts).
+    #[error("on_policy.prompt_tokens = {prompt_tokens} leaves nothing to generate in sequences of {length} tokens")]
+    ShortSequences {
+        /// The configured prompt length.
+        prompt_tokens: usize,
+        /// The batch's sequence length.
+        length: usize,
+    },
     /// A loss refused its inputs (shapes, vocabularies, NaN inputs).
     #[error("loss: {0}")]
     Loss(#[from] burn_distill_loss::LossError),

@@ -82,9 +82,9 @@ impl ObjectiveInput {
     /// # Errors
     /// [`TrainError::Config`] when the run has no teacher.
     pub fn teacher(&self) -> Result<&TeacherLogits> {
-        self.teacher
-            .as_ref()
-            .ok_or_else(|| TrainError::Config("this objective needs a teacher; give the distiller one".into()))
+        self.teacher.as_ref().ok_or_else(|| TrainError::MissingTeacher {
+            objective: "an objective reading the teacher's logits".into(),
+        })
     }
 
     /// The reduction that divides a loss's sum by [`normaliser`](Self::normaliser), for
@@ -295,11 +295,10 @@ impl Builtin {
             }
             Self::Sparse { loss, hard_weight } => {
                 let (indices, log_probs) = input.teacher()?.top_k.clone().ok_or_else(|| {
-                    TrainError::Config(
-                        "the sparse objective needs a teacher that gives top-k outputs (a top-k CachedTeacher); \
-                         this teacher gives dense logits only"
-                            .into(),
-                    )
+                    TrainError::UnsuitableTeacher {
+                        needs: "the sparse objective needs a teacher that gives top-k outputs (a top-k CachedTeacher)",
+                        has: "gives dense logits only",
+                    }
                 })?;
                 let soft = match &input.mask {
                     Some(mask) => {

@@ -42,11 +42,10 @@ impl Distiller<'_, Tensor<2, Int>, 3> {
         };
         config.validate()?;
         if on_policy.lambda > 0.0 && self.teacher().is_some_and(|teacher| teacher.needs_indices()) {
-            return Err(TrainError::Config(
-                "on-policy distillation needs a live teacher: this one answers by example index (a cache) \
-                 and cannot score the student's own sequences"
-                    .into(),
-            ));
+            return Err(TrainError::UnsuitableTeacher {
+                needs: "on-policy distillation needs a live teacher to score the student's own sequences",
+                has: "answers by example index (a cache)",
+            });
         }
         let seed = config.seed;
         let rollout = move |student: &M, batch: TokenBatch, step: usize, micro: usize| {
@@ -89,9 +88,10 @@ pub fn roll_out<M: Generator>(
     let [rows, length] = batch.inputs.dims();
     let prompt = config.prompt_tokens;
     if prompt >= length {
-        return Err(TrainError::Config(format!(
-            "on_policy.prompt_tokens = {prompt} leaves nothing to generate in sequences of {length} tokens"
-        )));
+        return Err(TrainError::ShortSequences {
+            prompt_tokens: prompt,
+            length,
+        });
     }
     let device = batch.inputs.device();
     let sampling = SamplingConfig {

@@ -429,7 +429,38 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
         .with_teacher(&oracle)
         .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
+    assert!(
+        matches!(&again, TrainError::RunExists { dir: d } if d == &dir),
+        "{again:?}"
+    );
     assert!(again.to_string().contains("already holds a run"), "{again}");
+    // Nor does a device that records no gradients, or an empty training set, start anything.
+    let empty = Subset::new(train.clone(), Vec::new());
+    let (plain_dir, empty_dir) = (scratch("plain-device"), scratch("empty-set"));
+    for (what, result) in [
+        (
+            "not autodiff",
+            Distiller::new(config_for_reuse(), &plain_dir)
+                .with_teacher(&oracle)
+                .fit(
+                    student(5, 0.0, &device),
+                    FitData::new(&train, &batcher),
+                    &devices().remove(0).device,
+                ),
+        ),
+        (
+            "empty",
+            Distiller::new(config_for_reuse(), &empty_dir)
+                .with_teacher(&oracle)
+                .fit(student(5, 0.0, &device), FitData::new(&empty, &batcher), &device),
+        ),
+    ] {
+        match (what, result.unwrap_err()) {
+            ("not autodiff", TrainError::NotAutodiff) | ("empty", TrainError::EmptyTrainingSet) => {}
+            (what, other) => panic!("{what}: {other:?}"),
+        }
+    }
+    assert!(!plain_dir.exists() && !empty_dir.exists(), "nothing written");
 }
 
 fn config_for_reuse() -> DistillConfig {
@@ -641,7 +672,10 @@ fn every_objective_trains_with_adam() {
     let error = Distiller::<Tensor<2>, 2>::new(config, scratch("no-teacher"))
         .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
         .unwrap_err();
-    assert!(error.to_string().contains("needs a teacher"), "{error}");
+    assert!(
+        matches!(&error, TrainError::MissingTeacher { objective } if objective.contains("hinton")),
+        "{error:?}"
+    );
 
     // A bad loss setting is refused by `validate`, so a pipeline that checks its configs before
     // training hears of it first (it used to surface only when that phase's `fit` built the loss).
@@ -1042,6 +1076,7 @@ fn a_top_k_cache_trains_a_language_model_with_the_sparse_loss() {
         &device,
     )
     .unwrap_err();
+    assert!(matches!(error, TrainError::UnsuitableTeacher { .. }), "{error:?}");
     assert!(error.to_string().contains("live teacher"), "{error}");
 }
 

@@ -3,9 +3,8 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
-use serde::{Deserialize, Serialize};
 
-use crate::error::{check_range, check_temperature};
+use crate::error::check_temperature;
 use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, use_fused};
 use crate::input::{check_logits, flatten_pair, flatten_positions, read_bools, unflatten};
 use crate::math::{cross_entropy_rows, kl_rows, mixture_kl_rows, total_variation_rows};
@@ -13,97 +12,10 @@ use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::temperature::scaled_log_softmax;
 use crate::vocab::VocabPolicy;
 
-/// A divergence between the teacher distribution `p` and the student distribution `q`, both
-/// taken at the loss's temperature.
-///
-/// | Divergence | Per position | At the ends |
-/// |---|---|---|
-/// | `ForwardKl` | `KL(p ‖ q) = Σ p (log p − log q)` | mean-seeking; Hinton's soft term |
-/// | `ReverseKl` | `KL(q ‖ p)` | mode-seeking |
-/// | `SymmetricKl` | `KL(p ‖ q) + KL(q ‖ p)` | |
-/// | `GeneralizedJsd { beta }` | `[β KL(p ‖ m) + (1 − β) KL(q ‖ m)] / (β (1 − β))`, `m = β p + (1 − β) q` | `β → 0`: `KL(p ‖ q)`; `β → 1`: `KL(q ‖ p)`, continuously |
-/// | `SkewKl { alpha }` | `KL(p ‖ α p + (1 − α) q)` | `α = 0`: forward KL |
-/// | `SkewReverseKl { alpha }` | `KL(q ‖ (1 − α) p + α q)` | `α = 0`: reverse KL |
-/// | `TotalVariation` | `½ Σ |p − q|` | bounded by 1 |
-/// | `SoftCrossEntropy` | `−Σ p log q = KL(p ‖ q) + H(p)` | same gradient as forward KL |
-///
-/// GJSD is divided by `β (1 − β)` so that it tends to the two KLs at the ends instead of
-/// jumping to them from 0. So `GeneralizedJsd { beta: 0.5 }` is 4 × the textbook JSD, and the
-/// unnormalised GJSD of GKD-style code is `β (1 − β)` × this one. It is computed without
-/// cancellation, so `β = 1e-6` is as accurate as `β = 0.5`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum Divergence {
-    /// `KL(teacher ‖ student)`.
-    ForwardKl,
-    /// `KL(student ‖ teacher)`.
-    ReverseKl,
-    /// `KL(teacher ‖ student) + KL(student ‖ teacher)`.
-    SymmetricKl,
-    /// Generalised Jensen–Shannon divergence, normalised; `beta` in `[0, 1]`.
-    GeneralizedJsd {
-        /// Weight of the teacher in the mixture.
-        beta: f64,
-    },
-    /// Skew KL `KL(p ‖ α p + (1 − α) q)`; `alpha` in `[0, 1]`.
-    SkewKl {
-        /// Weight of the teacher in the mixture.
-        alpha: f64,
-    },
-    /// Skew reverse KL `KL(q ‖ (1 − α) p + α q)`; `alpha` in `[0, 1]`.
-    SkewReverseKl {
-        /// Weight of the student in the mixture.
-        alpha: f64,
-    },
-    /// Total variation distance `½ Σ |p − q|`.
-    TotalVariation,
-    /// Soft-target cross-entropy `−Σ p log q`.
-    SoftCrossEntropy,
-}
+pub use crate::spec::Divergence;
 
+/// The composed path of each divergence.
 impl Divergence {
-    /// One of each divergence, with the parameters common in the literature: GJSD with
-    /// `β = 0.5`, skew KL and skew reverse KL with `α = 0.1` (DistiLLM).
-    pub const ALL: [Divergence; 8] = [
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::SymmetricKl,
-        Divergence::GeneralizedJsd { beta: 0.5 },
-        Divergence::SkewKl { alpha: 0.1 },
-        Divergence::SkewReverseKl { alpha: 0.1 },
-        Divergence::TotalVariation,
-        Divergence::SoftCrossEntropy,
-    ];
-
-    /// A short, stable name without the parameter (`"forward_kl"`, `"generalized_jsd"`, …),
-    /// for logs, bench ids and file names.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Divergence::ForwardKl => "forward_kl",
-            Divergence::ReverseKl => "reverse_kl",
-            Divergence::SymmetricKl => "symmetric_kl",
-            Divergence::GeneralizedJsd { .. } => "generalized_jsd",
-            Divergence::SkewKl { .. } => "skew_kl",
-            Divergence::SkewReverseKl { .. } => "skew_reverse_kl",
-            Divergence::TotalVariation => "total_variation",
-            Divergence::SoftCrossEntropy => "soft_cross_entropy",
-        }
-    }
-
-    /// Checks the divergence's own parameter.
-    ///
-    /// # Errors
-    /// [`LossError::InvalidParameter`](crate::LossError::InvalidParameter) when `beta` or
-    /// `alpha` is outside `[0, 1]`.
-    pub fn validate(&self) -> crate::Result<()> {
-        match *self {
-            Divergence::GeneralizedJsd { beta } => check_range("beta", beta, 0.0, 1.0, "a value in [0, 1]"),
-            Divergence::SkewKl { alpha } | Divergence::SkewReverseKl { alpha } => {
-                check_range("alpha", alpha, 0.0, 1.0, "a value in [0, 1]")
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// One value per row of `[positions, classes]` log-probabilities.
     pub(crate) fn rows(&self, student_log_probs: Tensor<2>, teacher_log_probs: Tensor<2>) -> Tensor<1> {
         let (q, p) = (student_log_probs, teacher_log_probs);

@@ -31,7 +31,7 @@
 //! | Zero probabilities | `-inf` logits mean probability 0; `0 · log 0 = 0`. NaN and `+inf` logits are an error. |
 //! | Vocabulary | different class counts are an error unless a [`VocabPolicy`] pads or truncates. |
 //! | Teacher gradients | the teacher side is detached: no gradient reaches it. |
-//! | Implementation | f32 logits on an ndarray or flex device run a fused kernel (loss and gradient in one visit of each row, see [`Implementation`]); other devices run the composed tensor ops. Both agree to 1e-5. |
+//! | Implementation | f32 logits on an ndarray, flex, wgpu or cuda device run a fused kernel (loss and gradient in one visit of each row: a host kernel on the CPU devices, a CubeCL kernel on the GPU ones; see [`Implementation`]); other devices run the composed tensor ops. Both agree to 1e-5. |
 //!
 //! ## Fused kernel and chunked linear head
 //!
@@ -73,11 +73,13 @@ mod divergence;
 mod dkd;
 mod error;
 mod fused;
+mod head;
 mod hinton;
 mod input;
 mod math;
 mod reduction;
 mod sparse;
+mod spec;
 mod temperature;
 mod vocab;
 
@@ -94,7 +96,8 @@ pub use divergence::{
 pub use dkd::{DkdLoss, DkdLossConfig, decoupled_kd};
 pub use error::{LossError, Result};
 pub use fused::{FEW_ROWS, WeightLayout, weight_matmul};
-pub use fused::{HeadTeacher, Implementation, LinearHeadKd, LinearHeadKdConfig, fused_available, swiglu};
+pub use fused::{Implementation, fused_available, swiglu};
+pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
 pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};
 pub use reduction::{Reduction, valid_mask};
 pub use sparse::{SparseKlLoss, SparseKlLossConfig, TailPolicy, sparse_forward_kl};

@@ -18,9 +18,9 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim};
 
-use super::kernel::RowSpec;
 use super::op::FusedJob;
-use crate::divergence::Divergence;
+use crate::spec::Divergence;
+use crate::spec::RowSpec;
 
 /// Most units per cube (one row per cube); a power of two for the tree reductions. Narrow
 /// rows get a narrower cube (at least [`MIN_UNITS`]): its barriers are cheaper.

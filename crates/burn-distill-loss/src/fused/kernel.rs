@@ -13,52 +13,12 @@
 
 use rayon::prelude::*;
 
-use crate::divergence::Divergence;
+use crate::spec::{Divergence, RowSpec};
 
 /// Lanes of every explicit reduction (8 × f32 = one AVX2 register).
 const LANES: usize = 8;
 /// Rows per rayon task: enough work per task to amortise scheduling at small vocabularies.
 const MIN_ELEMENTS_PER_TASK: usize = 1 << 16;
-
-/// What to compute for every row.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct RowSpec {
-    /// The divergence between the softened distributions (teacher `p`, student `q`).
-    pub divergence: Divergence,
-    /// Softening temperature of both sides.
-    pub temperature: f32,
-    /// Factor on the divergence (`T²`, Hinton's `1 − α`).
-    pub soft_weight: f32,
-    /// Factor on the cross-entropy with the label at `T = 1` (Hinton's `α`); 0 = no hard term.
-    pub hard_weight: f32,
-    /// Label smoothing of the hard term.
-    pub label_smoothing: f32,
-}
-
-impl RowSpec {
-    /// `(1 − α) · [T²] · D + α · CE`: Hinton's weighting (α = 0 for a plain divergence).
-    pub(crate) fn weighted(
-        divergence: Divergence,
-        temperature: f64,
-        scale_by_temperature_squared: bool,
-        alpha: f64,
-        label_smoothing: f64,
-    ) -> Self {
-        let temperature = temperature as f32;
-        let squared = if scale_by_temperature_squared {
-            temperature * temperature
-        } else {
-            1.0
-        };
-        Self {
-            divergence,
-            temperature,
-            soft_weight: (1.0 - alpha as f32) * squared,
-            hard_weight: alpha as f32,
-            label_smoothing: label_smoothing as f32,
-        }
-    }
-}
 
 /// The result of [`fused_rows`].
 #[derive(Debug)]

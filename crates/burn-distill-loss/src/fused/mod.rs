@@ -10,7 +10,6 @@
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod cube;
-mod head;
 mod kernel;
 mod op;
 mod rows;
@@ -23,12 +22,12 @@ use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
-pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
+pub(crate) use op::{FusedLossBackend, HeadJob};
 pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use swiglu::swiglu;
 
-pub(crate) use kernel::RowSpec;
-use op::{FusedJob, FusedLossBackend};
+pub(crate) use crate::spec::RowSpec;
+use op::FusedJob;
 
 /// Which implementation a loss runs.
 ///

@@ -20,7 +20,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::{FloatDType, Shape, Slice};
 
-use super::kernel::{RowSpec, RowsOut, fused_rows};
+use super::kernel::{RowsOut, fused_rows};
+use crate::spec::RowSpec;
 
 /// One call of the fused loss: what to compute, on which rows, reduced how.
 #[derive(Debug, Clone)]

@@ -6,14 +6,13 @@ use burn::backend::Dispatch;
 use burn::config::Config;
 use burn::tensor::{Int, Tensor};
 
-use super::kernel::RowSpec;
-use super::op::{FusedLossBackend, HeadJob};
-use super::{Implementation, decide, kernel_labels};
 use crate::divergence::{Divergence, DivergenceLossConfig};
 use crate::error::{LossError, check_range, check_temperature};
+use crate::fused::{FusedLossBackend, HeadJob, Implementation, decide, has_nan, kernel_labels};
 use crate::hinton::HintonKdLossConfig;
 use crate::input::read_ints;
 use crate::reduction::{Reduction, reduction_weights};
+use crate::spec::RowSpec;
 
 /// The teacher side of a [`LinearHeadKd`].
 // One value per loss call: boxing the larger variant would buy nothing.
@@ -212,7 +211,7 @@ impl LinearHeadKd {
             ),
         };
         let output = Tensor::<1>::from_dispatch(output);
-        if super::has_nan(&output) {
+        if has_nan(&output) {
             return Err(LossError::NonFinite {
                 tensor: "student or teacher logits of the linear head",
                 kind: "NaN, +inf or all -inf",

@@ -10,19 +10,15 @@ mod pipeline;
 #[allow(dead_code)]
 mod lm_pipeline;
 
-/// The CPU backends' random streams are process-wide: the two pipelines run one at a time, so
-/// neither draws from (or reseeds) the other's stream and each run is reproducible.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+// The CPU backends' random streams are process-wide: the two pipelines run one at a time, so
+// neither draws from (or reseeds) the other's stream and each run is reproducible.
+use burn_distill_testing::serial;
 
 #[test]
 fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     let _serial = serial();
     let device = burn_distill::loss::available_devices().remove(0);
-    let run_dir = std::env::temp_dir().join(format!("burn-distill-mnist-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run_dir);
+    let run_dir = burn_distill_testing::scratch("mnist");
     let options = pipeline::Options {
         device: device.name.to_string(),
         run_dir: run_dir.clone(),
@@ -216,8 +212,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 fn the_lm_pipeline_runs_every_objective_end_to_end_and_loads_finished_models() {
     let _serial = serial();
     let device = burn_distill::loss::available_devices().remove(0);
-    let run_dir = std::env::temp_dir().join(format!("burn-distill-lm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run_dir);
+    let run_dir = burn_distill_testing::scratch("lm");
     let shape = |layers, width| lm_pipeline::Shape {
         layers,
         width,

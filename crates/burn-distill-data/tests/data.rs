@@ -9,11 +9,12 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::tensor::{Device, Int, Tensor, activation};
 use burn_distill_data::*;
-use burn_distill_loss::{NamedDevice, TailPolicy, devices_for_tests};
+use burn_distill_loss::{NamedDevice, TailPolicy};
 use burn_distill_model::{
     Fingerprint, FrozenTeacher, Mlp, MlpConfig, ModelError, Teacher, TeacherOutput, TransformerLm, TransformerLmConfig,
     init_seeded,
 };
+use burn_distill_testing::devices_for_tests;
 
 fn devices() -> Vec<NamedDevice> {
     devices_for_tests()
@@ -25,10 +26,7 @@ fn cpu() -> Device {
 
 /// A fresh, empty scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("burn-distill-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    burn_distill_testing::scratch(&format!("data-{name}"))
 }
 
 fn mnist_train() -> MnistDataset {

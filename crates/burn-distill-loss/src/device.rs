@@ -74,30 +74,3 @@ pub fn runnable_devices() -> Vec<NamedDevice> {
         .filter(|named| device_works(&named.device))
         .collect()
 }
-
-/// The devices a test suite should run on: every compiled-in device that works here.
-///
-/// A device that does not work (a wgpu device without an adapter) is skipped with a message on
-/// stderr, except when the `CI` environment variable is set (and not `false`): CI is expected
-/// to provide every compiled backend (wgpu through Mesa's lavapipe), so there it panics.
-///
-/// # Panics
-/// Under CI, when a compiled-in device does not work.
-pub fn devices_for_tests() -> Vec<NamedDevice> {
-    let in_ci = std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false");
-    available_devices()
-        .into_iter()
-        .filter(|named| {
-            let works = device_works(&named.device);
-            assert!(
-                works || !in_ci,
-                "CI expects the {} device to work (for wgpu: apt-get install mesa-vulkan-drivers), it does not",
-                named.name
-            );
-            if !works {
-                eprintln!("the {} device does not work here: skipping it", named.name);
-            }
-            works
-        })
-        .collect()
-}

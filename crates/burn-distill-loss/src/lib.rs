@@ -88,7 +88,7 @@ mod vocab;
 /// re-export it.
 pub const IGNORE_INDEX: i64 = -100;
 
-pub use device::{NamedDevice, available_devices, device_by_name, device_works, devices_for_tests, runnable_devices};
+pub use device::{NamedDevice, available_devices, device_by_name, device_works, runnable_devices};
 pub use divergence::{
     Divergence, DivergenceLoss, DivergenceLossConfig, divergence, forward_kl, generalized_jsd, reverse_kl, skew_kl,
     skew_reverse_kl, soft_cross_entropy, symmetric_kl, total_variation,

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 use burn_distill_loss::*;
+use burn_distill_testing::devices_for_tests;
 use serde::Deserialize;
 
 #[path = "loss/fused.rs"]

@@ -3,22 +3,15 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData, activation};
-use burn_distill_loss::{HintonKdLossConfig, NamedDevice, Reduction, devices_for_tests};
+use burn_distill_loss::{HintonKdLossConfig, NamedDevice, Reduction};
 use burn_distill_model::*;
+use burn_distill_testing::{devices_for_tests, serial};
 
 #[path = "model/llama.rs"]
 mod llama;
 
 fn devices() -> Vec<NamedDevice> {
     devices_for_tests()
-}
-
-/// The CPU backends' random streams are process-wide and burn draws weights lazily, at a model's
-/// first use: a test drawing on one (unseeded initialisation, dropout) while another seeds it
-/// would change the seeded weights. Every test here takes this lock (the binary runs in seconds).
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Host-made inputs in [0, 1), identical on every device.
@@ -306,9 +299,7 @@ fn fixture(name: &str) -> std::path::PathBuf {
 }
 
 fn scratch_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("burn-distill-model-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    burn_distill_testing::scratch(&format!("model-{name}"))
 }
 
 #[test]

@@ -18,12 +18,13 @@ use burn_distill_data::{
 };
 use burn_distill_loss::{
     Divergence, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, Implementation, NamedDevice, Reduction,
-    SparseKlLossConfig, TailPolicy, VocabPolicy, devices_for_tests, fused_available,
+    SparseKlLossConfig, TailPolicy, VocabPolicy, fused_available,
 };
 use burn_distill_model::{
     ConnectorConfig, Fingerprint, Fingerprinter, FnTeacher, FrozenTeacher, Mlp, MlpConfig, Teacher, TransformerLm,
     TransformerLmConfig, init_seeded,
 };
+use burn_distill_testing::{devices_for_tests, serial};
 use burn_distill_train::*;
 
 /// Inputs in [0, 1]^16 (stored as bytes, as images are) labelled by a fixed random network:
@@ -94,17 +95,9 @@ fn devices() -> Vec<NamedDevice> {
     devices_for_tests()
 }
 
-/// The CPU backends' random generators are process-wide: tests that train (dropout, seeded
-/// initialisation) take this lock so that a parallel test cannot draw from a run's stream.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
+/// A new, empty directory for one run.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("burn-distill-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    burn_distill_testing::scratch(&format!("train-{name}"))
 }
 
 type Oracle = FnTeacher<Mlp, fn(&Mlp, Tensor<2>) -> Tensor<2>>;
@@ -460,7 +453,11 @@ fn early_stopping_ends_a_run_that_stopped_improving() {
             (what, other) => panic!("{what}: {other:?}"),
         }
     }
-    assert!(!plain_dir.exists() && !empty_dir.exists(), "nothing written");
+    let empty_dir_left = |dir: &PathBuf| std::fs::read_dir(dir).unwrap().next().is_none();
+    assert!(
+        empty_dir_left(&plain_dir) && empty_dir_left(&empty_dir),
+        "nothing written"
+    );
 }
 
 fn config_for_reuse() -> DistillConfig {
@@ -1536,7 +1533,7 @@ fn run_time_failures_are_structured_errors_with_their_sources() {
     assert!(error.source().is_some());
 
     // A run directory that cannot be made (its parent is a file): the path and the OS error.
-    let blocker = scratch("blocker");
+    let blocker = scratch("blocker").join("a-file");
     std::fs::write(&blocker, b"a file").unwrap();
     let train = Synthetic::new(32, 1, &oracle, &device);
     let error = Distiller::<Tensor<2>, 2>::new(

@@ -30,6 +30,35 @@
 //! write is atomic and resumable. [`CachedTeacher`] serves the file through a memory map as a
 //! `Teacher`, after refusing a cache made from another teacher or dataset.
 //!
+//! ```rust
+//! use burn::tensor::Tensor;
+//! use burn_distill_data::{
+//!     CacheBuildOptions, CacheMode, CachedTeacher, ImageBatcher, MnistDataset, MnistSplit, Subset, build_cache,
+//! };
+//! use burn_distill_model::{FrozenTeacher, MlpConfig, Teacher, init_seeded};
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let device = burn_distill_loss::available_devices().remove(0).device;
+//!     // The bundled MNIST (data/mnist/, or BURN_DISTILL_MNIST_DIR); its first 512 examples.
+//!     let train = Subset::new(MnistDataset::load_default(MnistSplit::Train)?, (0..512).collect());
+//!     let teacher = FrozenTeacher::new(&init_seeded(1, &device, |d| MlpConfig::hinton_teacher().init(d)));
+//!
+//!     // Run the teacher once; store its top-4 classes per example (or DenseF32 / DenseF16).
+//!     let path = std::env::temp_dir().join("data-docs-teacher-cache.bdkd");
+//!     let options = CacheBuildOptions::new(CacheMode::TopK { k: 4 });
+//!     let report = build_cache(&path, &teacher, &train, &ImageBatcher::new(), &device, &options)?;
+//!     println!("{} examples, {} bytes (reused: {})", report.examples, report.bytes, report.reused);
+//!
+//!     // A cached teacher is a Teacher: training code does not change. It refuses a cache made
+//!     // from other weights or other data.
+//!     let fingerprint = Teacher::<Tensor<2>, 2>::fingerprint(&teacher).expect("a module teacher has one");
+//!     let cached = CachedTeacher::open(&path, &train, fingerprint, &device)?;
+//!     let soft = Teacher::<Tensor<2>, 2>::teach_examples(&cached, Tensor::zeros([2, 784], &device), &[7, 3], &[])?;
+//!     assert_eq!(soft.logits().dims(), [2, 10]);
+//!     Ok(())
+//! }
+//! ```
+//!
 //! # Supported Rust versions
 //!
 //! Rust 1.95 or newer.

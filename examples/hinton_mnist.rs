@@ -100,6 +100,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     for config in [&teacher_config, &alone_config, &distilled_config] {
         config.validate()?;
     }
+    // A finished phase is not overwritten, and a later one is not found taken after an earlier
+    // one has trained.
+    for phase in ["teacher", "student-alone", "student-distilled"] {
+        let dir = args.run_dir.join(phase);
+        if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(format!("{} already holds a run: pass another --run-dir", dir.display()).into());
+        }
+    }
 
     let train_images = MnistDataset::load_default(MnistSplit::Train)?;
     let test = MnistDataset::load_default(MnistSplit::Test)?;

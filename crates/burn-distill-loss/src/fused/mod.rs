@@ -146,6 +146,21 @@ pub(crate) fn kernel_labels(mut labels: Vec<i64>, ignore_index: i64, classes: us
     Ok((labels, valid))
 }
 
+/// Whether two f32 tensors of one device can go to a host kernel (ndarray or flex): what the
+/// CPU-only extension ops ([`swiglu`], [`weight_matmul`]) check before dispatching.
+pub(crate) fn host_f32_pair(a: (&Device, DType), b: (&Device, DType)) -> bool {
+    use burn::backend::DispatchDevice;
+    let host = match a.0.as_dispatch().clone().inner() {
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[allow(unreachable_patterns)] // with no host backend compiled in, nothing above matches
+        _ => false,
+    };
+    host && a.0 == b.0 && a.1 == DType::F32 && b.1 == DType::F32
+}
+
 /// Whether any value of a fused result is NaN (a bad input row): one host read of `[1]` or
 /// `[positions]` values.
 pub(crate) fn has_nan(values: &Tensor<1>) -> bool {

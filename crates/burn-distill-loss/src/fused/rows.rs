@@ -20,7 +20,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 #[cfg(any(feature = "ndarray", feature = "flex"))]
@@ -61,7 +61,7 @@ pub fn weight_matmul(x: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> T
         width, inner,
         "weight_matmul: x has {width} columns, the weight's input width is {inner}"
     );
-    if rows > FEW_ROWS || !host_kernel(&x, &weight) {
+    if rows > FEW_ROWS || !super::host_f32_pair((&x.device(), x.dtype()), (&weight.device(), weight.dtype())) {
         return match layout {
             WeightLayout::InOut => x.matmul(weight),
             WeightLayout::OutIn => x.matmul(weight.transpose()),
@@ -73,20 +73,6 @@ pub fn weight_matmul(x: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> T
         layout == WeightLayout::OutIn,
     );
     Tensor::from_dispatch(output)
-}
-
-fn host_kernel(x: &Tensor<2>, weight: &Tensor<2>) -> bool {
-    use burn::backend::DispatchDevice;
-    let device = x.device();
-    let host = match device.as_dispatch().clone().inner() {
-        #[cfg(feature = "ndarray")]
-        DispatchDevice::NdArray(_) => true,
-        #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
-        #[allow(unreachable_patterns)] // with no host backend compiled in, nothing above matches
-        _ => false,
-    };
-    host && device == weight.device() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
 
 /// The few-row product as a backend operation (a host kernel on ndarray and flex).

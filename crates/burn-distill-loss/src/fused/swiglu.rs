@@ -17,7 +17,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{DType, Device, Tensor, activation};
+use burn::tensor::{Tensor, activation};
 use rayon::prelude::*;
 
 use super::kernel::fast_exp;
@@ -34,24 +34,11 @@ use super::op::HostTensor;
 /// When the shapes differ (as burn's own elementwise operations do).
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     assert_eq!(gate.dims(), up.dims(), "swiglu: gate and up must have the same shape");
-    if !host_kernel(&gate.device(), &up.device(), gate.dtype(), up.dtype()) {
+    if !super::host_f32_pair((&gate.device(), gate.dtype()), (&up.device(), up.dtype())) {
         return activation::silu(gate) * up;
     }
     let output = <Dispatch as SwiGluBackend>::swiglu(gate.into_dispatch(), up.into_dispatch());
     Tensor::from_dispatch(output)
-}
-
-fn host_kernel(gate: &Device, up: &Device, gate_dtype: DType, up_dtype: DType) -> bool {
-    use burn::backend::DispatchDevice;
-    let host = match gate.as_dispatch().clone().inner() {
-        #[cfg(feature = "ndarray")]
-        DispatchDevice::NdArray(_) => true,
-        #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
-        #[allow(unreachable_patterns)] // with no host backend compiled in, nothing above matches
-        _ => false,
-    };
-    host && gate == up && gate_dtype == DType::F32 && up_dtype == DType::F32
 }
 
 /// The SwiGLU gate as backend operations (host kernels on ndarray and flex).

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 use super::op::HostTensor;
 
-/// The most rows [`weight_matmul`] sends to its host kernel; larger products go to burn's GEMM.
+/// The most rows [`weight_matmul`] sends to its few-row host kernel; larger products are GEMMs.
 pub const FEW_ROWS: usize = 16;
 
 /// How a weight matrix is stored.
@@ -41,8 +41,10 @@ pub enum WeightLayout {
 /// `x · W` (or `x · Wᵀ` for [`WeightLayout::OutIn`]), differentiable in both.
 ///
 /// On the ndarray and flex devices, with f32 tensors and at most [`FEW_ROWS`] rows in `x`, one
-/// host kernel streams the weight on every core; otherwise, and for the gradients, it is burn's
-/// `matmul`. The two agree to f32 rounding (the kernel sums in another order).
+/// host kernel streams the weight on every core; with more rows and the `fast-cpu` feature it is
+/// the `gemm` crate's product written straight into the result (burn-flex's own matmul copies its
+/// output once more). Otherwise, and for the gradients, it is burn's `matmul`. They agree to f32
+/// rounding (the kernels sum in other orders).
 ///
 /// # Shapes
 /// - x: `[m, in]`
@@ -61,7 +63,9 @@ pub fn weight_matmul(x: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> T
         width, inner,
         "weight_matmul: x has {width} columns, the weight's input width is {inner}"
     );
-    if rows > FEW_ROWS || !super::host_f32_pair((&x.device(), x.dtype()), (&weight.device(), weight.dtype())) {
+    let host = (rows <= FEW_ROWS || cfg!(feature = "fast-cpu"))
+        && super::host_f32_pair((&x.device(), x.dtype()), (&weight.device(), weight.dtype()));
+    if !host {
         return match layout {
             WeightLayout::InOut => x.matmul(weight),
             WeightLayout::OutIn => x.matmul(weight.transpose()),
@@ -365,11 +369,66 @@ fn host_weight_matmul<B: HostTensor>(x: &FloatTensor<B>, weight: &FloatTensor<B>
     } else {
         weight.shape()[1]
     };
+    #[cfg(feature = "fast-cpu")]
+    if m > FEW_ROWS {
+        let out = B::with_values(x, |x| B::with_values(weight, |w| gemm_matmul(x, w, m, k, n, transposed)));
+        return B::from_values(out, vec![m, n]);
+    }
     let mut out = vec![0.0f32; m * n];
     B::with_values(x, |x| {
         B::with_values(weight, |w| rows_matmul(x, w, m, k, n, transposed, &mut out))
     });
     B::from_values(out, vec![m, n])
+}
+
+/// `x · W` (or `x · Wᵀ`) for many rows: the `gemm` crate's kernels, as burn-flex calls them, but
+/// into a buffer the result tensor then owns. burn-flex's own output buffer is allocated and then
+/// copied once more to meet its alignment (`FlexTensor::empty`), a pass over the whole product
+/// that was 6 % of SmolLM2's 8 × 256 forward (its logits alone are 403 MB).
+#[cfg(all(feature = "fast-cpu", any(feature = "ndarray", feature = "flex")))]
+fn gemm_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, transposed: bool) -> Vec<f32> {
+    assert!(x.len() == m * k && w.len() == k * n);
+    if k == 0 {
+        return vec![0.0; m * n];
+    }
+    // As burn-flex decides: below 192³ multiply-adds one thread is faster.
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // Element (i, j) of the right operand: w[i·n + j] for [k, n], w[j·k + i] for [n, k].
+    let (rhs_cs, rhs_rs) = if transposed { (k as isize, 1) } else { (1, n as isize) };
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the slices hold m·k and k·n values (asserted) and `out` has room for m·n, with the
+    // strides above addressing only inside them; with `read_dst` false gemm writes every output
+    // element before anything reads it, so the length may then cover them all.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    out
 }
 
 macro_rules! host_impl {

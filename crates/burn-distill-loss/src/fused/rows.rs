@@ -371,7 +371,9 @@ fn host_weight_matmul<B: HostTensor>(x: &FloatTensor<B>, weight: &FloatTensor<B>
     };
     #[cfg(feature = "fast-cpu")]
     if m > FEW_ROWS {
-        let out = B::with_values(x, |x| B::with_values(weight, |w| gemm_matmul(x, w, m, k, n, transposed)));
+        let out = B::with_values(x, |x| {
+            B::with_values(weight, |w| gemm_matmul(x, w, m, k, n, transposed))
+        });
         return B::from_values(out, vec![m, n]);
     }
     let mut out = vec![0.0f32; m * n];

@@ -1,5 +1,6 @@
-//! Products of a few rows with a weight matrix (`[m, k] · W` for `m ≤` [`FEW_ROWS`]), the
-//! projections of one decoding step, as one host kernel on every core.
+//! Products of rows with a weight matrix (`[m, k] · W`) on the host devices: for `m ≤`
+//! [`FEW_ROWS`] (the projections of one decoding step) one host kernel on every core, for more
+//! rows the `gemm` crate into the result's own buffer (`gemm_matmul`).
 //!
 //! burn's CPU matmul runs products below 192³ on one thread, so a decoding step of SmolLM2
 //! streamed its 540 MB of weights through one of two cores. Here the product is split into tasks
@@ -387,14 +388,18 @@ fn host_weight_matmul<B: HostTensor>(x: &FloatTensor<B>, weight: &FloatTensor<B>
 /// into a buffer the result tensor then owns. burn-flex's own output buffer is allocated and then
 /// copied once more to meet its alignment (`FlexTensor::empty`), a pass over the whole product
 /// that was 6 % of SmolLM2's 8 × 256 forward (its logits alone are 403 MB).
+/// Multiply-adds from which `gemm_matmul` splits a product over the rayon pool: burn-flex's
+/// own threshold (below it one thread is faster).
+#[cfg(all(feature = "fast-cpu", any(feature = "ndarray", feature = "flex")))]
+const GEMM_PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+
 #[cfg(all(feature = "fast-cpu", any(feature = "ndarray", feature = "flex")))]
 fn gemm_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, transposed: bool) -> Vec<f32> {
     assert!(x.len() == m * k && w.len() == k * n);
     if k == 0 {
         return vec![0.0; m * n];
     }
-    // As burn-flex decides: below 192³ multiply-adds one thread is faster.
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= GEMM_PARALLEL_THRESHOLD {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None

@@ -8,6 +8,7 @@
 //! CubeCL kernel, one cube per row); the losses pick it by themselves
 //! ([`Implementation::Auto`]) and fall back to the composed tensor-op path elsewhere.
 
+mod attention;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod cube;
 mod kernel;
@@ -22,6 +23,7 @@ use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
+pub use attention::{CausalMask, causal_attention};
 pub(crate) use op::{FusedLossBackend, HeadJob};
 pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use swiglu::swiglu;

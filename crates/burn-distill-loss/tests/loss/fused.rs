@@ -831,3 +831,161 @@ fn weight_matmul_matches_the_f64_product_and_its_gradients_on_every_device() {
     );
     assert!(to_vec(nan).iter().all(|v| v.is_nan()), "NaN in, NaN out");
 }
+
+/// One attention call's sizes: `[batch, seq, heads, kv_heads, head_dim]`, the cached slots
+/// before the queries, and each row's left padding.
+struct AttentionCase {
+    dims: [usize; 5],
+    past: usize,
+    padding: Vec<usize>,
+}
+
+/// The output of causal grouped-query attention and the gradients of `Σ output · upstream`
+/// w.r.t. q, k and v, in f64 from the definition (`[batch, seq, heads, head_dim]` queries,
+/// `[batch, past + seq, kv_heads, head_dim]` keys and values).
+fn attention_reference(case: &AttentionCase, [q, k, v, upstream]: [&[f64]; 4]) -> [Vec<f64>; 4] {
+    let [batch, seq, heads, kv_heads, d] = case.dims;
+    let keys = case.past + seq;
+    let scale = 1.0 / (d as f64).sqrt();
+    let f = |x: f64| x as f32 as f64;
+    let q_at = |b: usize, i: usize, h: usize| ((b * seq + i) * heads + h) * d;
+    let k_at = |b: usize, j: usize, kv: usize| ((b * keys + j) * kv_heads + kv) * d;
+    let mut out = vec![0.0; q.len()];
+    let (mut d_q, mut d_k, mut d_v) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    for b in 0..batch {
+        let pad = case.padding.get(b).copied().unwrap_or(0);
+        for i in 0..seq {
+            let slot = case.past + i;
+            let allowed: Vec<usize> = (0..keys).filter(|&j| j == slot || (j <= slot && j >= pad)).collect();
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let (qa, ga) = (q_at(b, i, h), q_at(b, i, h));
+                let scores: Vec<f64> = allowed
+                    .iter()
+                    .map(|&j| (0..d).map(|e| f(q[qa + e]) * f(k[k_at(b, j, kv) + e])).sum::<f64>() * scale)
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = exps.iter().sum();
+                let p: Vec<f64> = exps.iter().map(|e| e / total).collect();
+                for (&j, &pj) in allowed.iter().zip(&p) {
+                    for e in 0..d {
+                        out[qa + e] += pj * f(v[k_at(b, j, kv) + e]);
+                        d_v[k_at(b, j, kv) + e] += pj * f(upstream[ga + e]);
+                    }
+                }
+                // dP_j = dO · v_j; dS_j = P_j (dP_j − Σ P dP).
+                let d_p: Vec<f64> = allowed
+                    .iter()
+                    .map(|&j| (0..d).map(|e| f(upstream[ga + e]) * f(v[k_at(b, j, kv) + e])).sum())
+                    .collect();
+                let mean: f64 = p.iter().zip(&d_p).map(|(p, dp)| p * dp).sum();
+                for ((&j, &pj), &dpj) in allowed.iter().zip(&p).zip(&d_p) {
+                    let ds = pj * (dpj - mean) * scale;
+                    for e in 0..d {
+                        d_q[qa + e] += ds * f(k[k_at(b, j, kv) + e]);
+                        d_k[k_at(b, j, kv) + e] += ds * f(q[qa + e]);
+                    }
+                }
+            }
+        }
+    }
+    [out, d_q, d_k, d_v]
+}
+
+#[test]
+fn causal_attention_matches_its_f64_definition_and_gradients_on_every_device() {
+    let cases = [
+        // Whole sequences past one 64-query block, three query heads per key/value head.
+        AttentionCase {
+            dims: [2, 70, 6, 2, 8],
+            past: 0,
+            padding: vec![],
+        },
+        // A cached call on left-padded rows: row 2's padding runs past the cache, so its first
+        // queries are padding and see themselves alone.
+        AttentionCase {
+            dims: [3, 3, 4, 1, 6],
+            past: 5,
+            padding: vec![0, 2, 6],
+        },
+        // One decoding step, as many key/value heads as query heads.
+        AttentionCase {
+            dims: [2, 1, 3, 3, 4],
+            past: 9,
+            padding: vec![1, 0],
+        },
+    ];
+    for (index, case) in cases.iter().enumerate() {
+        let [batch, seq, heads, kv_heads, d] = case.dims;
+        let keys = case.past + seq;
+        let (q_shape, k_shape) = ([batch, seq, heads, d], [batch, keys, kv_heads, d]);
+        let seed = 40 + 4 * index as u64;
+        let q = random_logits(&q_shape, 2.0, seed);
+        let k = random_logits(&k_shape, 2.0, seed + 1);
+        let v = random_logits(&k_shape, 1.0, seed + 2);
+        let upstream = random_logits(&[batch, seq, heads * d], 1.0, seed + 3);
+        let reference = attention_reference(case, [&q, &k, &v, &upstream]);
+        let scaled = |values: &[f64]| -> Vec<(f64, f64)> {
+            let largest = values.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
+            values.iter().map(|&v| (v, largest)).collect()
+        };
+        let [out, d_q, d_k, d_v] = reference.each_ref().map(|values| scaled(values));
+        let mask = CausalMask::cached(case.past, case.padding.clone());
+        for named in devices() {
+            let what = format!("{}: case {index}", named.name);
+            let plain = causal_attention(
+                floats::<4>(&q, &q_shape, &named.device),
+                floats::<4>(&k, &k_shape, &named.device),
+                floats::<4>(&v, &k_shape, &named.device),
+                &mask,
+            );
+            assert_eq!(plain.dims(), [batch, seq, heads * d], "{what}: shape");
+            assert_elementwise(&format!("{what}: output"), &to_vec(plain), &out, 2e-5, 0.0);
+
+            let device = named.device.clone().autodiff();
+            let qt = floats::<4>(&q, &q_shape, &device).require_grad();
+            let kt = floats::<4>(&k, &k_shape, &device).require_grad();
+            let vt = floats::<4>(&v, &k_shape, &device).require_grad();
+            let output = causal_attention(qt.clone(), kt.clone(), vt.clone(), &mask);
+            let grads = (output.clone() * floats::<3>(&upstream, &[batch, seq, heads * d], &device))
+                .sum()
+                .backward();
+            assert_elementwise(
+                &format!("{what}: output (autodiff)"),
+                &to_vec(output.without_autodiff()),
+                &out,
+                2e-5,
+                0.0,
+            );
+            let grad = |t: &Tensor<4>| to_vec(t.grad(&grads).expect("gradient").without_autodiff());
+            assert_elementwise(&format!("{what}: d q"), &grad(&qt), &d_q, 2e-5, 0.0);
+            assert_elementwise(&format!("{what}: d k"), &grad(&kt), &d_k, 2e-5, 0.0);
+            assert_elementwise(&format!("{what}: d v"), &grad(&vt), &d_v, 2e-5, 0.0);
+        }
+    }
+    for named in devices() {
+        // A NaN query poisons its own rows only.
+        let mut q = random_logits(&[1, 2, 1, 4], 1.0, 60);
+        q[4] = f64::NAN;
+        let kv = random_logits(&[1, 2, 1, 4], 1.0, 61);
+        let out = to_vec(causal_attention(
+            floats::<4>(&q, &[1, 2, 1, 4], &named.device),
+            floats::<4>(&kv, &[1, 2, 1, 4], &named.device),
+            floats::<4>(&kv, &[1, 2, 1, 4], &named.device),
+            &CausalMask::causal(),
+        ));
+        assert!(
+            out[..4].iter().all(|v| v.is_finite()),
+            "{}: clean row stays finite",
+            named.name
+        );
+        assert!(out[4..].iter().all(|v| v.is_nan()), "{}: NaN in, NaN out", named.name);
+    }
+    let mismatched = std::panic::catch_unwind(|| {
+        let device = &devices()[0].device;
+        let t = |seq: usize| floats::<4>(&vec![0.0; seq * 4], &[1, seq, 1, 4], device);
+        causal_attention(t(2), t(3), t(3), &CausalMask::causal())
+    });
+    assert!(mismatched.is_err(), "keys that are not past + seq slots are refused");
+}

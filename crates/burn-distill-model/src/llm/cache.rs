@@ -1,8 +1,9 @@
 //! The key/value cache of incremental decoding, kept outside the model.
 
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::Tensor;
+use burn_distill_loss::CausalMask;
 
-/// One block's cached keys and values, `[batch, kv_heads, slots, head_dim]` each; `None` before
+/// One block's cached keys and values, `[batch, slots, kv_heads, head_dim]` each; `None` before
 /// the first call.
 pub(crate) type BlockCache = Option<(Tensor<4>, Tensor<4>)>;
 
@@ -56,17 +57,10 @@ impl LlamaCache {
             .collect()
     }
 
-    /// `[batch, 1, seq, len + seq]`, `true` where a new slot must not attend: the future, and
+    /// Which keys the next slots see: the causal rule over the filled slots, without the
     /// padding (a padding slot attends to itself alone, so its softmax stays defined).
-    pub(crate) fn mask(&self, seq: usize, device: &Device) -> Tensor<4, Bool> {
-        let keys = self.len + seq;
-        let mut masked = Vec::with_capacity(self.batch() * seq * keys);
-        for &pad in &self.left_padding {
-            for query in self.len..self.len + seq {
-                masked.extend((0..keys).map(|key| !(key == query || (key <= query && key >= pad))));
-            }
-        }
-        Tensor::from_data(TensorData::new(masked, [self.batch(), 1, seq, keys]), device)
+    pub(crate) fn mask(&self) -> CausalMask {
+        CausalMask::cached(self.len, self.left_padding.clone())
     }
 
     pub(crate) fn advance(&mut self, seq: usize) {

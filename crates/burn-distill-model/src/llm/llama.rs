@@ -3,10 +3,8 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use burn_distill_loss::{WeightLayout, swiglu, weight_matmul};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill_loss::{CausalMask, WeightLayout, causal_attention, swiglu, weight_matmul};
 use serde::{Deserialize, Serialize};
 
 use crate::base::TappedForward;
@@ -400,7 +398,7 @@ pub struct LlamaMlp {
     down_proj: Linear,
 }
 
-/// Rotary tables for one forward call: `cos` and `sin` of shape `[batch, 1, seq, head_dim]`,
+/// Rotary tables for one forward call: `cos` and `sin` of shape `[batch, seq, 1, head_dim]`,
 /// laid out as Hugging Face's `rotate_half` convention expects (the two halves repeat).
 struct Rotary {
     cos: Tensor<4>,
@@ -431,22 +429,23 @@ impl Rotary {
                 }
             }
         }
-        let shape = [batch, 1, seq, head];
+        let shape = [batch, seq, 1, head];
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
 
-    /// `x · cos + rotate_half(x) · sin`, with `rotate_half([a, b]) = [-b, a]`.
+    /// `x · cos + rotate_half(x) · sin`, with `rotate_half([a, b]) = [-b, a]`, for `x` of shape
+    /// `[batch, seq, heads, head_dim]`.
     fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [batch, heads, seq, head] = x.dims();
+        let [batch, seq, heads, head] = x.dims();
         let half = head / 2;
         let first = x.clone().narrow(3, 0, half);
         let second = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        let cos = self.cos.clone().expand([batch, heads, seq, head]);
-        let sin = self.sin.clone().expand([batch, heads, seq, head]);
+        let cos = self.cos.clone().expand([batch, seq, heads, head]);
+        let sin = self.sin.clone().expand([batch, seq, heads, head]);
         x * cos + rotated * sin
     }
 }
@@ -469,58 +468,27 @@ fn project(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
 }
 
 impl LlamaAttention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rotary: &Rotary,
-        mask: Option<&Tensor<4, Bool>>,
-        cache: Option<&mut BlockCache>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: &CausalMask, cache: Option<&mut BlockCache>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
-        let split = |t: Tensor<3>, heads: usize| t.reshape([batch, seq, heads, self.head_dim]).swap_dims(1, 2);
+        // Heads stay where the projections put them, `[batch, seq, heads, head_dim]`: the
+        // attention reads that layout, so nothing is transposed.
+        let split = |t: Tensor<3>, heads: usize| t.reshape([batch, seq, heads, self.head_dim]);
         let q = rotary.apply(split(project(&self.q_proj, x.clone()), self.heads));
         let mut k = rotary.apply(split(project(&self.k_proj, x.clone()), self.kv_heads));
         let mut v = split(project(&self.v_proj, x), self.kv_heads);
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
+                k = Tensor::cat(vec![past_k, k], 1);
+                v = Tensor::cat(vec![past_v, v], 1);
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let keys = k.dims()[2];
-        let groups = self.heads / self.kv_heads;
-        let repeat = |t: Tensor<4>| {
-            if groups == 1 {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([batch, self.kv_heads, groups, keys, self.head_dim])
-                    .reshape([batch, self.heads, keys, self.head_dim])
-            }
-        };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: mask.is_none(),
-        };
-        let mask = mask.map(|m| m.clone().expand([batch, self.heads, seq, keys]));
-        let out = attention(q, repeat(k), repeat(v), mask, None, options);
-        project(
-            &self.o_proj,
-            out.swap_dims(1, 2).reshape([batch, seq, self.heads * self.head_dim]),
-        )
+        project(&self.o_proj, causal_attention(q, k, v, mask))
     }
 }
 
 impl LlamaBlock {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rotary: &Rotary,
-        mask: Option<&Tensor<4, Bool>>,
-        cache: Option<&mut BlockCache>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotary: &Rotary, mask: &CausalMask, cache: Option<&mut BlockCache>) -> Tensor<3> {
         let x = x.clone()
             + self
                 .self_attn
@@ -634,14 +602,14 @@ impl Llama {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
         let (positions, mask) = match cache.as_deref() {
-            Some(cache) => (cache.positions(seq), Some(cache.mask(seq, &device))),
-            None => (vec![(0..seq).collect::<Vec<_>>(); batch], None),
+            Some(cache) => (cache.positions(seq), cache.mask()),
+            None => (vec![(0..seq).collect::<Vec<_>>(); batch], CausalMask::causal()),
         };
         let rotary = Rotary::new(&self.config, &positions, &device);
         let mut x = self.embed_tokens.forward(tokens);
         for (index, block) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-            x = block.forward(x, &rotary, mask.as_ref(), slot);
+            x = block.forward(x, &rotary, &mask, slot);
             if let Some(taps) = taps.as_deref_mut() {
                 taps.push(x.clone());
             }

@@ -61,7 +61,13 @@ impl CausalMask {
 
     /// Whether query `query` (a slot, past included) of row `row` sees key `key`.
     fn allows(&self, row: usize, query: usize, key: usize) -> bool {
-        key == query || (key <= query && key >= self.pad(row))
+        self.span(row, query).contains(&key)
+    }
+
+    /// The keys query `query` of row `row` sees, always one run: from the row's first real slot
+    /// to the query itself, or the query alone when it is padding.
+    fn span(&self, row: usize, query: usize) -> std::ops::Range<usize> {
+        self.pad(row).min(query)..query + 1
     }
 
     /// `[batch, 1, seq, keys]`, `true` where a query must not attend (burn's convention).
@@ -191,6 +197,8 @@ pub(crate) trait AttentionBackend: Backend {
 mod host {
     use burn::backend::TensorMetadata;
     use burn::backend::tensor::FloatTensor;
+    use std::ops::Range;
+
     use rayon::prelude::*;
 
     use super::CausalMask;
@@ -367,40 +375,39 @@ mod host {
         }
     }
 
-    /// Turns one row of scaled scores into probabilities in place (0 where masked) and returns
-    /// their log-sum-exp; a NaN score makes the whole row NaN.
-    fn softmax_row(scores: &mut [f32], allowed: impl Fn(usize) -> bool) -> f32 {
-        let mut max = f32::NEG_INFINITY;
-        let mut nan = false;
-        for (j, &s) in scores.iter().enumerate() {
-            if allowed(j) {
-                nan |= s.is_nan();
-                max = max.max(s);
-            }
-        }
-        if nan {
+    /// Turns one row of scaled scores into probabilities in place (0 outside the keys `span`)
+    /// and returns their log-sum-exp; a NaN score makes the whole row NaN.
+    fn softmax_row(scores: &mut [f32], span: Range<usize>) -> f32 {
+        let seen = &scores[span.clone()];
+        if seen.iter().any(|s| s.is_nan()) {
             scores.fill(f32::NAN);
             return f32::NAN;
         }
+        let max = seen.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+        scores[..span.start].fill(0.0);
+        scores[span.end..].fill(0.0);
+        let seen = &mut scores[span];
         let mut sum = 0.0f32;
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = if allowed(j) { fast_exp(*s - max) } else { 0.0 };
+        for s in seen.iter_mut() {
+            *s = fast_exp(*s - max);
             sum += *s;
         }
         let inverse = 1.0 / sum;
-        scores.iter_mut().for_each(|s| *s *= inverse);
+        seen.iter_mut().for_each(|s| *s *= inverse);
         max + sum.ln()
     }
 
     /// Scaled scores into probabilities recomputed from a saved log-sum-exp (0 where masked; NaN
     /// throughout when the forward's row was).
-    fn probabilities_row(scores: &mut [f32], log_sum_exp: f32, allowed: impl Fn(usize) -> bool) {
+    fn probabilities_row(scores: &mut [f32], log_sum_exp: f32, span: Range<usize>) {
         if log_sum_exp.is_nan() {
             scores.fill(f32::NAN);
             return;
         }
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = if allowed(j) { fast_exp(*s - log_sum_exp) } else { 0.0 };
+        scores[..span.start].fill(0.0);
+        scores[span.end..].fill(0.0);
+        for s in &mut scores[span] {
+            *s = fast_exp(*s - log_sum_exp);
         }
     }
 
@@ -456,7 +463,7 @@ mod host {
         let mut row_lse = Vec::with_capacity(m);
         for (r, row) in scores.chunks_mut(n).enumerate() {
             let slot = block.slot(dims, mask, r);
-            row_lse.push(softmax_row(row, |j| mask.allows(block.b, slot, j)));
+            row_lse.push(softmax_row(row, mask.span(block.b, slot)));
         }
         o_block.clear();
         o_block.reserve(m * d);
@@ -564,7 +571,7 @@ mod host {
                 let (i, h) = (block.i0 + r / groups, kv * groups + r % groups);
                 let slot = block.slot(dims, mask, r);
                 let log_sum_exp = lse[dims.q_at(b, i, h) / d];
-                probabilities_row(row, log_sum_exp, |j| mask.allows(b, slot, j));
+                probabilities_row(row, log_sum_exp, mask.span(b, slot));
             }
             d_scores.clear();
             d_scores.reserve(m * n);

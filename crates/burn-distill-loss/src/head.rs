@@ -8,10 +8,11 @@ use burn::tensor::{Int, Tensor};
 
 use crate::divergence::{Divergence, DivergenceLossConfig};
 use crate::error::{LossError, check_range, check_temperature};
-use crate::fused::{FusedLossBackend, HeadJob, Implementation, decide, has_nan, kernel_labels};
+use crate::fused::{FusedLossBackend, HeadJob, Implementation, SparseTeacher, decide, has_nan, kernel_labels};
 use crate::hinton::HintonKdLossConfig;
 use crate::input::read_ints;
 use crate::reduction::{Reduction, reduction_weights};
+use crate::sparse::{SparseKlLossConfig, TailPolicy};
 use crate::spec::RowSpec;
 
 /// The teacher side of a [`LinearHeadKd`].
@@ -29,6 +30,22 @@ pub enum HeadTeacher {
         /// Head weight (PyTorch's `nn.Linear` layout, `[out, in]`).
         weight: Tensor<2>,
     },
+    /// The teacher's `k` most likely classes per position and their log-probabilities (an
+    /// offline top-k cache, [`SparseKlLoss`](crate::SparseKlLoss)'s teacher), the rest of its
+    /// distribution rebuilt by `tail`. Each chunk's dense teacher rows are written from them on
+    /// the host just before that chunk runs. Forward KL only.
+    TopK {
+        /// `[positions, k]` class ids, distinct within a position.
+        indices: Tensor<2, Int>,
+        /// `[positions, k]` log-probabilities of the teacher's full softmax at temperature 1.
+        log_probs: Tensor<2>,
+        /// What the mass outside the top k becomes.
+        tail: TailPolicy,
+    },
+    /// The labels as a one-hot teacher: the soft term is then the cross-entropy with the labels
+    /// (training on text, or on a teacher's sampled answers), chunk by chunk like the others.
+    /// Needs labels; forward KL only.
+    Labels,
 }
 
 /// Configuration of [`LinearHeadKd`]: `α · CE(student, labels) + (1 − α) · [T²] · D(teacher_T ‖
@@ -140,7 +157,7 @@ impl LinearHeadKd {
         let teacher_rows = match &teacher {
             HeadTeacher::Logits(logits) => {
                 expect_shape("teacher logits", &[positions, classes], &logits.dims())?;
-                logits.clone()
+                Some(logits.clone())
             }
             HeadTeacher::Head {
                 hidden: t_hidden,
@@ -149,14 +166,36 @@ impl LinearHeadKd {
                 let [t_positions, t_width] = t_hidden.dims();
                 expect_shape("teacher hidden states", &[positions, t_width], &[t_positions, t_width])?;
                 expect_shape("teacher head weight", &[classes, t_width], &t_weight.dims())?;
-                t_hidden.clone()
+                Some(t_hidden.clone())
             }
+            HeadTeacher::TopK { indices, log_probs, .. } => {
+                let k = indices.dims()[1];
+                expect_shape("teacher top-k indices", &[positions, k], &indices.dims())?;
+                expect_shape("teacher top-k log-probs", &[positions, k], &log_probs.dims())?;
+                if k == 0 || k > classes {
+                    return Err(LossError::InvalidParameter {
+                        name: "k",
+                        value: k as f64,
+                        expected: "1 <= k <= number of student classes",
+                    });
+                }
+                Some(log_probs.clone())
+            }
+            HeadTeacher::Labels => None,
         };
-        if config.alpha > 0.0 && labels.is_none() {
+        let sparse_teacher = matches!(teacher, HeadTeacher::TopK { .. } | HeadTeacher::Labels);
+        if sparse_teacher && config.divergence != Divergence::ForwardKl {
+            return Err(LossError::InvalidParameter {
+                name: "divergence",
+                value: f64::NAN,
+                expected: "ForwardKl with a top-k or label teacher (its tail has no probability to divide by)",
+            });
+        }
+        if (config.alpha > 0.0 || matches!(teacher, HeadTeacher::Labels)) && labels.is_none() {
             return Err(LossError::InvalidParameter {
                 name: "alpha",
                 value: config.alpha,
-                expected: "0 when no labels are given",
+                expected: "0 when no labels are given (and labels with HeadTeacher::Labels)",
             });
         }
         let labels = match labels {
@@ -166,8 +205,31 @@ impl LinearHeadKd {
             }
             None => None,
         };
-        let devices = [weight.device(), teacher_rows.device()];
-        let dtypes = [hidden.dtype(), weight.dtype(), teacher_rows.dtype()];
+        let mut devices = vec![weight.device()];
+        let mut dtypes = vec![hidden.dtype(), weight.dtype()];
+        if let Some(rows) = &teacher_rows {
+            devices.push(rows.device());
+            dtypes.push(rows.dtype());
+        }
+        // A top-k teacher goes to the host once, checked there: the chunks are written from it.
+        let sparse = match &teacher {
+            HeadTeacher::TopK {
+                indices,
+                log_probs,
+                tail,
+            } => Some(sparse_teacher_rows(indices.clone(), log_probs.clone(), *tail, classes)?),
+            HeadTeacher::Labels => {
+                let labels = labels.as_ref().expect("checked above");
+                let (indices, _) = kernel_labels(labels.clone(), config.ignore_index, classes)?;
+                Some(SparseTeacher {
+                    k: 1,
+                    log_probs: vec![0.0; indices.len()],
+                    tails: vec![f32::NEG_INFINITY; indices.len()],
+                    indices,
+                })
+            }
+            _ => None,
+        };
         if !decide(config.implementation, &hidden.device(), &devices, &dtypes)? {
             return self.composed(hidden, weight, teacher, labels, reduction);
         }
@@ -193,6 +255,12 @@ impl LinearHeadKd {
             weights: Arc::new(weights),
         };
         let output = match teacher {
+            HeadTeacher::TopK { .. } | HeadTeacher::Labels => <Dispatch as FusedLossBackend>::fused_head_loss_sparse(
+                hidden.into_dispatch(),
+                weight.into_dispatch(),
+                Arc::new(sparse.expect("built above")),
+                job,
+            ),
             HeadTeacher::Logits(logits) => <Dispatch as FusedLossBackend>::fused_head_loss_logits(
                 hidden.into_dispatch(),
                 weight.into_dispatch(),
@@ -232,15 +300,50 @@ impl LinearHeadKd {
         let config = &self.config;
         let device = hidden.device();
         let student = hidden.matmul(weight.transpose());
-        let teacher = match teacher {
-            HeadTeacher::Logits(logits) => logits,
-            HeadTeacher::Head { hidden, weight } => hidden.matmul(weight.transpose()),
-        };
         let positions = student.dims()[0];
         let labels = Tensor::<1, Int>::from_data(
             burn::tensor::TensorData::new(labels.unwrap_or_else(|| vec![0; positions]), [positions]),
             &device,
         );
+        let hard = |student: Tensor<2>| {
+            // α = 1 leaves Hinton KD's cross-entropy alone (the teacher is not read).
+            HintonKdLossConfig::new()
+                .with_alpha(1.0)
+                .with_ignore_index(config.ignore_index)
+                .with_implementation(Implementation::Composed)
+                .try_init()?
+                .forward(student.clone(), student, labels.clone(), reduction)
+        };
+        let teacher = match teacher {
+            HeadTeacher::Logits(logits) => logits,
+            HeadTeacher::Head { hidden, weight } => hidden.matmul(weight.transpose()),
+            HeadTeacher::Labels => {
+                // Forward KL to a one-hot teacher is the cross-entropy at the loss's temperature.
+                let soft = hard(student.div_scalar(config.temperature))?;
+                return Ok(if config.scale_by_temperature_squared {
+                    soft.mul_scalar(config.temperature * config.temperature)
+                } else {
+                    soft
+                });
+            }
+            HeadTeacher::TopK {
+                indices,
+                log_probs,
+                tail,
+            } => {
+                let mask = labels.clone().not_equal_elem(config.ignore_index);
+                let soft = SparseKlLossConfig::new()
+                    .with_temperature(config.temperature)
+                    .with_scale_by_temperature_squared(config.scale_by_temperature_squared)
+                    .with_tail(tail)
+                    .try_init()?
+                    .forward_masked(student.clone(), indices, log_probs, mask, reduction)?;
+                if config.alpha == 0.0 {
+                    return Ok(soft);
+                }
+                return Ok(soft.mul_scalar(1.0 - config.alpha) + hard(student)?.mul_scalar(config.alpha));
+            }
+        };
         if config.divergence == Divergence::ForwardKl {
             return HintonKdLossConfig::new()
                 .with_alpha(config.alpha)
@@ -249,7 +352,7 @@ impl LinearHeadKd {
                 .with_ignore_index(config.ignore_index)
                 .with_implementation(Implementation::Composed)
                 .try_init()?
-                .forward(student, teacher, labels, reduction);
+                .forward(student, teacher, labels.clone(), reduction);
         }
         let mask = labels.clone().not_equal_elem(config.ignore_index);
         let soft = DivergenceLossConfig::new(config.divergence)
@@ -261,14 +364,7 @@ impl LinearHeadKd {
         if config.alpha == 0.0 {
             return Ok(soft);
         }
-        // α = 1 leaves Hinton KD's cross-entropy alone.
-        let hard = HintonKdLossConfig::new()
-            .with_alpha(1.0)
-            .with_ignore_index(config.ignore_index)
-            .with_implementation(Implementation::Composed)
-            .try_init()?
-            .forward(student, teacher, labels, reduction)?;
-        Ok(soft.mul_scalar(1.0 - config.alpha) + hard.mul_scalar(config.alpha))
+        Ok(soft.mul_scalar(1.0 - config.alpha) + hard(student)?.mul_scalar(config.alpha))
     }
 }
 
@@ -282,4 +378,62 @@ fn expect_shape(tensor: &'static str, expected: &[usize], actual: &[usize]) -> c
             actual: actual.to_vec(),
         })
     }
+}
+
+/// A top-k teacher on the host, checked, with the log-probability of its tail classes per
+/// position: `ln((1 − Σ p_top) / (V − k))` for [`TailPolicy::UniformTail`] (the missing mass
+/// taken as `−expm1(log p_max) − Σ others`, as [`SparseKlLoss`](crate::SparseKlLoss) does),
+/// `-inf` for [`TailPolicy::Renormalize`] and where no mass is missing.
+fn sparse_teacher_rows(
+    indices: Tensor<2, Int>,
+    log_probs: Tensor<2>,
+    tail: TailPolicy,
+    classes: usize,
+) -> crate::Result<SparseTeacher> {
+    let k = indices.dims()[1];
+    let indices = read_ints(indices.into_data());
+    let log_probs: Vec<f32> = log_probs.into_data().iter::<f32>().collect();
+    if let Some(&index) = indices.iter().find(|&&index| index < 0 || index >= classes as i64) {
+        return Err(LossError::IndexOutOfRange {
+            tensor: "teacher top-k indices",
+            index,
+            classes,
+        });
+    }
+    if let Some(&value) = log_probs
+        .iter()
+        .find(|value| value.is_nan() || **value == f32::INFINITY)
+    {
+        return Err(LossError::NonFinite {
+            tensor: "teacher top-k log-probs",
+            kind: if value.is_nan() { "NaN" } else { "+inf" },
+        });
+    }
+    let tails = log_probs
+        .chunks(k)
+        .map(|row| {
+            if tail == TailPolicy::Renormalize || k == classes {
+                return f32::NEG_INFINITY;
+            }
+            let (largest, _) =
+                row.iter().enumerate().fold(
+                    (0, f32::NEG_INFINITY),
+                    |best, (i, &value)| if value > best.1 { (i, value) } else { best },
+                );
+            let others: f64 = row
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != largest)
+                .map(|(_, &value)| f64::from(value).exp())
+                .sum();
+            let missing = (-f64::from(row[largest]).exp_m1() - others).max(0.0);
+            (missing / (classes - k) as f64).ln() as f32
+        })
+        .collect();
+    Ok(SparseTeacher {
+        k,
+        indices,
+        log_probs,
+        tails,
+    })
 }

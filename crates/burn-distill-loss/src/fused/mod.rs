@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
 pub use attention::{CausalMask, causal_attention};
-pub(crate) use op::{FusedLossBackend, HeadJob};
+pub(crate) use op::{FusedLossBackend, HeadJob, SparseTeacher};
 pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use swiglu::swiglu;
 

@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
-use burn::tensor::{FloatDType, Shape, Slice};
+use burn::tensor::{FloatDType, Shape, Slice, TensorData};
 
 use super::kernel::{RowsOut, fused_rows};
 use crate::spec::RowSpec;
@@ -97,6 +97,38 @@ pub(crate) struct HeadJob {
     pub weights: Arc<Vec<f32>>,
 }
 
+/// A top-k teacher of the chunked head, on the host: each chunk's dense teacher rows are
+/// written from it just before that chunk runs, so no `[positions, classes]` tensor exists.
+#[derive(Debug)]
+pub(crate) struct SparseTeacher {
+    /// Classes given per position.
+    pub k: usize,
+    /// `[positions · k]` class ids, each in `0..classes`.
+    pub indices: Vec<i64>,
+    /// `[positions · k]` log-probabilities.
+    pub log_probs: Vec<f32>,
+    /// Per position, the log-probability of every class outside its top k (`-inf`: none; the
+    /// kernel's softmax then renormalises the top k).
+    pub tails: Vec<f32>,
+}
+
+impl SparseTeacher {
+    /// The dense log-probability rows `start..end`, `[rows, classes]`.
+    fn rows<B: Backend>(&self, start: usize, end: usize, classes: usize, device: &B::Device) -> FloatTensor<B> {
+        let k = self.k;
+        let mut dense = Vec::with_capacity((end - start) * classes);
+        for row in start..end {
+            let offset = dense.len();
+            dense.resize(offset + classes, self.tails[row]);
+            let span = row * k..(row + 1) * k;
+            for (&class, &log_prob) in self.indices[span.clone()].iter().zip(&self.log_probs[span]) {
+                dense[offset + class as usize] = log_prob;
+            }
+        }
+        B::float_from_data(TensorData::new(dense, [end - start, classes]), device)
+    }
+}
+
 /// The fused losses as backend operations: the host kernel on ndarray and flex, the CubeCL
 /// kernel on the GPU devices (burn's fusion backend wraps it there).
 #[backend_extension(
@@ -162,6 +194,18 @@ pub(crate) trait FusedLossBackend: Backend {
     ) -> FloatTensor<Self> {
         run_head::<Self>(&hidden, &weight, TeacherRows::Logits(&teacher_logits), &job, false).0
     }
+
+    /// As [`fused_head_loss`](Self::fused_head_loss), with a top-k teacher whose dense rows are
+    /// written chunk by chunk.
+    #[fusion(default)]
+    fn fused_head_loss_sparse(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        teacher: Arc<SparseTeacher>,
+        job: HeadJob,
+    ) -> FloatTensor<Self> {
+        run_head::<Self>(&hidden, &weight, TeacherRows::Sparse(&teacher), &job, false).0
+    }
 }
 
 /// What burn's fusion backend records for the fused operations before they run.
@@ -200,6 +244,7 @@ enum TeacherRows<'a, B: Backend> {
         hidden: &'a FloatTensor<B>,
         weight: &'a FloatTensor<B>,
     },
+    Sparse(&'a SparseTeacher),
 }
 
 fn rows<B: Backend>(tensor: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
@@ -233,8 +278,9 @@ fn run_head<B: FusedLossBackend>(
     let weight_t = B::float_transpose(weight.clone());
     let teacher_weight_t = match &teacher {
         TeacherRows::Head { weight, .. } => Some(B::float_transpose((*weight).clone())),
-        TeacherRows::Logits(_) => None,
+        TeacherRows::Logits(_) | TeacherRows::Sparse(_) => None,
     };
+    let classes = weight.shape()[0];
     let mut total: Option<FloatTensor<B>> = None;
     let mut hidden_grads = Vec::new();
     let mut weight_grad: Option<FloatTensor<B>> = None;
@@ -249,6 +295,7 @@ fn run_head<B: FusedLossBackend>(
                 B::float_matmul(rows::<B>((*hidden).clone(), start, end), weight_t.clone())
             }
             (TeacherRows::Head { .. }, None) => unreachable!("a teacher head has its weight"),
+            (TeacherRows::Sparse(sparse), _) => sparse.rows::<B>(start, end, classes, &hidden.device()),
         };
         let chunk = FusedJob {
             spec: job.spec,
@@ -469,6 +516,15 @@ impl<B: FusedLossBackend, C: CheckpointStrategy> FusedLossBackend for Autodiff<B
         job: HeadJob,
     ) -> FloatTensor<Self> {
         head_autodiff::<B, C>(hidden, weight, TeacherRows::Logits(teacher_logits.primitive()), job)
+    }
+
+    fn fused_head_loss_sparse(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        teacher: Arc<SparseTeacher>,
+        job: HeadJob,
+    ) -> FloatTensor<Self> {
+        head_autodiff::<B, C>(hidden, weight, TeacherRows::Sparse(&teacher), job)
     }
 
     fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self> {

@@ -631,6 +631,247 @@ fn chunked_linear_head_equals_matmul_and_composed_loss() {
     }
 }
 
+/// `(loss, ∂/∂hidden, ∂/∂weight)` of the linear-head loss with a top-k (`k > 0`) or label
+/// (`k = 0`) teacher.
+fn sparse_head_run(
+    device: &Device,
+    config: &LinearHeadKdConfig,
+    data: &HeadData,
+    k: usize,
+    tail: TailPolicy,
+) -> [Vec<f64>; 3] {
+    let device = device.clone().autodiff();
+    let hidden = floats::<2>(&data.hidden, &[data.positions, data.width], &device).require_grad();
+    let weight = floats::<2>(&data.weight, &[data.classes, data.width], &device).require_grad();
+    let teacher = if k == 0 {
+        HeadTeacher::Labels
+    } else {
+        let (indices, log_probs) = top_k_of(&data.teacher_logits(), data.classes, k);
+        HeadTeacher::TopK {
+            indices: ints::<2>(&indices, &[data.positions, k], &device),
+            log_probs: floats::<2>(&log_probs, &[data.positions, k], &device),
+            tail,
+        }
+    };
+    let labels = ints::<1>(&data.labels, &[data.positions], &device);
+    let loss = config
+        .init()
+        .forward(
+            hidden.clone(),
+            weight.clone(),
+            teacher,
+            Some(labels),
+            Reduction::BatchMean,
+        )
+        .unwrap();
+    let grads = loss.clone().mul_scalar(0.5).backward();
+    [
+        to_vec(loss),
+        to_vec(hidden.grad(&grads).unwrap().without_autodiff()),
+        to_vec(weight.grad(&grads).unwrap().without_autodiff()),
+    ]
+}
+
+impl HeadData {
+    /// The teacher head's logits, `[positions, classes]`.
+    fn teacher_logits(&self) -> Vec<f64> {
+        (0..self.positions * self.classes)
+            .map(|index| {
+                let (row, class) = (index / self.classes, index % self.classes);
+                (0..5)
+                    .map(|k| self.teacher_hidden[row * 5 + k] * self.teacher_weight[class * 5 + k])
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The student's logits, `[positions, classes]`, in f64.
+    fn student_logits(&self) -> Vec<f64> {
+        (0..self.positions * self.classes)
+            .map(|index| {
+                let (row, class) = (index / self.classes, index % self.classes);
+                (0..self.width)
+                    .map(|k| self.hidden[row * self.width + k] * self.weight[class * self.width + k])
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+/// Per row, the `k` largest log-probabilities of `logits` and their classes (largest first).
+fn top_k_of(logits: &[f64], classes: usize, k: usize) -> (Vec<i64>, Vec<f64>) {
+    let (mut indices, mut values) = (Vec::new(), Vec::new());
+    for row in logits.chunks(classes) {
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        let mut order: Vec<usize> = (0..classes).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        for &class in &order[..k] {
+            indices.push(class as i64);
+            values.push(row[class] - lse);
+        }
+    }
+    (indices, values)
+}
+
+#[test]
+fn chunked_linear_head_takes_top_k_and_label_teachers_without_the_dense_teacher() {
+    let (positions, width, classes) = (23, 8, 41);
+    let data = HeadData {
+        positions,
+        width,
+        classes,
+        hidden: random_logits(&[positions, width], 1.0, 81),
+        weight: random_logits(&[classes, width], 1.0, 82),
+        teacher_hidden: random_logits(&[positions, 5], 1.5, 83),
+        teacher_weight: random_logits(&[classes, 5], 1.5, 84),
+        labels: (0..positions as i64)
+            .map(|i| if i % 6 == 5 { -100 } else { (i * 7) % classes as i64 })
+            .collect(),
+    };
+    let valid: Vec<usize> = (0..positions).filter(|&i| data.labels[i] != -100).collect();
+
+    // The definitions in f64, for the composed path: the one-hot teacher's forward KL is the
+    // cross-entropy; the renormalised top-k teacher's is Σ p̂ (log p̂ − log q) over its k classes.
+    let student = data.student_logits();
+    let log_q = |row: usize, class: usize, t: f64| {
+        let s = &student[row * classes..(row + 1) * classes];
+        let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max) / t;
+        s[class] / t - (max + s.iter().map(|v| (v / t - max).exp()).sum::<f64>().ln())
+    };
+    let k = 5;
+    let (indices, log_probs) = top_k_of(&data.teacher_logits(), classes, k);
+    for t in [1.0, 2.0] {
+        let cross_entropy = valid
+            .iter()
+            .map(|&row| -log_q(row, data.labels[row] as usize, t))
+            .sum::<f64>()
+            / valid.len() as f64;
+        let renormalised = valid
+            .iter()
+            .map(|&row| {
+                let top = &log_probs[row * k..(row + 1) * k];
+                let scaled: Vec<f64> = top.iter().map(|lp| lp / t).collect();
+                let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let norm = max + scaled.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                (0..k)
+                    .map(|j| {
+                        let log_p = scaled[j] - norm;
+                        log_p.exp() * (log_p - log_q(row, indices[row * k + j] as usize, t))
+                    })
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / valid.len() as f64;
+        for named in devices() {
+            let config = LinearHeadKdConfig::new()
+                .with_temperature(t)
+                .with_implementation(Implementation::Composed);
+            let [ce, ..] = sparse_head_run(&named.device, &config, &data, 0, TailPolicy::Renormalize);
+            assert_close(
+                &format!("{} labels T={t}: composed", named.name),
+                &ce,
+                &[cross_entropy],
+                1e-5,
+                1e-7,
+            );
+            let [kl, ..] = sparse_head_run(&named.device, &config, &data, k, TailPolicy::Renormalize);
+            assert_close(
+                &format!("{} top-{k} T={t}: composed", named.name),
+                &kl,
+                &[renormalised],
+                1e-5,
+                1e-7,
+            );
+        }
+    }
+
+    // The chunked kernel against the composed path, loss and both gradients.
+    for named in fused_devices() {
+        for (k, tail, alpha, t) in [
+            (0, TailPolicy::Renormalize, 0.0, 1.0),
+            (0, TailPolicy::Renormalize, 0.0, 2.0),
+            (5, TailPolicy::Renormalize, 0.0, 2.0),
+            (5, TailPolicy::UniformTail, 0.3, 1.0),
+            (12, TailPolicy::UniformTail, 0.0, 2.0),
+            (classes, TailPolicy::UniformTail, 0.0, 1.0),
+        ] {
+            let base = LinearHeadKdConfig::new()
+                .with_alpha(alpha)
+                .with_temperature(t)
+                .with_scale_by_temperature_squared(true);
+            let reference = sparse_head_run(
+                &named.device,
+                &base.clone().with_implementation(Implementation::Composed),
+                &data,
+                k,
+                tail,
+            );
+            for chunk_rows in [1, 7, 64] {
+                let config = base
+                    .clone()
+                    .with_chunk_rows(chunk_rows)
+                    .with_implementation(Implementation::Fused);
+                let fused = sparse_head_run(&named.device, &config, &data, k, tail);
+                let what = format!("{} k={k} {tail:?} α={alpha} T={t} chunk={chunk_rows}", named.name);
+                for (part, (got, expected)) in ["loss", "d hidden", "d weight"]
+                    .iter()
+                    .zip(fused.iter().zip(&reference))
+                {
+                    assert_close(&format!("{what}: {part}"), got, expected, 1e-5, 1e-8);
+                }
+            }
+        }
+    }
+
+    // What it refuses, before any chunk runs.
+    let device = &devices()[0].device;
+    let hidden = floats::<2>(&data.hidden, &[positions, width], device);
+    let weight = floats::<2>(&data.weight, &[classes, width], device);
+    let labels = ints::<1>(&data.labels, &[positions], device);
+    let top = |indices: Vec<i64>, log_probs: Vec<f64>| HeadTeacher::TopK {
+        indices: ints::<2>(&indices, &[positions, 1], device),
+        log_probs: floats::<2>(&log_probs, &[positions, 1], device),
+        tail: TailPolicy::UniformTail,
+    };
+    let run = |config: LinearHeadKdConfig, teacher: HeadTeacher, labels: Option<Tensor<1, Int>>| {
+        config
+            .init()
+            .forward(hidden.clone(), weight.clone(), teacher, labels, Reduction::BatchMean)
+    };
+    let reverse = run(
+        LinearHeadKdConfig::new().with_divergence(Divergence::ReverseKl),
+        top(vec![0; positions], vec![-0.5; positions]),
+        Some(labels.clone()),
+    );
+    assert!(
+        matches!(reverse, Err(LossError::InvalidParameter { name: "divergence", .. })),
+        "{reverse:?}"
+    );
+    let mut outside = vec![0; positions];
+    outside[3] = classes as i64;
+    let outside = run(LinearHeadKdConfig::new(), top(outside, vec![-0.5; positions]), None);
+    assert!(
+        matches!(
+            outside,
+            Err(LossError::IndexOutOfRange {
+                tensor: "teacher top-k indices",
+                ..
+            })
+        ),
+        "{outside:?}"
+    );
+    let mut nan = vec![-0.5; positions];
+    nan[4] = f64::NAN;
+    let nan = run(LinearHeadKdConfig::new(), top(vec![0; positions], nan), None);
+    assert!(matches!(nan, Err(LossError::NonFinite { kind: "NaN", .. })), "{nan:?}");
+    let unlabelled = run(LinearHeadKdConfig::new(), HeadTeacher::Labels, None);
+    assert!(
+        matches!(unlabelled, Err(LossError::InvalidParameter { .. })),
+        "{unlabelled:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
 

@@ -6,7 +6,7 @@ use burn::tensor::kind::Autodiff;
 
 use crate::error::Result;
 use crate::fingerprint::Fingerprint;
-use crate::output::{Features, StudentOutput, TeacherOutput, select_taps};
+use crate::output::{Features, StudentHidden, StudentOutput, TeacherOutput, select_taps};
 
 /// Something that gives teacher outputs for a batch: a live model, an ensemble, a cache of
 /// pre-computed outputs. Nothing here assumes a module.
@@ -56,6 +56,18 @@ pub trait Student<I, const D: usize> {
     /// # Errors
     /// [`ModelError::UnknownTap`](crate::ModelError::UnknownTap) for a tap the student lacks.
     fn learn(&self, input: I, taps: &[&str]) -> Result<StudentOutput<D>>;
+
+    /// The student's last hidden states and head weight instead of its logits, for students
+    /// whose logits are one linear layer (language models): a loss can then run through the
+    /// chunked `LinearHeadKd` and the `[positions, vocab]` logits never exist whole. `None`
+    /// (the default): the student only gives logits.
+    ///
+    /// # Errors
+    /// As [`Student::learn`].
+    fn learn_hidden(&self, input: I, taps: &[&str]) -> Option<Result<StudentHidden<D>>> {
+        let _ = (input, taps);
+        None
+    }
 }
 
 /// A burn module whose forward pass also reports named intermediate features.
@@ -99,6 +111,14 @@ pub trait TappedForward<I, const D: usize>: Module {
 
     /// The number of classes of the logits.
     fn num_classes(&self) -> usize;
+
+    /// The last hidden states `[.., width]`, the head weight `[classes, width]` whose product
+    /// are the logits, and every feature; `None` (the default) where the logits are not one
+    /// bias-free linear layer. See [`Student::learn_hidden`].
+    fn forward_hidden_tapped(&self, input: I) -> Option<(Tensor<D>, Tensor<2>, Features)> {
+        let _ = input;
+        None
+    }
 }
 
 impl<M, I, const D: usize> Student<I, D> for M
@@ -111,6 +131,11 @@ where
             logits,
             features: select_taps(features, taps)?,
         })
+    }
+
+    fn learn_hidden(&self, input: I, taps: &[&str]) -> Option<Result<StudentHidden<D>>> {
+        let (hidden, head, features) = self.forward_hidden_tapped(input)?;
+        Some(select_taps(features, taps).map(|features| StudentHidden { hidden, head, features }))
     }
 }
 

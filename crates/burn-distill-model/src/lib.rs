@@ -54,7 +54,7 @@ pub use ensemble::{Combine, Ensemble};
 pub use error::{ModelError, Result};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use mlp::{Mlp, MlpConfig};
-pub use output::{Feature, Features, StudentOutput, TeacherOutput, select_taps};
+pub use output::{Feature, Features, StudentHidden, StudentOutput, TeacherOutput, select_taps};
 pub use sampling::{Generator, SamplingConfig, TokenRng, sample_token, sampling_distribution};
 pub use seed::init_seeded;
 pub use transformer::{TransformerLm, TransformerLmConfig};

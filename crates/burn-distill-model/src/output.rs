@@ -134,3 +134,15 @@ pub struct StudentOutput<const D: usize> {
     /// The requested features.
     pub features: Features,
 }
+
+/// A student's last hidden states and head weight ([`Student::learn_hidden`](crate::Student::learn_hidden)):
+/// its logits are `hidden · headᵀ`, left for a chunked loss to compute.
+#[derive(Debug, Clone)]
+pub struct StudentHidden<const D: usize> {
+    /// `[batch, seq, width]` (or `[batch, width]`), with their autodiff graph.
+    pub hidden: Tensor<D>,
+    /// `[classes, width]`, with its autodiff graph.
+    pub head: Tensor<2>,
+    /// The requested features.
+    pub features: Features,
+}

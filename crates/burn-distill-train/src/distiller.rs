@@ -595,7 +595,23 @@ where
             }
             None => None,
         };
-        let student_output = session.trainee.student.learn(input, &terms.student_taps)?;
+        // Objectives that take a head get the hidden states of students that give them: the
+        // loss then runs chunk by chunk, without the [positions, vocab] logits.
+        let hidden = if terms.objective.takes_head() {
+            session.trainee.student.learn_hidden(input.clone(), &terms.student_taps)
+        } else {
+            None
+        };
+        let (student_rows, head, student_features) = match hidden {
+            Some(hidden) => {
+                let hidden = hidden?;
+                (flatten_logits(hidden.hidden), Some(hidden.head), hidden.features)
+            }
+            None => {
+                let output = session.trainee.student.learn(input, &terms.student_taps)?;
+                (flatten_logits(output.logits), None, output.features)
+            }
+        };
         let (teacher_logits, teacher_features) = match teacher_output {
             Some(output) => {
                 let top_k = output
@@ -611,7 +627,8 @@ where
             None => (None, Default::default()),
         };
         let logit_loss = terms.objective.loss(ObjectiveInput {
-            student: flatten_logits(student_output.logits),
+            student: student_rows,
+            head,
             teacher: teacher_logits,
             targets: batch.targets(),
             mask,
@@ -622,7 +639,7 @@ where
             &self.config.features,
             &session.trainee.connectors,
             &terms.connector_of,
-            &student_output.features,
+            &student_features,
             &teacher_features,
             step.examples,
         )?;

@@ -3,7 +3,8 @@
 
 use burn::tensor::{Bool, Int, Tensor, activation};
 use burn_distill_loss::{
-    DivergenceLoss, DkdLoss, HintonKdLoss, Implementation, Reduction, SparseKlLoss, fused_available,
+    DivergenceLoss, DkdLoss, HeadTeacher, HintonKdLoss, Implementation, LinearHeadKdConfig, Reduction, SparseKlLoss,
+    fused_available,
 };
 use burn_distill_model::{Connector, Feature, Features, ModelError};
 
@@ -50,6 +51,16 @@ pub trait Objective {
     /// Whether the objective reads the teacher (the distiller then requires one).
     fn needs_teacher(&self) -> bool;
 
+    /// Whether the objective takes a student's hidden states and head weight
+    /// ([`ObjectiveInput::head`]) in place of its logits. The distiller then asks students that
+    /// can give them ([`Student::learn_hidden`](burn_distill_model::Student::learn_hidden): the
+    /// language models) for those, and the loss runs through the chunked `LinearHeadKd`, with
+    /// no `[positions, vocab]` logits. `false` (the default): [`ObjectiveInput::student`] is
+    /// always the logits.
+    fn takes_head(&self) -> bool {
+        false
+    }
+
     /// The loss of one micro-batch.
     ///
     /// # Errors
@@ -61,8 +72,13 @@ pub trait Objective {
 /// One micro-batch as an [`Objective`] sees it, flattened to positions.
 #[derive(Debug, Clone)]
 pub struct ObjectiveInput {
-    /// The student's logits, `[n, classes]`, tracked by autodiff.
+    /// The student's logits, `[n, classes]`, tracked by autodiff; when [`head`](Self::head) is
+    /// set (only for objectives that [take it](Objective::takes_head)), its last hidden states
+    /// `[n, width]` instead.
     pub student: Tensor<2>,
+    /// The student's head weight `[classes, width]`: the logits are `student · headᵀ`, left to a
+    /// chunked loss. `None`: `student` holds the logits.
+    pub head: Option<Tensor<2>>,
     /// The teacher's side, when the run has a teacher.
     pub teacher: Option<TeacherLogits>,
     /// `[n]` targets, [`IGNORE_INDEX`] where a position does not count.
@@ -87,6 +103,15 @@ impl ObjectiveInput {
         })
     }
 
+    /// The student's logits, `[n, classes]`: [`student`](Self::student), or its product with
+    /// the head when the input holds hidden states (then formed whole).
+    pub fn logits(&self) -> Tensor<2> {
+        match &self.head {
+            Some(head) => self.student.clone().matmul(head.clone().transpose()),
+            None => self.student.clone(),
+        }
+    }
+
     /// The reduction that divides a loss's sum by [`normaliser`](Self::normaliser), for
     /// `burn-distill-loss` calls.
     pub fn reduction(&self) -> Reduction {
@@ -106,7 +131,7 @@ impl ObjectiveInput {
     /// the valid positions and divided by the normaliser.
     pub fn cross_entropy(&self, smoothing: f64) -> Tensor<1> {
         cross_entropy(
-            self.student.clone(),
+            self.logits(),
             self.targets.clone(),
             self.mask.clone(),
             smoothing,
@@ -164,6 +189,7 @@ pub struct TeacherLogits {
 #[derive(Debug)]
 pub struct BuiltinObjective {
     name: &'static str,
+    config: ObjectiveConfig,
     /// With the losses' input checks (the first micro-batch) and without.
     checked: Builtin,
     fast: Builtin,
@@ -199,6 +225,7 @@ impl BuiltinObjective {
         };
         Ok(Self {
             name,
+            config: config.clone(),
             checked: Builtin::new(config, true)?,
             fast: Builtin::new(config, false)?,
         })
@@ -214,7 +241,20 @@ impl Objective for BuiltinObjective {
         !matches!(self.fast, Builtin::Supervised { .. })
     }
 
+    /// Every built-in but DKD and label smoothing (which need the whole logits).
+    fn takes_head(&self) -> bool {
+        match &self.config {
+            ObjectiveConfig::Supervised { label_smoothing } => *label_smoothing == 0.0,
+            ObjectiveConfig::Hinton(config) => config.label_smoothing == 0.0,
+            ObjectiveConfig::Divergence { .. } | ObjectiveConfig::Sparse { .. } => true,
+            ObjectiveConfig::Dkd(_) | ObjectiveConfig::Custom { .. } => false,
+        }
+    }
+
     fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss> {
+        if let Some(head) = input.head.clone() {
+            return head_loss(&self.config, input, head);
+        }
         let objective = if input.check_inputs { &self.checked } else { &self.fast };
         objective.loss(input)
     }
@@ -310,6 +350,78 @@ impl Builtin {
             }
         })
     }
+}
+
+/// A built-in objective through the chunked head: the student's logits `hidden · headᵀ` exist
+/// `chunk_rows` positions at a time (`LinearHeadKd`'s default, 1024).
+fn head_loss(config: &ObjectiveConfig, input: ObjectiveInput, head: Tensor<2>) -> Result<ObjectiveLoss> {
+    let reduction = input.reduction();
+    let hidden = input.student.clone();
+    let labels = Some(input.targets.clone());
+    let run = |loss: LinearHeadKdConfig, teacher: HeadTeacher| -> Result<Tensor<1>> {
+        let loss = loss.with_ignore_index(IGNORE_INDEX).try_init()?;
+        Ok(loss.forward(hidden.clone(), head.clone(), teacher, labels.clone(), reduction)?)
+    };
+    let cross_entropy = || run(LinearHeadKdConfig::new(), HeadTeacher::Labels);
+    Ok(match config {
+        ObjectiveConfig::Supervised { .. } => {
+            let hard = cross_entropy()?;
+            ObjectiveLoss {
+                total: hard.clone(),
+                hard: Some(hard),
+                soft: None,
+            }
+        }
+        ObjectiveConfig::Hinton(hinton) => {
+            // One chunked sweep gives α · CE + (1 − α) · T² · KL; its parts are not recorded.
+            let loss = LinearHeadKdConfig::new()
+                .with_alpha(hinton.alpha)
+                .with_temperature(hinton.temperature)
+                .with_scale_by_temperature_squared(hinton.scale_by_temperature_squared);
+            let total = run(loss, HeadTeacher::Logits(input.teacher()?.dense.clone()))?;
+            ObjectiveLoss {
+                total,
+                hard: None,
+                soft: None,
+            }
+        }
+        ObjectiveConfig::Divergence { loss, hard_weight } => {
+            let soft_config = LinearHeadKdConfig::new()
+                .with_divergence(loss.divergence)
+                .with_temperature(loss.temperature)
+                .with_scale_by_temperature_squared(loss.scale_by_temperature_squared);
+            let soft = run(soft_config, HeadTeacher::Logits(input.teacher()?.dense.clone()))?;
+            soft_and_hard(soft, *hard_weight, cross_entropy)?
+        }
+        ObjectiveConfig::Sparse { loss, hard_weight } => {
+            let (indices, log_probs) = input.teacher()?.top_k.clone().ok_or(TrainError::UnsuitableTeacher {
+                needs: "the sparse objective needs a teacher that gives top-k outputs (a top-k CachedTeacher)",
+                has: "gives dense logits only",
+            })?;
+            let soft_config = LinearHeadKdConfig::new()
+                .with_temperature(loss.temperature)
+                .with_scale_by_temperature_squared(loss.scale_by_temperature_squared);
+            let teacher = HeadTeacher::TopK {
+                indices,
+                log_probs,
+                tail: loss.tail,
+            };
+            let soft = run(soft_config, teacher)?;
+            soft_and_hard(soft, *hard_weight, cross_entropy)?
+        }
+        ObjectiveConfig::Dkd(_) | ObjectiveConfig::Custom { .. } => {
+            unreachable!("takes_head is false for DKD and custom objectives")
+        }
+    })
+}
+
+/// [`ObjectiveLoss::soft_and_hard`] with a fallible hard term.
+fn soft_and_hard(soft: Tensor<1>, weight: f64, hard: impl FnOnce() -> Result<Tensor<1>>) -> Result<ObjectiveLoss> {
+    if weight == 0.0 {
+        return Ok(ObjectiveLoss::soft(soft));
+    }
+    let hard = hard()?;
+    Ok(ObjectiveLoss::soft_and_hard(soft, weight, || hard))
 }
 
 /// Whether Hinton KD's loss runs the fused kernel here (and its terms can be recovered from the

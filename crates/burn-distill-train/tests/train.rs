@@ -1683,6 +1683,7 @@ fn the_hinton_objective_runs_fused_with_the_composed_terms_and_gradient() {
         let fused = objective
             .loss(ObjectiveInput {
                 student: fused_student.clone(),
+                head: None,
                 teacher: Some(TeacherLogits {
                     dense: logits(2),
                     top_k: None,
@@ -1732,4 +1733,215 @@ fn the_hinton_objective_runs_fused_with_the_composed_terms_and_gradient() {
             );
         }
     }
+}
+
+#[test]
+fn every_headed_builtin_objective_equals_its_dense_form() {
+    // 29 positions, width 6, 37 classes, four positions ignored: each built-in that takes a
+    // head gives, from hidden states and a head weight, the loss and the gradients (w.r.t. both)
+    // that it gives from their product.
+    let (positions, width, classes, k) = (29, 6, 37, 5);
+    let value = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 1000) as f32 / 250.0 - 2.0;
+    let objectives = [
+        ObjectiveConfig::Supervised { label_smoothing: 0.0 },
+        ObjectiveConfig::Hinton(HintonKdLossConfig::new().with_alpha(0.3).with_temperature(2.0)),
+        ObjectiveConfig::Divergence {
+            loss: DivergenceLossConfig::new(Divergence::ReverseKl).with_temperature(1.5),
+            hard_weight: 0.5,
+        },
+        ObjectiveConfig::Divergence {
+            loss: DivergenceLossConfig::new(Divergence::GeneralizedJsd { beta: 0.5 }),
+            hard_weight: 0.0,
+        },
+        ObjectiveConfig::Sparse {
+            loss: SparseKlLossConfig::new().with_tail(TailPolicy::UniformTail),
+            hard_weight: 0.2,
+        },
+        ObjectiveConfig::Sparse {
+            loss: SparseKlLossConfig::new().with_temperature(2.0),
+            hard_weight: 0.0,
+        },
+    ];
+    for named in devices() {
+        let device = named.device.autodiff();
+        let matrix = |rows: usize, cols: usize, seed| {
+            let values: Vec<f32> = (0..rows * cols).map(|i| value(i, seed)).collect();
+            Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), &device)
+        };
+        let labels: Vec<i64> = (0..positions)
+            .map(|i| {
+                if i % 7 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    ((i * 5) % classes) as i64
+                }
+            })
+            .collect();
+        let targets = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(labels, [positions]), &device);
+        let teacher = matrix(positions, classes, 3).mul_scalar(2.0);
+        let (log_probs, indices) = burn::tensor::activation::log_softmax(teacher.clone(), 1).topk_with_indices(k, 1);
+        let mask = targets.clone().not_equal_elem(IGNORE_INDEX);
+        for config in &objectives {
+            let objective = BuiltinObjective::new(config).unwrap();
+            assert!(objective.takes_head(), "{config:?}");
+            let run = |headed: bool| {
+                let hidden = matrix(positions, width, 1).require_grad();
+                let head = matrix(classes, width, 2).require_grad();
+                let (student, head_input) = if headed {
+                    (hidden.clone(), Some(head.clone()))
+                } else {
+                    (hidden.clone().matmul(head.clone().transpose()), None)
+                };
+                let loss = objective
+                    .loss(ObjectiveInput {
+                        student,
+                        head: head_input,
+                        teacher: Some(TeacherLogits {
+                            dense: teacher.clone(),
+                            top_k: Some((indices.clone(), log_probs.clone())),
+                        }),
+                        targets: targets.clone(),
+                        mask: Some(mask.clone()),
+                        normaliser: positions - 4,
+                        check_inputs: true,
+                    })
+                    .unwrap();
+                let total: f32 = loss.total.clone().into_scalar();
+                let grads = loss.total.backward();
+                let read = |tensor: &Tensor<2>| -> Vec<f32> {
+                    tensor.grad(&grads).unwrap().into_data().iter::<f32>().collect()
+                };
+                (total, read(&hidden), read(&head))
+            };
+            let (headed, dense) = (run(true), run(false));
+            assert!(
+                (headed.0 - dense.0).abs() <= 1e-5 * dense.0.abs().max(1.0),
+                "{} {config:?}: loss {} vs dense {}",
+                named.name,
+                headed.0,
+                dense.0
+            );
+            for (what, a, b) in [("d hidden", &headed.1, &dense.1), ("d head", &headed.2, &dense.2)] {
+                let largest = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-5 * largest,
+                        "{} {config:?}: {what}[{i}] {a} vs dense {b}",
+                        named.name
+                    );
+                }
+            }
+        }
+    }
+    for config in [
+        ObjectiveConfig::Supervised { label_smoothing: 0.1 },
+        ObjectiveConfig::Dkd(DkdLossConfig::new()),
+    ] {
+        assert!(!BuiltinObjective::new(&config).unwrap().takes_head(), "{config:?}");
+    }
+}
+
+/// A built-in objective that never takes a head: the distiller then asks for the logits.
+struct Dense(BuiltinObjective);
+
+/// A built-in objective that checks it is given a head.
+struct Headed(BuiltinObjective);
+
+impl Objective for Headed {
+    fn name(&self) -> &str {
+        "headed"
+    }
+    fn needs_teacher(&self) -> bool {
+        self.0.needs_teacher()
+    }
+    fn takes_head(&self) -> bool {
+        self.0.takes_head()
+    }
+    fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss> {
+        assert!(input.head.is_some(), "a Llama student gave its logits, not its head");
+        self.0.loss(input)
+    }
+}
+
+impl Objective for Dense {
+    fn name(&self) -> &str {
+        "dense"
+    }
+    fn needs_teacher(&self) -> bool {
+        self.0.needs_teacher()
+    }
+    fn loss(&self, input: ObjectiveInput) -> Result<ObjectiveLoss> {
+        assert!(input.head.is_none(), "a dense objective was given a head");
+        self.0.loss(input)
+    }
+}
+
+#[test]
+fn a_llama_student_trains_through_the_chunked_head_as_through_its_logits() {
+    // The distiller gives a Llama's hidden states and head to objectives that take them; two
+    // epochs of KD from a Llama teacher end at the weights that the logits path reaches.
+    let _serial = serial();
+    let device = devices().remove(0).device.autodiff();
+    let windows = ByteCorpus::load_default().unwrap().windows(12, 12).unwrap();
+    let (train, _) = windows.split(0.5).unwrap();
+    let train = Subset::new(train, (0..24).collect());
+    let llama = |layers: usize, width: usize, seed: u64| {
+        let config = burn_distill_model::llm::LlamaConfig::new(BYTE_VOCAB, width, 2 * width, layers, 2);
+        init_seeded(seed, &device, |d| config.init(d).unwrap())
+    };
+    let teacher_module = llama(2, 32, 1);
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let objective = ObjectiveConfig::Divergence {
+        loss: DivergenceLossConfig::new(Divergence::ForwardKl).with_temperature(2.0),
+        hard_weight: 0.3,
+    };
+    let dense = Dense(BuiltinObjective::new(&objective).unwrap());
+    let headed = Headed(BuiltinObjective::new(&objective).unwrap());
+    let (optimizer, schedule) = sgd(0.05, true);
+    let run = |name: &str, objective_config: ObjectiveConfig, custom: Option<&dyn Objective>| {
+        let config = DistillConfig::new(2, optimizer.clone(), schedule.clone(), objective_config).with_batch_size(8);
+        let distiller = Distiller::new(config, scratch(name)).with_teacher(&teacher);
+        let distiller = match custom {
+            Some(objective) => distiller.with_objective(objective),
+            None => distiller,
+        };
+        let outcome = distiller
+            .fit(llama(1, 16, 2), FitData::new(&train, &TokenBatcher), &device)
+            .unwrap();
+        let loss = outcome.records[1].train.loss;
+        (loss, probe_llama(&outcome.student))
+    };
+    let (head_loss, head_weights) = run(
+        "llama-head",
+        ObjectiveConfig::Custom { name: "headed".into() },
+        Some(&headed as &dyn Objective),
+    );
+    let (dense_loss, dense_weights) = run(
+        "llama-dense",
+        ObjectiveConfig::Custom { name: "dense".into() },
+        Some(&dense as &dyn Objective),
+    );
+    assert!(
+        (head_loss - dense_loss).abs() <= 1e-4 * dense_loss,
+        "loss {head_loss} vs {dense_loss}"
+    );
+    let largest = dense_weights.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = head_weights
+        .iter()
+        .zip(&dense_weights)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-4 * largest, "weights differ by {worst} (largest {largest})");
+    assert!(
+        head_weights
+            != llama(1, 16, 2)
+                .head_weight()
+                .into_data()
+                .iter::<f32>()
+                .collect::<Vec<_>>(),
+        "the student trained"
+    );
+}
+
+fn probe_llama(model: &burn_distill_model::llm::Llama) -> Vec<f32> {
+    model.head_weight().into_data().iter::<f32>().collect()
 }

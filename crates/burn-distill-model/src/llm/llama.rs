@@ -623,19 +623,30 @@ impl Llama {
 
 impl TappedForward<Tensor<2, Int>, 3> for Llama {
     fn forward_tapped(&self, tokens: Tensor<2, Int>) -> (Tensor<3>, Features) {
-        let mut blocks = Vec::with_capacity(self.layers.len());
-        let hidden = self.run(tokens, None, Some(&mut blocks));
-        let logits = self.head(hidden.clone());
-        let mut features = Features::new();
-        for (index, block) in blocks.into_iter().enumerate() {
-            features.insert(format!("block.{index}"), Feature::Sequence(block));
-        }
-        features.insert("hidden".to_string(), Feature::Sequence(hidden));
-        (logits, features)
+        let (hidden, _, features) = self.hidden_and_taps(tokens);
+        (self.head(hidden), features)
     }
 
     fn num_classes(&self) -> usize {
         self.config.vocab_size
+    }
+
+    fn forward_hidden_tapped(&self, tokens: Tensor<2, Int>) -> Option<(Tensor<3>, Tensor<2>, Features)> {
+        Some(self.hidden_and_taps(tokens))
+    }
+}
+
+impl Llama {
+    /// The final hidden states, the head weight and the taps (`block.{i}`, `hidden`).
+    fn hidden_and_taps(&self, tokens: Tensor<2, Int>) -> (Tensor<3>, Tensor<2>, Features) {
+        let mut blocks = Vec::with_capacity(self.layers.len());
+        let hidden = self.run(tokens, None, Some(&mut blocks));
+        let mut features = Features::new();
+        for (index, block) in blocks.into_iter().enumerate() {
+            features.insert(format!("block.{index}"), Feature::Sequence(block));
+        }
+        features.insert("hidden".to_string(), Feature::Sequence(hidden.clone()));
+        (hidden, self.head_weight(), features)
     }
 }
 

@@ -66,6 +66,7 @@
 
 mod batch;
 mod cache;
+mod chat;
 mod error;
 mod idx;
 mod image;
@@ -77,6 +78,10 @@ pub use batch::{Batch, EpochAware, EpochSampler, Fingerprinted, IGNORE_INDEX, In
 pub use cache::{
     CacheBuildOptions, CacheHeader, CacheMode, CacheReport, CachedTeacher, ExpectedSource, FORMAT_VERSION,
     TeacherCache, build_cache, dense_from_top_k, partial_path,
+};
+pub use chat::{
+    ChatPrompt, JargonEntry, PromptSplits, jargon_entries, jargon_prompts, read_chat_prompts, split_of, split_prompts,
+    write_chat_prompts,
 };
 pub use error::{DataError, Result};
 pub use idx::{IdxArray, encode_idx, read_idx};

@@ -728,3 +728,104 @@ fn non_finite_teacher_logits_are_refused() {
     assert!(error.to_string().contains("non-finite logit"), "{error}");
     assert!(!path.exists());
 }
+
+#[test]
+fn jargon_prompts_split_by_term_and_prompt_files_name_their_bad_lines() {
+    let corpus = ByteCorpus::load_default().unwrap();
+    let entries = jargon_entries(std::str::from_utf8(corpus.bytes()).unwrap());
+    assert!(entries.len() > 2000, "{} entries", entries.len());
+    let find = |term: &str| entries.iter().find(|entry| entry.term == term);
+    let godwin = find("Godwin's Law").expect("Godwin's Law is an entry");
+    assert!(
+        godwin
+            .definition
+            .starts_with("prov. [Usenet] “As a Usenet discussion grows longer,"),
+        "{:?}",
+        godwin.definition
+    );
+    assert!(
+        godwin.definition.ends_with("See also {Formosa's Law}."),
+        "{:?}",
+        godwin.definition
+    );
+    let goat = find("goat file").expect("goat file is an entry");
+    assert!(
+        goat.definition.starts_with("A sacrificial file"),
+        "{:?}",
+        goat.definition
+    );
+
+    let prompts = jargon_prompts(&entries);
+    let splits = split_prompts(prompts.clone(), 0.1, 0.1).unwrap();
+    let total = prompts.len() as f64;
+    for (name, split) in [("valid", &splits.valid), ("test", &splits.test)] {
+        let share = split.len() as f64 / total;
+        assert!((0.07..0.13).contains(&share), "{name}: {share}");
+    }
+    assert_eq!(
+        splits.train.len() + splits.valid.len() + splits.test.len(),
+        prompts.len()
+    );
+    let ids = |split: &[ChatPrompt]| {
+        split
+            .iter()
+            .map(|p| p.id.clone())
+            .collect::<std::collections::HashSet<_>>()
+    };
+    assert!(ids(&splits.train).is_disjoint(&ids(&splits.test)));
+    assert!(ids(&splits.train).is_disjoint(&ids(&splits.valid)));
+    // A term keeps its split whatever else is in the set.
+    let half = split_prompts(prompts[..prompts.len() / 2].to_vec(), 0.1, 0.1).unwrap();
+    assert!(ids(&half.test).is_subset(&ids(&splits.test)));
+    assert_eq!(
+        splits.test[0].messages,
+        vec![burn_distill_model::llm::ChatMessage::user(format!(
+            "Explain the jargon term \"{}\".",
+            splits.test[0].id
+        ))]
+    );
+    assert!(split_prompts(prompts.clone(), 0.5, 0.5).is_err());
+
+    // Written and read back; the short form reads too.
+    let dir = scratch("chat-prompts");
+    let path = dir.join("prompts.jsonl");
+    write_chat_prompts(&path, &splits.test).unwrap();
+    assert_eq!(read_chat_prompts(&path).unwrap(), splits.test);
+    std::fs::write(&path, "{\"prompt\": \"Hi\"}\n\n{\"id\": \"x\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Why?\"}]}\n").unwrap();
+    let read = read_chat_prompts(&path).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].id, "line-1");
+    assert_eq!(read[1].messages.len(), 2);
+
+    // Each bad line is named.
+    for (text, line, says) in [
+        ("{\"prompt\": \"a\"}\n{\"prompt\": 3}\n", 2, "not a chat prompt"),
+        ("{\"messages\": []}\n", 1, "no message"),
+        (
+            "{\"prompt\": \"a\"}\n\n{\"messages\": [{\"role\": \"assistant\", \"content\": \"b\"}]}\n",
+            3,
+            "ends with the user's message",
+        ),
+        (
+            "{\"id\": \"a\", \"prompt\": \"a\"}\n{\"id\": \"a\", \"prompt\": \"b\"}\n",
+            2,
+            "used twice",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"\", \"content\": \"b\"}]}\n",
+            1,
+            "empty role",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let error = read_chat_prompts(&path).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("line {line}")) && error.contains(says),
+            "{text:?}: {error}"
+        );
+    }
+    std::fs::write(&path, "\n\n").unwrap();
+    assert!(read_chat_prompts(&path).unwrap_err().to_string().contains("no prompt"));
+    let missing = read_chat_prompts(&dir.join("absent.jsonl")).unwrap_err();
+    assert!(matches!(missing, DataError::Missing { .. }), "{missing}");
+}

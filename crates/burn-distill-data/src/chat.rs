@@ -1,0 +1,238 @@
+//! Chat prompts for distilling a chat model: a JSONL reader and writer, and a prompt set built
+//! from the bundled Jargon File's head words, split into train / validation / test by term.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use burn_distill_model::Fingerprinter;
+use burn_distill_model::llm::ChatMessage;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+
+/// One prompt: the messages a chat model answers (a system message, if any, then the user's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatPrompt {
+    /// A name that stays with the prompt through splits and transfer sets (the term for the
+    /// Jargon File's prompts).
+    pub id: String,
+    /// The conversation so far; the model writes the next assistant message.
+    pub messages: Vec<ChatMessage>,
+}
+
+/// A line of a prompt file: `{"id": .., "messages": [..]}`, or the short form `{"prompt": ".."}`
+/// (one user message, its line number as id).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptLine {
+    Messages {
+        id: Option<String>,
+        messages: Vec<ChatMessage>,
+    },
+    Prompt {
+        id: Option<String>,
+        prompt: String,
+    },
+}
+
+/// Reads a JSONL file of chat prompts (blank lines are skipped). Each line is
+/// `{"id": "...", "messages": [{"role": "user", "content": "..."}]}` (id optional) or
+/// `{"prompt": "..."}`.
+///
+/// # Errors
+/// [`DataError::Missing`] for a missing file; [`DataError::Corrupt`] naming the line for a line
+/// that is not a prompt, has no message, an empty role, or does not end with a user message;
+/// [`DataError::Invalid`] for a file with no prompt or two prompts with one id.
+pub fn read_chat_prompts(path: &Path) -> Result<Vec<ChatPrompt>> {
+    if !path.exists() {
+        return Err(DataError::Missing {
+            path: path.to_path_buf(),
+            what: "a JSONL file of chat prompts".into(),
+            hint: String::new(),
+        });
+    }
+    let text = fs::read_to_string(path).map_err(|error| DataError::io(path, error))?;
+    let mut prompts: Vec<ChatPrompt> = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let corrupt = |reason: String| DataError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("line {number}: {reason}"),
+        };
+        let parsed: PromptLine = serde_json::from_str(line).map_err(|error| {
+            corrupt(format!(
+                "not a chat prompt ({error}); expected {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}]}} or {{\"prompt\": \"...\"}}"
+            ))
+        })?;
+        let (id, messages) = match parsed {
+            PromptLine::Messages { id, messages } => (id, messages),
+            PromptLine::Prompt { id, prompt } => (id, vec![ChatMessage::user(prompt)]),
+        };
+        let Some(last) = messages.last() else {
+            return Err(corrupt("the prompt has no message".into()));
+        };
+        if messages.iter().any(|message| message.role.trim().is_empty()) {
+            return Err(corrupt("a message has an empty role".into()));
+        }
+        if last.role != "user" {
+            return Err(corrupt(format!(
+                "the last message is from {:?}; a prompt ends with the user's message",
+                last.role
+            )));
+        }
+        let id = id.unwrap_or_else(|| format!("line-{number}"));
+        if !ids.insert(id.clone()) {
+            return Err(DataError::Invalid {
+                what: format!("prompt file {}", path.display()),
+                reason: format!("line {number}: the id {id:?} is used twice"),
+            });
+        }
+        prompts.push(ChatPrompt { id, messages });
+    }
+    if prompts.is_empty() {
+        return Err(DataError::Invalid {
+            what: format!("prompt file {}", path.display()),
+            reason: "it holds no prompt".into(),
+        });
+    }
+    Ok(prompts)
+}
+
+/// Writes `prompts` as JSONL (the long form), replacing `path` whole or not at all.
+///
+/// # Errors
+/// [`DataError::Io`] when the file cannot be written.
+pub fn write_chat_prompts(path: &Path, prompts: &[ChatPrompt]) -> Result<()> {
+    let write = || -> std::io::Result<()> {
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)?;
+        }
+        burn_distill_model::files::write_atomically(path, |file| {
+            for prompt in prompts {
+                serde_json::to_writer(&mut *file, prompt)?;
+                file.write_all(b"\n")?;
+            }
+            Ok(())
+        })
+    };
+    write().map_err(|error| DataError::io(path, error))
+}
+
+/// One entry of the Jargon File: its head word and the text of its definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JargonEntry {
+    /// The head word, as written (`"cruft"`, `"Godwin's Law"`).
+    pub term: String,
+    /// The definition's text, its lines joined by single spaces.
+    pub definition: String,
+}
+
+/// The entries of The Jargon File 4.4.7 in its plain-text form: each starts with a line
+/// `   :term: ...` and runs to the next. Entries whose definition is empty are left out.
+pub fn jargon_entries(text: &str) -> Vec<JargonEntry> {
+    let mut entries = Vec::new();
+    let mut current: Option<(String, Vec<&str>)> = None;
+    let finish = |current: Option<(String, Vec<&str>)>, entries: &mut Vec<JargonEntry>| {
+        if let Some((term, lines)) = current {
+            let definition = lines.join(" ").split_whitespace().collect::<Vec<_>>().join(" ");
+            if !definition.is_empty() {
+                entries.push(JargonEntry { term, definition });
+            }
+        }
+    };
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let head = trimmed
+            .strip_prefix(':')
+            .and_then(|rest| rest.split_once(':'))
+            .filter(|(term, _)| !term.is_empty() && !term.contains("  ") && line.starts_with("   :"));
+        match head {
+            Some((term, rest)) => {
+                finish(current.take(), &mut entries);
+                current = Some((term.trim().to_string(), vec![rest.trim()]));
+            }
+            None => {
+                if let Some((_, lines)) = current.as_mut() {
+                    lines.push(line.trim());
+                }
+            }
+        }
+    }
+    finish(current, &mut entries);
+    entries
+}
+
+/// Prompts split three ways by term, so that no validation or test term is seen in training.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptSplits {
+    /// Training prompts.
+    pub train: Vec<ChatPrompt>,
+    /// Validation prompts: hyper-parameters are chosen on these.
+    pub valid: Vec<ChatPrompt>,
+    /// Test prompts: read once, for the final table.
+    pub test: Vec<ChatPrompt>,
+}
+
+/// Which split a prompt id falls in: a fixed hash of the id, so a term keeps its split whatever
+/// else is in the set. `valid` and `test` are fractions in `[0, 1)`.
+pub fn split_of(id: &str, valid: f64, test: f64) -> usize {
+    let mut hasher = Fingerprinter::new("prompt split");
+    hasher.update(id.as_bytes());
+    let unit = (hasher.finish().0 >> 75) as f64 / (1u64 << 53) as f64;
+    if unit < test {
+        2
+    } else if unit < test + valid {
+        1
+    } else {
+        0
+    }
+}
+
+/// Splits `prompts` by id with [`split_of`].
+///
+/// # Errors
+/// [`DataError::Invalid`] for fractions outside `[0, 1)` or summing to 1 or more.
+pub fn split_prompts(prompts: Vec<ChatPrompt>, valid: f64, test: f64) -> Result<PromptSplits> {
+    let in_range = |x: f64| (0.0..1.0).contains(&x);
+    if !in_range(valid) || !in_range(test) || valid + test >= 1.0 {
+        return Err(DataError::Invalid {
+            what: "prompt split".into(),
+            reason: format!("validation {valid} and test {test} fractions must be in [0, 1) and sum to less than 1"),
+        });
+    }
+    let mut splits = PromptSplits {
+        train: Vec::new(),
+        valid: Vec::new(),
+        test: Vec::new(),
+    };
+    for prompt in prompts {
+        match split_of(&prompt.id, valid, test) {
+            2 => splits.test.push(prompt),
+            1 => splits.valid.push(prompt),
+            _ => splits.train.push(prompt),
+        }
+    }
+    Ok(splits)
+}
+
+/// `"Explain the jargon term \"X\"."` for each of `entries`, one user message with the term as
+/// id (the first entry of a term that appears twice).
+pub fn jargon_prompts(entries: &[JargonEntry]) -> Vec<ChatPrompt> {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .iter()
+        .filter(|entry| seen.insert(entry.term.clone()))
+        .map(|entry| ChatPrompt {
+            id: entry.term.clone(),
+            messages: vec![ChatMessage::user(format!(
+                "Explain the jargon term \"{}\".",
+                entry.term
+            ))],
+        })
+        .collect()
+}

@@ -5,8 +5,8 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use burn_distill_model::Fingerprinter;
-use burn_distill_model::llm::ChatMessage;
+use burn_distill_model::llm::{ChatMessage, ChatTokenizer, GenerateOptions, Llama};
+use burn_distill_model::{Fingerprint, Fingerprinter, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
@@ -235,4 +235,213 @@ pub fn jargon_prompts(entries: &[JargonEntry]) -> Vec<ChatPrompt> {
             ))],
         })
         .collect()
+}
+
+/// How a teacher answers the prompts of a transfer set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnswerOptions {
+    /// The most tokens per answer (an answer cut there has no EOS).
+    pub max_new_tokens: usize,
+    /// Temperature (0: greedy), top-k, top-p and seed.
+    pub sampling: SamplingConfig,
+    /// Prompts answered together (one KV-cached batch, left-padded).
+    pub batch_size: usize,
+}
+
+/// The first line of a transfer-set file: what its answers were made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferSetHeader {
+    /// The teacher's weights.
+    pub teacher: Fingerprint,
+    /// The tokenizer: its vocabulary, merges, special tokens and chat template.
+    pub tokenizer: Fingerprint,
+    /// The prompts, in order.
+    pub prompts: Fingerprint,
+    /// Decoding.
+    pub options: AnswerOptions,
+}
+
+/// One teacher answer of a transfer set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTranscript {
+    /// The prompt's id.
+    pub id: String,
+    /// The prompt rendered with the chat template, as token ids (generation prompt included).
+    pub prompt_tokens: Vec<u32>,
+    /// The answer's token ids, its EOS included when it ended with one.
+    pub answer_tokens: Vec<u32>,
+    /// The answer as text (without EOS).
+    pub answer: String,
+}
+
+impl ChatTranscript {
+    /// As a [`Transcript`](crate::Transcript) of token ids, for a
+    /// [`TranscriptDataset`](crate::TranscriptDataset): loss on the answer tokens only.
+    pub fn transcript(&self) -> crate::Transcript {
+        crate::Transcript::from_tokens(&self.prompt_tokens, &self.answer_tokens)
+    }
+}
+
+/// The fingerprint of a tokenizer: its whole `tokenizer.json` form and its chat template.
+///
+/// # Errors
+/// [`DataError::Invalid`] when the tokenizer cannot be serialised.
+pub fn tokenizer_fingerprint(tokenizer: &ChatTokenizer) -> Result<Fingerprint> {
+    let json = tokenizer.inner().to_string(false).map_err(|error| DataError::Invalid {
+        what: "tokenizer".into(),
+        reason: format!("it cannot be serialised for its fingerprint: {error}"),
+    })?;
+    let mut hasher = Fingerprinter::new("tokenizer");
+    hasher
+        .update_str(&json)
+        .update_str(tokenizer.chat_template().unwrap_or(""));
+    Ok(hasher.finish())
+}
+
+/// The teacher's answers to `prompts`, in a JSONL transfer set at `path` (a header line, then
+/// one [`ChatTranscript`] per line), made with the KV cache `options.batch_size` prompts at a
+/// time. Each batch is appended as soon as it is answered, so a killed run loses at most one
+/// batch: called again with the same teacher, tokenizer, prompts and options, it keeps what
+/// the file holds and answers the rest. `progress(done, total)` is called after each batch.
+///
+/// # Errors
+/// [`DataError::OtherTransferSet`] for a file made from anything else (it is left as it is);
+/// [`DataError::Invalid`] for no prompts or a batch size of 0; [`DataError::Corrupt`] for a
+/// damaged file; [`DataError::Generation`] when the teacher fails; [`DataError::Io`].
+pub fn answer_prompts(
+    teacher: &Llama,
+    tokenizer: &ChatTokenizer,
+    prompts: &[ChatPrompt],
+    options: &AnswerOptions,
+    path: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<ChatTranscript>> {
+    if prompts.is_empty() || options.batch_size == 0 || options.max_new_tokens == 0 {
+        return Err(DataError::Invalid {
+            what: "transfer set".into(),
+            reason: "it needs at least one prompt, a batch size of at least 1 and max_new_tokens of at least 1".into(),
+        });
+    }
+    let mut prompt_hasher = Fingerprinter::new("chat prompts");
+    for prompt in prompts {
+        prompt_hasher.update_str(&serde_json::to_string(prompt).expect("prompts serialise"));
+    }
+    let header = TransferSetHeader {
+        teacher: Fingerprint::of_module(teacher),
+        tokenizer: tokenizer_fingerprint(tokenizer)?,
+        prompts: prompt_hasher.finish(),
+        options: options.clone(),
+    };
+    let mut done = read_transfer_set(path, &header, prompts)?;
+    let mut file = if done.is_empty() {
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|error| DataError::io(path, error))?;
+        }
+        let mut file = fs::File::create(path).map_err(|error| DataError::io(path, error))?;
+        let line = serde_json::json!({ "transfer_set": header }).to_string();
+        writeln!(file, "{line}").map_err(|error| DataError::io(path, error))?;
+        file
+    } else {
+        // Rewritten whole: a line cut by a kill is dropped.
+        let write = |file: &mut fs::File| -> std::io::Result<()> {
+            writeln!(file, "{}", serde_json::json!({ "transfer_set": header }))?;
+            for answer in &done {
+                writeln!(file, "{}", serde_json::to_string(answer)?)?;
+            }
+            Ok(())
+        };
+        let mut file = fs::File::create(path).map_err(|error| DataError::io(path, error))?;
+        write(&mut file).map_err(|error| DataError::io(path, error))?;
+        file
+    };
+    progress(done.len(), prompts.len());
+    let generate = GenerateOptions {
+        max_new_tokens: options.max_new_tokens,
+        sampling: options.sampling.clone(),
+        stop_tokens: Vec::new(),
+    };
+    while done.len() < prompts.len() {
+        let (first, end) = (done.len(), (done.len() + options.batch_size).min(prompts.len()));
+        let conversations: Vec<Vec<ChatMessage>> = prompts[first..end].iter().map(|p| p.messages.clone()).collect();
+        // Each batch its own stream: a resumed run samples what an uninterrupted one would.
+        let mut batch_options = generate.clone();
+        batch_options.sampling.seed = options
+            .sampling
+            .seed
+            .wrapping_add((first as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let (answers, _) = teacher
+            .chat(tokenizer, &conversations, &batch_options, &[], |_, _| {})
+            .map_err(|source| DataError::Generation { first, end, source })?;
+        let mut lines = String::new();
+        for (prompt, answer) in prompts[first..end].iter().zip(answers) {
+            let transcript = ChatTranscript {
+                id: prompt.id.clone(),
+                prompt_tokens: answer.prompt_tokens,
+                answer_tokens: answer.generation.tokens,
+                answer: answer.text,
+            };
+            lines.push_str(&serde_json::to_string(&transcript).expect("transcripts serialise"));
+            lines.push('\n');
+            done.push(transcript);
+        }
+        file.write_all(lines.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(|error| DataError::io(path, error))?;
+        progress(done.len(), prompts.len());
+    }
+    Ok(done)
+}
+
+/// The answers a transfer set at `path` already holds for `prompts` (none when there is no
+/// file); an error when it was made from anything else.
+fn read_transfer_set(path: &Path, header: &TransferSetHeader, prompts: &[ChatPrompt]) -> Result<Vec<ChatTranscript>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(DataError::io(path, error)),
+    };
+    let mut lines = text.split_inclusive('\n');
+    let Some(first) = lines.next() else {
+        return Ok(Vec::new());
+    };
+    #[derive(Deserialize)]
+    struct HeaderLine {
+        transfer_set: TransferSetHeader,
+    }
+    let saved = serde_json::from_str::<HeaderLine>(first.trim_end())
+        .map_err(|error| DataError::corrupt(path, format!("line 1: not a transfer-set header ({error})")))?
+        .transfer_set;
+    let other = |what: &str| DataError::OtherTransferSet {
+        path: path.to_path_buf(),
+        what: what.into(),
+    };
+    if saved.teacher != header.teacher {
+        return Err(other("teacher"));
+    }
+    if saved.tokenizer != header.tokenizer {
+        return Err(other("tokenizer"));
+    }
+    if saved.prompts != header.prompts {
+        return Err(other("prompt set"));
+    }
+    if saved.options != header.options {
+        return Err(other("decoding options"));
+    }
+    let mut done = Vec::new();
+    for (index, line) in lines.enumerate() {
+        if !line.ends_with('\n') {
+            break; // cut by a kill: answered again
+        }
+        let transcript: ChatTranscript = serde_json::from_str(line.trim_end()).map_err(|error| {
+            DataError::corrupt(path, format!("line {}: not a transfer-set answer ({error})", index + 2))
+        })?;
+        if prompts.get(done.len()).map(|p| &p.id) != Some(&transcript.id) {
+            return Err(DataError::corrupt(
+                path,
+                format!("line {}: answers prompt {:?} out of order", index + 2, transcript.id),
+            ));
+        }
+        done.push(transcript);
+    }
+    Ok(done)
 }

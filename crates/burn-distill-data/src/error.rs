@@ -61,6 +61,26 @@ pub enum DataError {
         /// The teacher's error.
         source: burn_distill_model::ModelError,
     },
+    /// A transfer set was made by another teacher, tokenizer, prompt set or decoding: refused,
+    /// not overwritten (it may have taken hours).
+    #[error("{path}: this transfer set was made with another {what}; delete it or name another file")]
+    OtherTransferSet {
+        /// The transfer set.
+        path: PathBuf,
+        /// What differs (`teacher`, `tokenizer`, `prompt set`, `decoding options`).
+        what: String,
+    },
+    /// The teacher failed while answering prompts.
+    #[error("the teacher failed on prompts {first}..{end}: {source}")]
+    Generation {
+        /// First prompt of the failing batch.
+        first: usize,
+        /// One past its last prompt.
+        end: usize,
+        /// The model's error.
+        #[source]
+        source: burn_distill_model::llm::LlmError,
+    },
     /// A cache build was stopped on request; the examples done so far are kept and a later
     /// build resumes from them.
     #[error("{path}: cache build stopped after {done} of {total} examples; run it again to resume")]

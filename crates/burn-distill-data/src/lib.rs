@@ -80,7 +80,8 @@ pub use cache::{
     TeacherCache, build_cache, dense_from_top_k, partial_path,
 };
 pub use chat::{
-    ChatPrompt, JargonEntry, PromptSplits, jargon_entries, jargon_prompts, read_chat_prompts, split_of, split_prompts,
+    AnswerOptions, ChatPrompt, ChatTranscript, JargonEntry, PromptSplits, TransferSetHeader, answer_prompts,
+    jargon_entries, jargon_prompts, read_chat_prompts, split_of, split_prompts, tokenizer_fingerprint,
     write_chat_prompts,
 };
 pub use error::{DataError, Result};

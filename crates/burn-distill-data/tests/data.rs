@@ -829,3 +829,97 @@ fn jargon_prompts_split_by_term_and_prompt_files_name_their_bad_lines() {
     let missing = read_chat_prompts(&dir.join("absent.jsonl")).unwrap_err();
     assert!(matches!(missing, DataError::Missing { .. }), "{missing}");
 }
+
+#[test]
+fn a_transfer_set_of_chat_answers_resumes_and_refuses_another_teacher() {
+    use burn_distill_model::SamplingConfig;
+    use burn_distill_model::llm::{ChatTokenizer, load_gguf};
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    let device = devices()[0].device.clone();
+    let (teacher, gguf) = load_gguf(fixture.join("tiny-q8_0.gguf"), &device).unwrap();
+    let tokenizer = ChatTokenizer::from_gguf(&gguf).unwrap();
+    let prompts: Vec<ChatPrompt> = ["cruft", "kluge", "hack", "foo", "bar"]
+        .iter()
+        .map(|term| ChatPrompt {
+            id: term.to_string(),
+            messages: vec![burn_distill_model::llm::ChatMessage::user(format!("Explain {term}."))],
+        })
+        .collect();
+    let options = AnswerOptions {
+        max_new_tokens: 6,
+        sampling: SamplingConfig::new().with_temperature(1.0).with_seed(7),
+        batch_size: 2,
+    };
+    let dir = scratch("transfer-set");
+    let path = dir.join("answers.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let mut calls = Vec::new();
+    let whole = answer_prompts(&teacher, &tokenizer, &prompts, &options, &path, |done, total| {
+        calls.push((done, total))
+    })
+    .unwrap();
+    assert_eq!(calls, vec![(0, 5), (2, 5), (4, 5), (5, 5)]);
+    assert_eq!(
+        whole.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["cruft", "kluge", "hack", "foo", "bar"]
+    );
+    for (transcript, prompt) in whole.iter().zip(&prompts) {
+        assert_eq!(
+            transcript.prompt_tokens,
+            tokenizer.encode_chat(&prompt.messages, true).unwrap()
+        );
+        assert!(!transcript.answer_tokens.is_empty() && transcript.answer_tokens.len() <= 6);
+        let ids = transcript.transcript();
+        assert_eq!(ids.completion_ids(), transcript.answer_tokens);
+    }
+    // Killed after the first batch and in the middle of a line: the rerun keeps the first two
+    // answers and samples the rest as the uninterrupted run did.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "a header and five answers");
+    std::fs::write(
+        &path,
+        format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], &lines[3][..10]),
+    )
+    .unwrap();
+    let mut calls = Vec::new();
+    let resumed = answer_prompts(&teacher, &tokenizer, &prompts, &options, &path, |done, total| {
+        calls.push((done, total))
+    })
+    .unwrap();
+    assert_eq!(calls[0], (2, 5), "the first two answers were kept");
+    assert_eq!(resumed, whole);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+    // Another teacher, prompt set or decoding is refused, and the file is left as it was.
+    let (other_teacher, _) = load_gguf(fixture.join("tiny-q4_0.gguf"), &device).unwrap();
+    let refused = |result: Result<Vec<ChatTranscript>>, what: &str| match result {
+        Err(DataError::OtherTransferSet { what: got, .. }) => assert_eq!(got, what),
+        other => panic!("{what}: {other:?}"),
+    };
+    refused(
+        answer_prompts(&other_teacher, &tokenizer, &prompts, &options, &path, |_, _| {}),
+        "teacher",
+    );
+    refused(
+        answer_prompts(&teacher, &tokenizer, &prompts[1..], &options, &path, |_, _| {}),
+        "prompt set",
+    );
+    let greedy = AnswerOptions {
+        sampling: SamplingConfig::new().with_temperature(0.0),
+        ..options.clone()
+    };
+    refused(
+        answer_prompts(&teacher, &tokenizer, &prompts, &greedy, &path, |_, _| {}),
+        "decoding options",
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    let bad = AnswerOptions {
+        batch_size: 0,
+        ..options.clone()
+    };
+    assert!(matches!(
+        answer_prompts(&teacher, &tokenizer, &prompts, &bad, &path, |_, _| {}),
+        Err(DataError::Invalid { .. })
+    ));
+}

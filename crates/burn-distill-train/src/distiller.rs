@@ -602,22 +602,38 @@ where
         } else {
             None
         };
-        let (student_rows, head, student_features) = match hidden {
+        let (student_rows, student_dims, head, student_features) = match hidden {
             Some(hidden) => {
                 let hidden = hidden?;
-                (flatten_logits(hidden.hidden), Some(hidden.head), hidden.features)
+                let dims = hidden.hidden.dims();
+                (flatten_logits(hidden.hidden), dims, Some(hidden.head), hidden.features)
             }
             None => {
                 let output = session.trainee.student.learn(input, &terms.student_taps)?;
-                (flatten_logits(output.logits), None, output.features)
+                let dims = output.logits.dims();
+                (flatten_logits(output.logits), dims, None, output.features)
             }
         };
+        // A cache of sequences holds them padded to its longest; a batch is padded to its own
+        // longest, which may be shorter: the teacher's positions past the batch's are padding.
+        let fit = |tensor_dims: [usize; D]| (D == 3 && tensor_dims[1] > student_dims[1]).then_some(student_dims[1]);
         let (teacher_logits, teacher_features) = match teacher_output {
             Some(output) => {
-                let top_k = output
-                    .top_k()
-                    .map(|(indices, values)| (flatten_indices(indices.clone()), flatten_logits(values.clone())));
+                let top_k = output.top_k().map(|(indices, values)| {
+                    let (indices, values) = match fit(values.dims()) {
+                        Some(length) => (
+                            indices.clone().narrow(1, 0, length),
+                            values.clone().narrow(1, 0, length),
+                        ),
+                        None => (indices.clone(), values.clone()),
+                    };
+                    (flatten_indices(indices), flatten_logits(values))
+                });
                 let (logits, features) = output.into_parts();
+                let logits = match fit(logits.dims()) {
+                    Some(length) => logits.narrow(1, 0, length),
+                    None => logits,
+                };
                 let logits = TeacherLogits {
                     dense: flatten_logits(logits),
                     top_k,

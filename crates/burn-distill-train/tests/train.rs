@@ -1945,3 +1945,114 @@ fn a_llama_student_trains_through_the_chunked_head_as_through_its_logits() {
 fn probe_llama(model: &burn_distill_model::llm::Llama) -> Vec<f32> {
     model.head_weight().into_data().iter::<f32>().collect()
 }
+
+#[test]
+fn a_llama_distils_from_a_top_k_cache_of_a_real_tokenizers_chat_answers() {
+    // The white-box chain of chat distillation: a Llama teacher (the tiny GGUF fixture, its
+    // own BPE tokenizer and chat template) answers prompts into a transfer set; a top-k cache
+    // of its log-probabilities on those answers; a smaller Llama student learns from the cache
+    // through the chunked head, loss on answer tokens only, and comes closer to the teacher.
+    use burn_distill_data::{AnswerOptions, ChatPrompt, answer_prompts};
+    use burn_distill_model::SamplingConfig;
+    use burn_distill_model::llm::{ChatMessage, ChatTokenizer, LlamaConfig, load_gguf};
+    let _serial = serial();
+    let device = devices().remove(0).device;
+    let training = device.clone().autodiff();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    let (teacher_module, gguf) = load_gguf(fixture.join("tiny-q8_0.gguf"), &device).unwrap();
+    let tokenizer = ChatTokenizer::from_gguf(&gguf).unwrap();
+    let vocab = teacher_module.config().vocab_size;
+    let prompts: Vec<ChatPrompt> = ["cruft", "kluge", "hack", "foo", "bar", "frob", "grok", "nybble"]
+        .iter()
+        .map(|term| ChatPrompt {
+            id: term.to_string(),
+            messages: vec![ChatMessage::user(format!("Explain the jargon term \"{term}\"."))],
+        })
+        .collect();
+    let dir = scratch("chat-white-box");
+    std::fs::create_dir_all(&dir).unwrap();
+    let answers = answer_prompts(
+        &teacher_module,
+        &tokenizer,
+        &prompts,
+        &AnswerOptions {
+            max_new_tokens: 12,
+            sampling: SamplingConfig::new().with_temperature(1.0).with_seed(5),
+            batch_size: 4,
+        },
+        &dir.join("answers.jsonl"),
+        |_, _| {},
+    )
+    .unwrap();
+    let transcripts: Vec<Transcript> = answers.iter().map(|answer| answer.transcript()).collect();
+    let context = transcripts
+        .iter()
+        .map(|t| t.prompt_ids().len() + t.completion_ids().len() - 1)
+        .max()
+        .unwrap();
+    let dataset = TranscriptDataset::new(&transcripts, context, vocab, false).unwrap();
+    let teacher = FrozenTeacher::new(&teacher_module);
+    let fingerprint = Teacher::<Tensor<2, burn::tensor::Int>, 3>::fingerprint(&teacher).unwrap();
+    let path = dir.join("top16.bdkd");
+    let _ = std::fs::remove_file(&path);
+    let options = CacheBuildOptions::new(CacheMode::TopK { k: 16 })
+        .with_batch_size(4)
+        .with_progress(false)
+        .with_teacher_fingerprint(fingerprint);
+    build_cache(
+        &path,
+        &teacher,
+        &dataset,
+        &SequenceBatcher::default(),
+        &device,
+        &options,
+    )
+    .unwrap();
+    let cached = CachedTeacher::open(&path, &dataset, fingerprint, &device).unwrap();
+
+    let student = || {
+        let config = LlamaConfig::new(vocab, 32, 64, 1, 2);
+        init_seeded(9, &training, |d| config.init(d).unwrap())
+    };
+    let sparse = ObjectiveConfig::Sparse {
+        loss: SparseKlLossConfig::new().with_tail(TailPolicy::UniformTail),
+        hard_weight: 0.0,
+    };
+    let headed = Headed(BuiltinObjective::new(&sparse).unwrap());
+    let kl_before = evaluate(
+        &student(),
+        Some(&teacher as &dyn Teacher<Tensor<2, burn::tensor::Int>, 3>),
+        &dataset,
+        &SequenceBatcher::default(),
+        8,
+        &training,
+    )
+    .unwrap()
+    .teacher_kl
+    .unwrap();
+    let config = adam_config(6, ObjectiveConfig::Custom { name: "headed".into() }, 4);
+    let outcome = Distiller::new(config, dir.join("run"))
+        .with_teacher(&cached)
+        .with_objective(&headed)
+        .with_eval_teacher(&teacher)
+        .fit(
+            student(),
+            FitData::new(&dataset, &SequenceBatcher::default()).with_evals(&[EvalSet {
+                name: "answers",
+                dataset: &dataset,
+            }]),
+            &training,
+        )
+        .unwrap();
+    let record = outcome.records.last().unwrap();
+    let answer_tokens: usize = answers.iter().map(|a| a.answer_tokens.len()).sum();
+    assert_eq!(
+        record.train.positions, answer_tokens,
+        "the loss counts answer tokens only"
+    );
+    let kl_after = record.eval[0].1.teacher_kl.unwrap();
+    assert!(
+        kl_after < 0.8 * kl_before,
+        "KL to the teacher on its answers: {kl_before} before, {kl_after} after"
+    );
+}

@@ -529,6 +529,52 @@ impl Llama {
         self.run(tokens, None, None)
     }
 
+    /// A smaller model of this one's blocks `blocks` (in that order), with its embedding, final
+    /// norm, head and tokenizer: a student initialised from its teacher, DistilBERT-style (Sanh
+    /// et al., 2019, took every other layer). The weights are copies; the two train apart.
+    ///
+    /// # Errors
+    /// [`LlmError::Config`] for no block, a block index past the last, or one given twice (its
+    /// parameters would be one parameter twice).
+    pub fn with_blocks(&self, blocks: &[usize]) -> LlmResult<Self> {
+        let layers = self.layers.len();
+        let invalid = |value: String, reason: &str| LlmError::Config {
+            field: "blocks",
+            value,
+            reason: reason.into(),
+        };
+        if blocks.is_empty() {
+            return Err(invalid("[]".into(), "a model needs at least one block"));
+        }
+        if let Some(&index) = blocks.iter().find(|&&index| index >= layers) {
+            return Err(invalid(
+                format!("{blocks:?}"),
+                &format!("block {index} does not exist: the model has blocks 0..{layers}"),
+            ));
+        }
+        if let Some((i, _)) = blocks
+            .iter()
+            .enumerate()
+            .find(|(i, index)| blocks[..*i].contains(index))
+        {
+            return Err(invalid(
+                format!("{blocks:?}"),
+                &format!("block {} is given twice", blocks[i]),
+            ));
+        }
+        let mut config = self.config.clone();
+        config.num_hidden_layers = blocks.len();
+        // The student starts from the teacher's tensors; burn's tensors are immutable, so its
+        // training replaces its own and leaves the teacher's as they are.
+        Ok(Self {
+            embed_tokens: self.embed_tokens.clone(),
+            layers: blocks.iter().map(|&index| self.layers[index].clone()).collect(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            config,
+        })
+    }
+
     /// The output head's weight as `[vocab, width]` (the token embedding when tied).
     pub fn head_weight(&self) -> Tensor<2> {
         match &self.lm_head {

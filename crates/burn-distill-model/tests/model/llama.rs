@@ -859,3 +859,39 @@ fn damaged_gguf_files_and_model_directories_are_clear_errors() {
             .contains("model.safetensors")
     );
 }
+
+#[test]
+fn a_student_made_of_its_teachers_blocks_holds_their_weights() {
+    let _serial = serial();
+    let device = &devices()[0].device;
+    let (teacher, _) = load_gguf(fixtures().join("tiny-q8_0.gguf"), device).unwrap();
+    let all = teacher.with_blocks(&[0, 1]).unwrap();
+    assert_eq!(parameter_bits(&all), parameter_bits(&teacher));
+    let prompt = [5, 77, 120, 9];
+    assert_eq!(logits_of(&all, &prompt, device), logits_of(&teacher, &prompt, device));
+    // One block: the embedding, then block 1's parameters, then the norm and head.
+    let second = teacher.with_blocks(&[1]).unwrap();
+    assert_eq!(second.config().num_hidden_layers, 1);
+    let (whole, part) = (parameter_bits(&teacher), parameter_bits(&second));
+    let per_block = whole.len() - part.len();
+    assert!(per_block >= 9, "{per_block} parameters per block");
+    let expected: Vec<_> = whole[..1].iter().chain(&whole[1 + per_block..]).cloned().collect();
+    assert_eq!(part, expected);
+    assert_ne!(
+        logits_of(&second, &prompt, device),
+        logits_of(&teacher, &prompt, device)
+    );
+    assert_ne!(
+        logits_of(&teacher.with_blocks(&[1, 0]).unwrap(), &prompt, device),
+        logits_of(&teacher, &prompt, device),
+        "the order of the blocks is kept"
+    );
+    for (blocks, says) in [
+        (&[][..], "at least one"),
+        (&[0, 2][..], "block 2 does not exist"),
+        (&[1, 1][..], "twice"),
+    ] {
+        let error = teacher.with_blocks(blocks).unwrap_err().to_string();
+        assert!(error.contains(says), "{blocks:?}: {error}");
+    }
+}

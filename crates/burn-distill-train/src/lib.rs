@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 mod checkpoint;
+mod chrf;
 mod config;
 mod constraint;
 mod denormals;
@@ -48,6 +49,7 @@ mod on_policy;
 mod run;
 mod stopping;
 
+pub use chrf::{ChrfStats, chrf, corpus_chrf};
 pub use config::{
     DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, Metric, ObjectiveConfig, OnPolicyConfig,
     OptimizerConfig,

@@ -2056,3 +2056,36 @@ fn a_llama_distils_from_a_top_k_cache_of_a_real_tokenizers_chat_answers() {
         "KL to the teacher on its answers: {kl_before} before, {kl_after} after"
     );
 }
+
+#[test]
+fn chrf_equals_sacrebleu_sentence_by_sentence_and_for_the_corpus() {
+    // tests/fixtures/chrf.json: scripts/make_chrf_fixtures.py (sacrebleu 2.6.0, CHRF defaults).
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chrf.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let pairs: Vec<(String, String, f64)> = fixture["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| {
+            (
+                pair["hypothesis"].as_str().unwrap().to_string(),
+                pair["reference"].as_str().unwrap().to_string(),
+                pair["chrf"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(pairs.len() >= 10);
+    for (hypothesis, reference, expected) in &pairs {
+        let got = chrf(hypothesis, reference);
+        assert!(
+            (got - expected).abs() < 1e-9,
+            "{hypothesis:?} vs {reference:?}: {got}, sacrebleu {expected}"
+        );
+    }
+    let corpus = corpus_chrf(pairs.iter().map(|(h, r, _)| (h.as_str(), r.as_str())));
+    let expected = fixture["corpus"].as_f64().unwrap();
+    assert!(
+        (corpus - expected).abs() < 1e-9,
+        "corpus {corpus}, sacrebleu {expected}"
+    );
+}

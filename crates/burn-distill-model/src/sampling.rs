@@ -1,7 +1,7 @@
 //! Sampling the next token from logits: temperature, top-k, top-p, seeded.
 
 use burn::config::Config;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 /// How to pick the next token.
 ///
@@ -164,6 +164,56 @@ pub trait Generator {
     /// - prompt: `[batch, prompt_len]`, at least one token per row
     /// - output: `[batch, prompt_len + new_tokens]`, on the prompt's device
     fn generate(&self, prompt: Tensor<2, Int>, new_tokens: usize, sampling: &SamplingConfig) -> Tensor<2, Int>;
+
+    /// Continues prompts of different lengths, each by at most `max_new_tokens`, a row ending
+    /// at its first token in `stop_tokens` (kept); returns each row's new tokens. The default
+    /// runs [`generate`](Self::generate) on the rows of each prompt length (each group with its
+    /// own stream) and cuts at the stop tokens; a model with a KV cache over left-padded
+    /// batches (the `Llama`) answers them all at once.
+    ///
+    /// # Panics
+    /// As [`generate`](Self::generate), and for an empty prompt.
+    fn generate_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        sampling: &SamplingConfig,
+        stop_tokens: &[u32],
+        device: &Device,
+    ) -> Vec<Vec<u32>> {
+        let mut out = vec![Vec::new(); prompts.len()];
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&row| (prompts[row].len(), row));
+        for group in order.chunk_by(|&a, &b| prompts[a].len() == prompts[b].len()) {
+            let length = prompts[group[0]].len();
+            assert!(length > 0, "generate_rows: prompt {} is empty", group[0]);
+            let flat: Vec<i64> = group
+                .iter()
+                .flat_map(|&row| prompts[row].iter().map(|&token| i64::from(token)))
+                .collect();
+            let prompt = Tensor::<2, Int>::from_data(TensorData::new(flat, [group.len(), length]), device);
+            let group_sampling = SamplingConfig {
+                seed: sampling
+                    .seed
+                    .wrapping_add((group[0] as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                ..sampling.clone()
+            };
+            let generated: Vec<i64> = self
+                .generate(prompt, max_new_tokens, &group_sampling)
+                .into_data()
+                .iter::<i64>()
+                .collect();
+            for (&row, tokens) in group.iter().zip(generated.chunks(length + max_new_tokens)) {
+                let new = &tokens[length..];
+                let end = new
+                    .iter()
+                    .position(|&token| stop_tokens.contains(&(token as u32)))
+                    .map_or(new.len(), |stop| stop + 1);
+                out[row] = new[..end].iter().map(|&token| token as u32).collect();
+            }
+        }
+        out
+    }
 
     /// The vocabulary size.
     fn vocab(&self) -> usize;

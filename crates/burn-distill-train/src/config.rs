@@ -92,6 +92,8 @@ pub use burn_distill_data::IGNORE_INDEX;
 /// | `lambda` | 0.5 | share of steps trained on student-generated sequences | `[0, 1]` |
 /// | `prompt_tokens` | 16 | tokens of each data sequence kept as the prompt | ≥ 1, < sequence length |
 /// | `sampling` | temperature 1 | how the student samples (its `seed` is mixed with the step) | |
+/// | `chat_prompts` | false | each row's prompt is its tokens up to its first counted target (a chat transcript's conversation); `prompt_tokens` is then unused | |
+/// | `stop_tokens` | none | tokens that end a student answer (EOS; kept as a target) | |
 #[derive(Config, Debug)]
 pub struct OnPolicyConfig {
     /// Probability that a step uses student-generated sequences.
@@ -103,6 +105,12 @@ pub struct OnPolicyConfig {
     /// Student sampling.
     #[config(default = "SamplingConfig::new()")]
     pub sampling: SamplingConfig,
+    /// Each row's prompt is its own: its tokens up to its first counted target.
+    #[config(default = false)]
+    pub chat_prompts: bool,
+    /// Tokens that end a student's answer.
+    #[config(default = "Vec::new()")]
+    pub stop_tokens: Vec<u32>,
 }
 
 impl DistillConfig {

@@ -85,6 +85,13 @@ pub fn roll_out<M: Generator>(
     if config.lambda <= 0.0 || TokenRng::new(stream).next_unit() >= config.lambda {
         return Ok(batch);
     }
+    let sampling = SamplingConfig {
+        seed: mix(stream),
+        ..config.sampling.clone()
+    };
+    if config.chat_prompts {
+        return Ok(roll_out_answers(student, batch, config, &sampling));
+    }
     let [rows, length] = batch.inputs.dims();
     let prompt = config.prompt_tokens;
     if prompt >= length {
@@ -94,10 +101,6 @@ pub fn roll_out<M: Generator>(
         });
     }
     let device = batch.inputs.device();
-    let sampling = SamplingConfig {
-        seed: mix(stream),
-        ..config.sampling.clone()
-    };
     let prompt_tokens = batch.inputs.clone().slice([0..rows, 0..prompt]);
     // `length + 1` tokens give `length` inputs and `length` next-token targets.
     let sequence = student.generate(prompt_tokens, length + 1 - prompt, &sampling);
@@ -118,4 +121,65 @@ pub fn roll_out<M: Generator>(
         targets: Tensor::from_data(TensorData::new(targets, [rows, length]), &device),
         indices: batch.indices,
     })
+}
+
+/// The batch with each row's answer rewritten by the student: its prompt (the tokens up to its
+/// first counted target) kept, the answer sampled until a stop token or the batch's length,
+/// its tokens the only counted targets. A row with no counted target stays as it is.
+fn roll_out_answers<M: Generator>(
+    student: &M,
+    batch: TokenBatch,
+    config: &OnPolicyConfig,
+    sampling: &SamplingConfig,
+) -> TokenBatch {
+    let [rows, length] = batch.inputs.dims();
+    let device = batch.inputs.device();
+    let inputs: Vec<i64> = batch.inputs.clone().into_data().iter::<i64>().collect();
+    let targets: Vec<i64> = batch.targets.clone().into_data().iter::<i64>().collect();
+    // The prompt of row r: inputs[r][..=j] for its first counted target j.
+    let prompt_ends: Vec<Option<usize>> = targets
+        .chunks(length)
+        .map(|row| row.iter().position(|&target| target != IGNORE_INDEX).map(|j| j + 1))
+        .collect();
+    let answering: Vec<usize> = (0..rows).filter(|&r| prompt_ends[r].is_some()).collect();
+    if answering.is_empty() {
+        return batch;
+    }
+    let prompts: Vec<Vec<u32>> = answering
+        .iter()
+        .map(|&r| {
+            let end = prompt_ends[r].expect("answering rows have a prompt");
+            inputs[r * length..r * length + end].iter().map(|&t| t as u32).collect()
+        })
+        .collect();
+    let shortest = prompts.iter().map(Vec::len).min().expect("at least one prompt");
+    let longest = prompts.iter().map(Vec::len).max().expect("at least one prompt");
+    // `length + 1` tokens fill `length` inputs and their next-token targets; no row may pass
+    // the student's context.
+    let budget = (length + 1 - shortest).min(student.context().saturating_sub(longest));
+    if budget == 0 {
+        return batch;
+    }
+    let answers = student.generate_rows(&prompts, budget, sampling, &config.stop_tokens, &device);
+    let (mut new_inputs, mut new_targets) = (inputs, targets);
+    for ((&r, prompt), answer) in answering.iter().zip(&prompts).zip(&answers) {
+        let sequence: Vec<i64> = prompt
+            .iter()
+            .chain(answer)
+            .take(length + 1)
+            .map(|&t| i64::from(t))
+            .collect();
+        for j in 0..length {
+            new_inputs[r * length + j] = sequence.get(j).copied().unwrap_or(0);
+            new_targets[r * length + j] = match sequence.get(j + 1) {
+                Some(&token) if j + 1 >= prompt.len() => token,
+                _ => IGNORE_INDEX,
+            };
+        }
+    }
+    TokenBatch {
+        inputs: Tensor::from_data(TensorData::new(new_inputs, [rows, length]), &device),
+        targets: Tensor::from_data(TensorData::new(new_targets, [rows, length]), &device),
+        indices: batch.indices,
+    }
 }

@@ -2089,3 +2089,102 @@ fn chrf_equals_sacrebleu_sentence_by_sentence_and_for_the_corpus() {
         "corpus {corpus}, sacrebleu {expected}"
     );
 }
+
+#[test]
+fn on_policy_rollouts_of_chat_transcripts_keep_each_prompt_and_stop_at_eos() {
+    use burn_distill_model::llm::{ChatMessage, ChatTokenizer, load_gguf};
+    use burn_distill_model::{Generator, SamplingConfig};
+    let _serial = serial();
+    let device = devices().remove(0).device;
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    let (student, gguf) = load_gguf(fixture.join("tiny-q8_0.gguf"), &device).unwrap();
+    let tokenizer = ChatTokenizer::from_gguf(&gguf).unwrap();
+    let eos = tokenizer.eos_ids().to_vec();
+    // Prompts of different lengths, with made-up answers of different lengths.
+    let transcripts: Vec<Transcript> = ["a", "a longer question", "mid one"]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let prompt = tokenizer.encode_chat(&[ChatMessage::user(*text)], true).unwrap();
+            let answer: Vec<u32> = (0..3 + 2 * i as u32).map(|t| 40 + t).collect();
+            Transcript::from_tokens(&prompt, &answer)
+        })
+        .collect();
+    let context = transcripts
+        .iter()
+        .map(|t| t.prompt_ids().len() + t.completion_ids().len() - 1)
+        .max()
+        .unwrap();
+    let dataset = TranscriptDataset::new(&transcripts, context, 320, false).unwrap();
+    let items: Vec<_> = (0..dataset.len()).map(|i| dataset.get(i).unwrap()).collect();
+    let batch = burn::data::dataloader::batcher::Batcher::batch(&SequenceBatcher::default(), items, &device);
+    let [rows, length] = batch.inputs.dims();
+    let host = |t: &Tensor<2, burn::tensor::Int>| t.clone().into_data().iter::<i64>().collect::<Vec<_>>();
+    let (before_inputs, before_targets) = (host(&batch.inputs), host(&batch.targets));
+    for stops in [vec![], eos.clone(), (0..320).collect::<Vec<u32>>()] {
+        let config = OnPolicyConfig::new()
+            .with_lambda(1.0)
+            .with_chat_prompts(true)
+            .with_stop_tokens(stops.clone())
+            .with_sampling(SamplingConfig::new().with_temperature(1.0));
+        let rolled = roll_out(&student, batch.clone(), &config, 3, 0, 0).unwrap();
+        assert_eq!(rolled.inputs.dims(), [rows, length]);
+        let (inputs, targets) = (host(&rolled.inputs), host(&rolled.targets));
+        for r in 0..rows {
+            let row = |v: &[i64]| v[r * length..(r + 1) * length].to_vec();
+            let (input, target, old_target) = (row(&inputs), row(&targets), row(&before_targets));
+            let prompt = old_target.iter().position(|&t| t != IGNORE_INDEX).unwrap() + 1;
+            assert_eq!(
+                input[..prompt],
+                row(&before_inputs)[..prompt],
+                "row {r}: the prompt is kept"
+            );
+            assert!(
+                target[..prompt - 1].iter().all(|&t| t == IGNORE_INDEX),
+                "row {r}: no loss on the prompt"
+            );
+            let counted: Vec<usize> = (0..length).filter(|&j| target[j] != IGNORE_INDEX).collect();
+            assert!(
+                !counted.is_empty() && counted[0] == prompt - 1,
+                "row {r}: the answer starts after the prompt"
+            );
+            assert_eq!(
+                counted,
+                (counted[0]..counted[0] + counted.len()).collect::<Vec<_>>(),
+                "row {r}: one run"
+            );
+            for &j in &counted {
+                if j + 1 < length {
+                    assert_eq!(target[j], input[j + 1], "row {r}: targets are the next inputs");
+                }
+                let is_stop = stops.contains(&(target[j] as u32));
+                assert!(
+                    !is_stop || j == *counted.last().unwrap(),
+                    "row {r}: nothing is counted after a stop"
+                );
+            }
+            if stops.len() == 320 {
+                assert_eq!(counted.len(), 1, "row {r}: every token stops");
+            }
+        }
+    }
+    // The generic form (each prompt length on its own) cuts at the stop tokens too.
+    let prompts = vec![vec![1u32, 2, 3], vec![4], vec![5, 6, 7]];
+    let sampling = SamplingConfig::new().with_temperature(1.0);
+    let byte_lm: TransformerLm = init_seeded(3, &device, |d| {
+        TransformerLmConfig::new(BYTE_VOCAB, 16)
+            .with_layers(1)
+            .with_width(16)
+            .with_heads(2)
+            .init(d)
+    });
+    let free = byte_lm.generate_rows(&prompts, 5, &sampling, &[], &device);
+    assert!(free.iter().all(|answer| answer.len() == 5), "{free:?}");
+    let all: Vec<u32> = (0..BYTE_VOCAB as u32).collect();
+    let cut = byte_lm.generate_rows(&prompts, 5, &sampling, &all, &device);
+    assert!(cut.iter().all(|answer| answer.len() == 1), "{cut:?}");
+    assert_eq!(
+        cut.iter().map(|a| a[0]).collect::<Vec<_>>(),
+        free.iter().map(|a| a[0]).collect::<Vec<_>>()
+    );
+}

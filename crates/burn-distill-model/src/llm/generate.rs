@@ -332,6 +332,26 @@ impl Generator for Llama {
         Tensor::from_data(TensorData::new(rows, [batch, len + new_tokens]), &device)
     }
 
+    /// All rows at once with the KV cache, left-padded, each stopping at its own stop token.
+    fn generate_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        sampling: &SamplingConfig,
+        stop_tokens: &[u32],
+        _device: &burn::tensor::Device,
+    ) -> Vec<Vec<u32>> {
+        sampling.validate();
+        let options = GenerateOptions {
+            max_new_tokens,
+            sampling: sampling.clone(),
+            stop_tokens: stop_tokens.to_vec(),
+        };
+        let (generations, _) = Llama::generate(self, prompts, &options, |_, _| true)
+            .unwrap_or_else(|error| panic!("Llama::generate: {error}"));
+        generations.into_iter().map(|generation| generation.tokens).collect()
+    }
+
     fn vocab(&self) -> usize {
         self.config().vocab_size
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use burn::backend::Dispatch;
 use burn::config::Config;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::divergence::{Divergence, DivergenceLossConfig};
 use crate::error::{LossError, check_range, check_temperature};
@@ -286,6 +286,127 @@ impl LinearHeadKd {
             });
         }
         Ok(output)
+    }
+
+    /// `Σ_i w_i · (−log q_i(label_i))` with `q = softmax(hidden · weightᵀ)` at temperature 1,
+    /// chunk by chunk like [`forward`](Self::forward): a cross-entropy with a weight per
+    /// position, which may be negative (the per-token surrogate of a policy gradient). Positions
+    /// labelled `ignore_index` count for nothing. The config's divergence, temperature and α are
+    /// not used; its chunk size and implementation are.
+    ///
+    /// # Shapes
+    /// - hidden: `[positions, width]`, weight: `[classes, width]`, labels: `[positions]`
+    /// - row_weights: `positions` values
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); a weight vector of the wrong length or with a NaN or
+    /// infinite weight.
+    pub fn weighted_cross_entropy(
+        &self,
+        hidden: Tensor<2>,
+        weight: Tensor<2>,
+        labels: Tensor<1, Int>,
+        row_weights: &[f32],
+    ) -> crate::Result<Tensor<1>> {
+        let config = &self.config;
+        let [positions, width] = hidden.dims();
+        let [classes, weight_width] = weight.dims();
+        expect_shape("student head weight", &[classes, width], &[classes, weight_width])?;
+        expect_shape("labels", &[positions], &labels.dims())?;
+        expect_shape("row weights", &[positions], &[row_weights.len()])?;
+        if let Some(&bad) = row_weights.iter().find(|w| !w.is_finite()) {
+            return Err(LossError::InvalidParameter {
+                name: "row weight",
+                value: f64::from(bad),
+                expected: "finite weights",
+            });
+        }
+        let labels = read_ints(labels.into_data());
+        let (indices, valid) = kernel_labels(labels.clone(), config.ignore_index, classes)?;
+        let weights: Vec<f32> = row_weights
+            .iter()
+            .zip(&valid)
+            .map(|(&w, &valid)| if valid { w } else { 0.0 })
+            .collect();
+        let devices = [weight.device()];
+        let dtypes = [hidden.dtype(), weight.dtype()];
+        let device = hidden.device();
+        if !decide(config.implementation, &device, &devices, &dtypes)? {
+            let log_probs = burn::tensor::activation::log_softmax(hidden.matmul(weight.transpose()), 1);
+            let at_labels = log_probs
+                .gather(
+                    1,
+                    Tensor::<1, Int>::from_data(TensorData::new(indices, [positions]), &device).reshape([positions, 1]),
+                )
+                .reshape([positions]);
+            let weights = Tensor::<1>::from_data(TensorData::new(weights, [positions]), &device);
+            return Ok((at_labels.neg() * weights).sum());
+        }
+        let job = HeadJob {
+            spec: RowSpec::weighted(Divergence::ForwardKl, 1.0, false, 0.0, 0.0),
+            chunk_rows: config.chunk_rows,
+            labels: None,
+            weights: Arc::new(weights),
+        };
+        let sparse = SparseTeacher {
+            k: 1,
+            log_probs: vec![0.0; positions],
+            tails: vec![f32::NEG_INFINITY; positions],
+            indices,
+        };
+        let output = Tensor::<1>::from_dispatch(<Dispatch as FusedLossBackend>::fused_head_loss_sparse(
+            hidden.into_dispatch(),
+            weight.into_dispatch(),
+            Arc::new(sparse),
+            job,
+        ));
+        if has_nan(&output) {
+            return Err(LossError::NonFinite {
+                tensor: "student logits of the linear head",
+                kind: "NaN, +inf or all -inf",
+            });
+        }
+        Ok(output)
+    }
+
+    /// `log q_i(label_i)` at every position (0 where the label is `ignore_index`), detached,
+    /// with the student logits formed `chunk_rows` positions at a time: what a per-token policy
+    /// gradient weighs its positions by.
+    ///
+    /// # Errors
+    /// Shapes that do not fit, labels out of range.
+    pub fn label_log_probs(
+        &self,
+        hidden: Tensor<2>,
+        weight: Tensor<2>,
+        labels: Tensor<1, Int>,
+    ) -> crate::Result<Vec<f32>> {
+        let [positions, width] = hidden.dims();
+        let [classes, weight_width] = weight.dims();
+        expect_shape("student head weight", &[classes, width], &[classes, weight_width])?;
+        expect_shape("labels", &[positions], &labels.dims())?;
+        let labels = read_ints(labels.into_data());
+        let (indices, valid) = kernel_labels(labels, self.config.ignore_index, classes)?;
+        let device = hidden.device();
+        let (hidden, weight_t) = (hidden.detach(), weight.detach().transpose());
+        let mut out = Vec::with_capacity(positions);
+        let chunk = self.config.chunk_rows.max(1);
+        for start in (0..positions).step_by(chunk) {
+            let end = (start + chunk).min(positions);
+            let logits = hidden.clone().slice([start..end, 0..width]).matmul(weight_t.clone());
+            let rows =
+                Tensor::<1, Int>::from_data(TensorData::new(indices[start..end].to_vec(), [end - start]), &device);
+            let picked = burn::tensor::activation::log_softmax(logits, 1)
+                .gather(1, rows.reshape([end - start, 1]))
+                .reshape([end - start]);
+            out.extend(picked.into_data().iter::<f32>());
+        }
+        for (value, &valid) in out.iter_mut().zip(&valid) {
+            if !valid {
+                *value = 0.0;
+            }
+        }
+        Ok(out)
     }
 
     /// One matmul and the composed loss: the reference, and the path on other devices.

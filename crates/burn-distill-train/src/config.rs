@@ -287,6 +287,13 @@ pub enum ObjectiveConfig {
         /// Weight of the cross-entropy term (0: teacher only).
         hard_weight: f64,
     },
+    /// On-policy distillation from the teacher's log-probability of each token the student
+    /// sampled (Agarwal et al., 2024; "on-policy distillation" as practised in 2025): the
+    /// per-token reverse KL `log q(y) − log p(y)` is the (negative) reward of token `y`, and the
+    /// loss is its policy gradient `Σ sg(log q(y) − log p(y)) · log q(y)`. Its logged value is
+    /// the per-token reverse-KL estimate. Train with `fit_on_policy` and λ = 1, so that the
+    /// targets are the student's own tokens.
+    SampledReverseKl,
     /// An [`Objective`] defined outside this crate, given to
     /// [`Distiller::with_objective`](crate::Distiller::with_objective); the config records its
     /// [`name`](Objective::name), and `fit` refuses an objective of another name.

@@ -1,7 +1,7 @@
 //! Training objectives: the open [`Objective`] trait, the built-ins behind [`ObjectiveConfig`],
 //! and the feature terms.
 
-use burn::tensor::{Bool, Int, Tensor, activation};
+use burn::tensor::{Bool, Int, Tensor, TensorData, activation};
 use burn_distill_loss::{
     DivergenceLoss, DkdLoss, HeadTeacher, HintonKdLoss, Implementation, LinearHeadKdConfig, Reduction, SparseKlLoss,
     fused_available,
@@ -202,6 +202,7 @@ enum Builtin {
     Dkd(DkdLoss),
     Divergence { loss: DivergenceLoss, hard_weight: f64 },
     Sparse { loss: SparseKlLoss, hard_weight: f64 },
+    SampledReverseKl,
 }
 
 impl BuiltinObjective {
@@ -217,6 +218,7 @@ impl BuiltinObjective {
             ObjectiveConfig::Dkd(_) => "dkd",
             ObjectiveConfig::Divergence { .. } => "divergence",
             ObjectiveConfig::Sparse { .. } => "sparse",
+            ObjectiveConfig::SampledReverseKl => "sampled_reverse_kl",
             ObjectiveConfig::Custom { name } => {
                 return Err(TrainError::Config(format!(
                     "the objective `{name}` is a custom one: give it with Distiller::with_objective"
@@ -246,7 +248,9 @@ impl Objective for BuiltinObjective {
         match &self.config {
             ObjectiveConfig::Supervised { label_smoothing } => *label_smoothing == 0.0,
             ObjectiveConfig::Hinton(config) => config.label_smoothing == 0.0,
-            ObjectiveConfig::Divergence { .. } | ObjectiveConfig::Sparse { .. } => true,
+            ObjectiveConfig::Divergence { .. } | ObjectiveConfig::Sparse { .. } | ObjectiveConfig::SampledReverseKl => {
+                true
+            }
             ObjectiveConfig::Dkd(_) | ObjectiveConfig::Custom { .. } => false,
         }
     }
@@ -276,6 +280,7 @@ impl Builtin {
                 loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
                 hard_weight: *hard_weight,
             },
+            ObjectiveConfig::SampledReverseKl => Self::SampledReverseKl,
             ObjectiveConfig::Custom { .. } => unreachable!("BuiltinObjective::new refuses custom objectives"),
         })
     }
@@ -332,6 +337,23 @@ impl Builtin {
                     None => loss.forward(input.student.clone(), teacher, reduction)?,
                 };
                 ObjectiveLoss::soft_and_hard(soft, *hard_weight, || input.cross_entropy(0.0))
+            }
+            Self::SampledReverseKl => {
+                let targets = input.targets.clone();
+                let safe = match &input.mask {
+                    Some(mask) => targets.mask_fill(mask.clone().bool_not(), 0),
+                    None => targets,
+                };
+                let at = |logits: Tensor<2>| {
+                    activation::log_softmax(logits, 1)
+                        .gather(1, safe.clone().unsqueeze_dim::<2>(1))
+                        .squeeze_dim::<1>(1)
+                };
+                let log_q = at(input.student.clone());
+                let log_p = at(input.teacher()?.dense.clone());
+                let advantage = (log_q.clone().detach() - log_p).detach();
+                let surrogate = input.sum_over_valid(advantage.clone() * log_q);
+                sampled_reverse_kl_loss(surrogate, input.sum_over_valid(advantage))
             }
             Self::Sparse { loss, hard_weight } => {
                 let (indices, log_probs) = input.teacher()?.top_k.clone().ok_or_else(|| {
@@ -409,10 +431,58 @@ fn head_loss(config: &ObjectiveConfig, input: ObjectiveInput, head: Tensor<2>) -
             let soft = run(soft_config, teacher)?;
             soft_and_hard(soft, *hard_weight, cross_entropy)?
         }
+        ObjectiveConfig::SampledReverseKl => {
+            // log q(y) at each position, then Σ w · CE with w = −sg(log q − log p) / N: the
+            // gradient of Σ sg(log q − log p) · log q / N, chunk by chunk.
+            let kd = LinearHeadKdConfig::new().with_ignore_index(IGNORE_INDEX).try_init()?;
+            let log_q = kd.label_log_probs(hidden.clone(), head.clone(), input.targets.clone())?;
+            let targets = input.targets.clone();
+            let safe = match &input.mask {
+                Some(mask) => targets.mask_fill(mask.clone().bool_not(), 0),
+                None => targets,
+            };
+            let log_p: Vec<f32> = activation::log_softmax(input.teacher()?.dense.clone(), 1)
+                .gather(1, safe.unsqueeze_dim::<2>(1))
+                .into_data()
+                .iter::<f32>()
+                .collect();
+            let (valid, _) = valid_positions(&input.targets);
+            let valid: Vec<bool> = match valid {
+                Some(mask) => mask.into_data().iter::<bool>().collect(),
+                None => vec![true; log_q.len()],
+            };
+            let normaliser = input.normaliser.max(1) as f32;
+            let advantage: Vec<f32> = log_q
+                .iter()
+                .zip(&log_p)
+                .zip(&valid)
+                .map(|((q, p), &valid)| if valid { q - p } else { 0.0 })
+                .collect();
+            let weights: Vec<f32> = advantage.iter().map(|a| -a / normaliser).collect();
+            let surrogate = kd.weighted_cross_entropy(hidden, head, input.targets.clone(), &weights)?;
+            let estimate: f32 = advantage.iter().sum::<f32>() / normaliser;
+            let device = surrogate.device();
+            sampled_reverse_kl_loss(
+                surrogate,
+                Tensor::from_data(TensorData::new(vec![estimate], [1]), &device),
+            )
+        }
         ObjectiveConfig::Dkd(_) | ObjectiveConfig::Custom { .. } => {
             unreachable!("takes_head is false for DKD and custom objectives")
         }
     })
+}
+
+/// The policy-gradient surrogate with the value of the reverse-KL estimate: minimising it
+/// follows the surrogate's gradient, and the logs read the estimate.
+fn sampled_reverse_kl_loss(surrogate: Tensor<1>, estimate: Tensor<1>) -> ObjectiveLoss {
+    let estimate = estimate.detach();
+    let total = surrogate.clone() - surrogate.detach() + estimate.clone();
+    ObjectiveLoss {
+        total,
+        hard: None,
+        soft: Some(estimate),
+    }
 }
 
 /// [`ObjectiveLoss::soft_and_hard`] with a fallible hard term.

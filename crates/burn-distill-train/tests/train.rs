@@ -1761,6 +1761,7 @@ fn every_headed_builtin_objective_equals_its_dense_form() {
             loss: SparseKlLossConfig::new().with_temperature(2.0),
             hard_weight: 0.0,
         },
+        ObjectiveConfig::SampledReverseKl,
     ];
     for named in devices() {
         let device = named.device.autodiff();
@@ -2187,4 +2188,73 @@ fn on_policy_rollouts_of_chat_transcripts_keep_each_prompt_and_stop_at_eos() {
         cut.iter().map(|a| a[0]).collect::<Vec<_>>(),
         free.iter().map(|a| a[0]).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn the_sampled_reverse_kl_is_the_per_token_estimate_with_its_policy_gradient() {
+    // Value: mean over counted positions of log q(y) − log p(y). Gradient w.r.t. the student's
+    // logits: sg(log q(y) − log p(y)) · (onehot(y) − q) / N, from its analytic form in f64.
+    let (positions, classes) = (11, 7);
+    let value = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0;
+    let device = devices().remove(0).device.autodiff();
+    let student: Vec<f64> = (0..positions * classes).map(|i| value(i, 1)).collect();
+    let teacher: Vec<f64> = (0..positions * classes).map(|i| value(i, 2)).collect();
+    let labels: Vec<i64> = (0..positions)
+        .map(|i| {
+            if i == 4 {
+                IGNORE_INDEX
+            } else {
+                ((i * 3) % classes) as i64
+            }
+        })
+        .collect();
+    let tensor = |values: &[f64]| {
+        let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        Tensor::<2>::from_data(TensorData::new(values, [positions, classes]), &device)
+    };
+    let student_tensor = tensor(&student).require_grad();
+    let targets = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(labels.clone(), [positions]), &device);
+    let objective = BuiltinObjective::new(&ObjectiveConfig::SampledReverseKl).unwrap();
+    let loss = objective
+        .loss(ObjectiveInput {
+            student: student_tensor.clone(),
+            head: None,
+            teacher: Some(TeacherLogits {
+                dense: tensor(&teacher),
+                top_k: None,
+            }),
+            targets: targets.clone(),
+            mask: Some(targets.not_equal_elem(IGNORE_INDEX)),
+            normaliser: positions - 1,
+            check_inputs: true,
+        })
+        .unwrap();
+    let got: f32 = loss.total.clone().into_scalar();
+    let grads = loss.total.backward();
+    let grad: Vec<f32> = student_tensor.grad(&grads).unwrap().into_data().iter::<f32>().collect();
+    let log_softmax = |row: &[f64]| {
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        row.iter().map(|v| v - lse).collect::<Vec<f64>>()
+    };
+    let n = (positions - 1) as f64;
+    let (mut estimate, mut expected_grad) = (0.0, vec![0.0; positions * classes]);
+    for i in (0..positions).filter(|&i| labels[i] != IGNORE_INDEX) {
+        let y = labels[i] as usize;
+        let q = log_softmax(&student[i * classes..(i + 1) * classes]);
+        let p = log_softmax(&teacher[i * classes..(i + 1) * classes]);
+        let advantage = q[y] - p[y];
+        estimate += advantage / n;
+        for c in 0..classes {
+            let onehot = if c == y { 1.0 } else { 0.0 };
+            expected_grad[i * classes + c] = advantage * (onehot - q[c].exp()) / n;
+        }
+    }
+    assert!(
+        (f64::from(got) - estimate).abs() < 1e-5,
+        "value {got}, estimate {estimate}"
+    );
+    for (i, (a, b)) in grad.iter().zip(&expected_grad).enumerate() {
+        assert!((f64::from(*a) - b).abs() < 1e-5, "gradient[{i}] {a} vs {b}");
+    }
 }

@@ -108,19 +108,7 @@ pub fn read_chat_prompts(path: &Path) -> Result<Vec<ChatPrompt>> {
 /// # Errors
 /// [`DataError::Io`] when the file cannot be written.
 pub fn write_chat_prompts(path: &Path, prompts: &[ChatPrompt]) -> Result<()> {
-    let write = || -> std::io::Result<()> {
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            fs::create_dir_all(parent)?;
-        }
-        burn_distill_model::files::write_atomically(path, |file| {
-            for prompt in prompts {
-                serde_json::to_writer(&mut *file, prompt)?;
-                file.write_all(b"\n")?;
-            }
-            Ok(())
-        })
-    };
-    write().map_err(|error| DataError::io(path, error))
+    crate::transcript::write_jsonl(path, prompts)
 }
 
 /// One entry of the Jargon File: its head word and the text of its definition.

@@ -101,13 +101,19 @@ fn ids_of(text: &str, tokens: Option<&[u32]>) -> Vec<u32> {
 /// # Errors
 /// [`DataError::Io`] when the file cannot be written.
 pub fn write_transcripts(path: &Path, transcripts: &[Transcript]) -> Result<()> {
+    write_jsonl(path, transcripts)
+}
+
+/// `items` as JSONL at `path` (its directory made if missing), through a temporary file renamed
+/// into place.
+pub(crate) fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
     let write = || -> std::io::Result<()> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             fs::create_dir_all(parent)?;
         }
         burn_distill_model::files::write_atomically(path, |file| {
-            for transcript in transcripts {
-                serde_json::to_writer(&mut *file, transcript)?;
+            for item in items {
+                serde_json::to_writer(&mut *file, item)?;
                 file.write_all(b"\n")?;
             }
             Ok(())

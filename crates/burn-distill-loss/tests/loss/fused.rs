@@ -524,27 +524,18 @@ fn forcing_the_fused_kernel_elsewhere_is_an_error_and_auto_falls_back() {
     }
 }
 
-/// `(loss, ∂/∂hidden, ∂/∂weight)` of the linear-head loss.
-fn head_run(device: &Device, config: &LinearHeadKdConfig, data: &HeadData, teacher_head: bool) -> [Vec<f64>; 3] {
+/// `(loss, ∂/∂hidden, ∂/∂weight)` of the linear-head loss, with the teacher `teacher` makes on
+/// the autodiff device.
+fn head_loss_and_grads(
+    device: &Device,
+    config: &LinearHeadKdConfig,
+    data: &HeadData,
+    teacher: impl FnOnce(&Device) -> HeadTeacher,
+) -> [Vec<f64>; 3] {
     let device = device.clone().autodiff();
     let hidden = floats::<2>(&data.hidden, &[data.positions, data.width], &device).require_grad();
     let weight = floats::<2>(&data.weight, &[data.classes, data.width], &device).require_grad();
-    let teacher = if teacher_head {
-        HeadTeacher::Head {
-            hidden: floats::<2>(&data.teacher_hidden, &[data.positions, 5], &device),
-            weight: floats::<2>(&data.teacher_weight, &[data.classes, 5], &device),
-        }
-    } else {
-        let logits: Vec<f64> = (0..data.positions * data.classes)
-            .map(|index| {
-                let (row, class) = (index / data.classes, index % data.classes);
-                (0..5)
-                    .map(|k| data.teacher_hidden[row * 5 + k] * data.teacher_weight[class * 5 + k])
-                    .sum()
-            })
-            .collect();
-        HeadTeacher::Logits(floats::<2>(&logits, &[data.positions, data.classes], &device))
-    };
+    let teacher = teacher(&device);
     let labels = ints::<1>(&data.labels, &[data.positions], &device);
     let loss = config
         .init()
@@ -562,6 +553,24 @@ fn head_run(device: &Device, config: &LinearHeadKdConfig, data: &HeadData, teach
         to_vec(hidden.grad(&grads).unwrap().without_autodiff()),
         to_vec(weight.grad(&grads).unwrap().without_autodiff()),
     ]
+}
+
+/// The linear-head loss with the teacher's head (`teacher_head`) or its logits.
+fn head_run(device: &Device, config: &LinearHeadKdConfig, data: &HeadData, teacher_head: bool) -> [Vec<f64>; 3] {
+    head_loss_and_grads(device, config, data, |device| {
+        if teacher_head {
+            HeadTeacher::Head {
+                hidden: floats::<2>(&data.teacher_hidden, &[data.positions, 5], device),
+                weight: floats::<2>(&data.teacher_weight, &[data.classes, 5], device),
+            }
+        } else {
+            HeadTeacher::Logits(floats::<2>(
+                &data.teacher_logits(),
+                &[data.positions, data.classes],
+                device,
+            ))
+        }
+    })
 }
 
 struct HeadData {
@@ -631,8 +640,7 @@ fn chunked_linear_head_equals_matmul_and_composed_loss() {
     }
 }
 
-/// `(loss, ∂/∂hidden, ∂/∂weight)` of the linear-head loss with a top-k (`k > 0`) or label
-/// (`k = 0`) teacher.
+/// The linear-head loss with a top-k (`k > 0`) or label (`k = 0`) teacher.
 fn sparse_head_run(
     device: &Device,
     config: &LinearHeadKdConfig,
@@ -640,36 +648,17 @@ fn sparse_head_run(
     k: usize,
     tail: TailPolicy,
 ) -> [Vec<f64>; 3] {
-    let device = device.clone().autodiff();
-    let hidden = floats::<2>(&data.hidden, &[data.positions, data.width], &device).require_grad();
-    let weight = floats::<2>(&data.weight, &[data.classes, data.width], &device).require_grad();
-    let teacher = if k == 0 {
-        HeadTeacher::Labels
-    } else {
+    head_loss_and_grads(device, config, data, |device| {
+        if k == 0 {
+            return HeadTeacher::Labels;
+        }
         let (indices, log_probs) = top_k_of(&data.teacher_logits(), data.classes, k);
         HeadTeacher::TopK {
-            indices: ints::<2>(&indices, &[data.positions, k], &device),
-            log_probs: floats::<2>(&log_probs, &[data.positions, k], &device),
+            indices: ints::<2>(&indices, &[data.positions, k], device),
+            log_probs: floats::<2>(&log_probs, &[data.positions, k], device),
             tail,
         }
-    };
-    let labels = ints::<1>(&data.labels, &[data.positions], &device);
-    let loss = config
-        .init()
-        .forward(
-            hidden.clone(),
-            weight.clone(),
-            teacher,
-            Some(labels),
-            Reduction::BatchMean,
-        )
-        .unwrap();
-    let grads = loss.clone().mul_scalar(0.5).backward();
-    [
-        to_vec(loss),
-        to_vec(hidden.grad(&grads).unwrap().without_autodiff()),
-        to_vec(weight.grad(&grads).unwrap().without_autodiff()),
-    ]
+    })
 }
 
 impl HeadData {

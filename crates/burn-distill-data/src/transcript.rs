@@ -343,6 +343,9 @@ impl Fingerprinted for TranscriptDataset {
 pub struct SequenceBatcher {
     /// The input id written into padding (never a target).
     pub pad: u32,
+    /// Pads every batch to at least this many positions: a teacher-output cache needs one
+    /// length for all its batches (give it the dataset's longest).
+    pub length: Option<usize>,
 }
 
 impl EpochAware for SequenceBatcher {}
@@ -350,7 +353,8 @@ impl EpochAware for SequenceBatcher {}
 impl Batcher<SequenceItem, TokenBatch> for SequenceBatcher {
     fn batch(&self, items: Vec<SequenceItem>, device: &Device) -> TokenBatch {
         assert!(!items.is_empty(), "cannot batch zero sequences");
-        let length = items.iter().map(|item| item.tokens.len() - 1).max().unwrap_or(1);
+        let longest = items.iter().map(|item| item.tokens.len() - 1).max().unwrap_or(1);
+        let length = longest.max(self.length.unwrap_or(0));
         let mut inputs = Vec::with_capacity(items.len() * length);
         let mut targets = Vec::with_capacity(items.len() * length);
         for item in &items {

@@ -759,7 +759,13 @@ fn token_level_kd_is_a_mean_over_valid_tokens_for_every_divergence() {
         for divergence in divergences {
             // One step per epoch: the first epoch's loss is the loss at the initial weights.
             let mut losses = Vec::new();
-            for pad in [0, 200] {
+            // Padding to the batch's longest, with another id, and to a fixed longer length.
+            for (pad, length) in [(0, None), (200, None), (7, Some(16))] {
+                let batcher = SequenceBatcher { pad, length };
+                let items: Vec<_> = (0..dataset.len()).map(|i| dataset.get(i).unwrap()).collect();
+                let longest = items.iter().map(|item| item.tokens.len() - 1).max().unwrap();
+                let inputs = burn::data::dataloader::batcher::Batcher::batch(&batcher, items, &device).inputs;
+                assert_eq!(inputs.dims(), [dataset.len(), length.unwrap_or(longest)]);
                 let student = tiny_lm(2, BYTE_VOCAB, 16, &device);
                 let outcome = Distiller::new(
                     adam_config(1, divergence_objective(divergence), 6),
@@ -767,7 +773,7 @@ fn token_level_kd_is_a_mean_over_valid_tokens_for_every_divergence() {
                 )
                 .with_teacher(&teacher)
                 .with_progress(false)
-                .fit(student, FitData::new(&dataset, &SequenceBatcher { pad }), &device)
+                .fit(student, FitData::new(&dataset, &batcher), &device)
                 .unwrap();
                 assert_eq!(outcome.records[0].train.positions, valid_tokens, "{divergence:?}");
                 losses.push(outcome.records[0].train.loss);

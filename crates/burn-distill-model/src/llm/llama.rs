@@ -2,7 +2,7 @@
 //! untied head; Qwen2's attention biases as a switch), one type for teachers and students.
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_distill_loss::{CausalMask, WeightLayout, causal_attention, swiglu, weight_matmul};
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,11 @@ pub struct LlamaConfig {
     /// The activation of the feed-forward; only `"silu"` is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// The standard deviation of the normal distribution [`LlamaConfig::init`] draws the
+    /// embedding and every projection from, as transformers does (a unit-variance tied
+    /// embedding would start the logits at a standard deviation of about √width).
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
 }
 
 fn default_context() -> usize {
@@ -105,6 +110,9 @@ fn default_model_type() -> String {
 }
 fn default_act() -> String {
     "silu".into()
+}
+fn default_initializer_range() -> f64 {
+    0.02
 }
 
 impl LlamaConfig {
@@ -132,6 +140,7 @@ impl LlamaConfig {
             use_sliding_window: false,
             mlp_bias: false,
             hidden_act: default_act(),
+            initializer_range: default_initializer_range(),
         }
     }
 
@@ -235,6 +244,13 @@ impl LlamaConfig {
                 return bad(field, "0".into(), "must be >= 1");
             }
         }
+        if !(self.initializer_range.is_finite() && self.initializer_range > 0.0) {
+            return bad(
+                "initializer_range",
+                self.initializer_range.to_string(),
+                "must be finite and > 0",
+            );
+        }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(
@@ -318,7 +334,16 @@ impl LlamaConfig {
         let head = self.head_width();
         let (heads, kv) = (self.num_attention_heads, self.kv_heads());
         let norm = || RmsNormConfig::new(width).with_epsilon(self.rms_norm_eps).init(device);
-        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let initializer = Initializer::Normal {
+            mean: 0.0,
+            std: self.initializer_range,
+        };
+        let linear = |i, o, bias| {
+            LinearConfig::new(i, o)
+                .with_bias(bias)
+                .with_initializer(initializer.clone())
+                .init(device)
+        };
         let layers = (0..self.num_hidden_layers)
             .map(|_| LlamaBlock {
                 input_layernorm: norm(),
@@ -340,7 +365,9 @@ impl LlamaConfig {
             })
             .collect();
         Ok(Llama {
-            embed_tokens: EmbeddingConfig::new(self.vocab_size, width).init(device),
+            embed_tokens: EmbeddingConfig::new(self.vocab_size, width)
+                .with_initializer(initializer.clone())
+                .init(device),
             layers,
             norm: norm(),
             lm_head: (!self.tie_word_embeddings).then(|| linear(width, self.vocab_size, false)),

@@ -895,3 +895,41 @@ fn a_student_made_of_its_teachers_blocks_holds_their_weights() {
         assert!(error.contains(says), "{blocks:?}: {error}");
     }
 }
+
+#[test]
+fn a_new_llama_draws_its_weights_as_transformers_does() {
+    // transformers' LlamaConfig.initializer_range (0.02): the tied embedding is N(0, 0.02²),
+    // so the logits start near zero (a unit-variance embedding would give them a standard
+    // deviation of about √width: cross-entropy in the hundreds).
+    let _serial = serial();
+    let device = &devices()[0].device;
+    let config = LlamaConfig::new(512, 64, 128, 2, 4);
+    assert_eq!(config.initializer_range, 0.02);
+    let model = config.init(device).unwrap();
+    let weights: Vec<f32> = model.head_weight().into_data().iter::<f32>().collect();
+    let n = weights.len() as f64;
+    let mean = weights.iter().map(|&w| f64::from(w)).sum::<f64>() / n;
+    let std = (weights.iter().map(|&w| (f64::from(w) - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3, "mean {mean}, std {std}");
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 7, 99, 300], [1, 4]), device);
+    let logits: Vec<f32> = model.forward(tokens).into_data().iter::<f32>().collect();
+    let spread = logits.iter().map(|&l| l.abs()).fold(0.0f32, f32::max);
+    assert!(spread < 2.0, "the largest initial logit is {spread}");
+    // The Hugging Face key, its default, and a bad value.
+    let text = serde_json::to_string(&config).unwrap();
+    let mut json: Value = serde_json::from_str(&text).unwrap();
+    json.as_object_mut().unwrap().remove("initializer_range");
+    assert_eq!(
+        LlamaConfig::from_json(&json.to_string()).unwrap().initializer_range,
+        0.02
+    );
+    json["initializer_range"] = 0.1.into();
+    assert_eq!(
+        LlamaConfig::from_json(&json.to_string()).unwrap().initializer_range,
+        0.1
+    );
+    let mut bad = config.clone();
+    bad.initializer_range = -1.0;
+    let error = bad.init(device).unwrap_err().to_string();
+    assert!(error.contains("initializer_range"), "{error}");
+}

@@ -1,5 +1,5 @@
-//! The facade crate's test harness: the MNIST and language-model examples' whole pipelines in
-//! tiny configurations (a few hundred examples, one epoch). The quality claims live in the
+//! The facade crate's test harness: the MNIST, language-model and chat-distillation examples'
+//! whole pipelines in tiny configurations (a few hundred examples, one epoch). The quality claims live in the
 //! examples' results, not here.
 
 #[path = "../examples/mnist/pipeline.rs"]
@@ -9,6 +9,10 @@ mod pipeline;
 #[path = "../examples/lm/pipeline.rs"]
 #[allow(dead_code)]
 mod lm_pipeline;
+
+#[path = "../examples/distill_chat/pipeline.rs"]
+#[allow(dead_code)]
+mod chat_pipeline;
 
 // The CPU backends' random streams are process-wide: the two pipelines run one at a time, so
 // neither draws from (or reseeds) the other's stream and each run is reproducible.
@@ -310,5 +314,164 @@ fn the_lm_pipeline_runs_every_objective_end_to_end_and_loads_finished_models() {
         );
     }
     assert_eq!(summary.transfer_set_seconds, again.transfer_set_seconds);
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+#[test]
+fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
+    // The whole chat pipeline on the tiny GGUF fixture (its own BPE tokenizer and chat
+    // template, 2 blocks): Jargon File prompts split by term, the teacher's answers, the top-k
+    // cache, a one-block student with every method from the teacher's block and one from a
+    // random start, test figures, summary, plot and samples.
+    use chat_pipeline::{Init, Method, Options};
+    let _serial = serial();
+    let device = burn_distill::loss::available_devices().remove(0);
+    let run_dir = burn_distill_testing::scratch("distill-chat");
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tiny-q8_0.gguf");
+    let options = Options {
+        device: device.name.to_string(),
+        model: Some(fixture),
+        run_dir: run_dir.clone(),
+        train_prompts: 12,
+        valid_prompts: 4,
+        test_prompts: 4,
+        answer_tokens: 6,
+        answer_batch: 4,
+        depth: 1,
+        random_methods: vec![Method::Alone],
+        epochs: 2,
+        batch_size: 4,
+        learning_rate: 1e-2,
+        top_k: 8,
+        progress: false,
+        ..Options::quick()
+    };
+    let summary = chat_pipeline::run(&options).unwrap();
+    let names: Vec<&str> = summary.methods.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["alone", "alone-random", "gkd", "sampled-rkl", "sft", "top-k-kl"]
+    );
+    assert_eq!(summary.prompts, [12, 4, 4]);
+    for (name, result) in &summary.methods {
+        assert_eq!(result.init == Init::Random, name.ends_with("-random"), "{name}");
+        for value in [
+            result.kl_to_teacher,
+            result.perplexity,
+            result.corpus_perplexity,
+            result.tokens_per_second,
+            result.valid_kl,
+        ] {
+            assert!(value.is_finite() && value > 0.0, "{name}: {result:?}");
+        }
+        assert!((0.0..=1.0).contains(&result.agreement) && (0.0..=100.0).contains(&result.chrf));
+        assert!(result.parameters < summary.teacher.parameters, "{name}");
+        // Step 0 (the initialisation) and each of the 2 epochs of 3 steps (12 answers, or the
+        // corpus definitions for the student alone, in batches of 4).
+        let steps: Vec<usize> = result.valid_kl_per_step.iter().map(|p| p.0).collect();
+        if name.starts_with("alone") {
+            assert_eq!(steps.len(), 3, "{name}");
+        } else {
+            assert_eq!(steps, [0, 3, 6], "{name}");
+        }
+        let metrics = std::fs::read_to_string(run_dir.join(name).join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 2, "{name}");
+    }
+    // Both students of a start share its step-0 KL; the two starts differ.
+    // The student is the one of the teacher's 2 blocks closer to it on validation.
+    assert_eq!(summary.block_choice.len(), 2);
+    let closest = summary.block_choice.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(summary.blocks, closest.0);
+    let kl0 = |name: &str| summary.methods[name].valid_kl_per_step[0].1;
+    assert_eq!(kl0("sft"), closest.1);
+    assert_eq!(kl0("sft"), kl0("gkd"));
+    assert_ne!(kl0("alone"), kl0("alone-random"));
+    assert_eq!(
+        summary.methods["top-k-kl"].teacher_data_bytes,
+        Some(std::fs::metadata(run_dir.join("teacher-top8.bdkd")).unwrap().len())
+    );
+    assert!(summary.cache_bytes_per_token > 0.0 && summary.cache_bytes_per_token < summary.dense_bytes_per_token);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "kl_to_teacher",
+        "agreement",
+        "perplexity",
+        "parameters",
+        "tokens_per_second",
+    ] {
+        assert!(
+            written["methods"]["alone"][key].is_number(),
+            "summary.json lacks methods.alone.{key}"
+        );
+    }
+    assert!(written["teacher"]["parameters"].is_number());
+    let png = std::fs::read(run_dir.join("valid-kl.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let samples = std::fs::read_to_string(run_dir.join("samples.md")).unwrap();
+    assert_eq!(samples.lines().count(), 2 + 3, "{samples}");
+    let transfer = std::fs::read_to_string(run_dir.join("answers-train.jsonl")).unwrap();
+    assert_eq!(transfer.lines().count(), 1 + 12, "a header and one answer per prompt");
+
+    // A run killed in its last epoch: the rerun resumes from the checkpoint of the first and ends
+    // as the uninterrupted run did; everything else is loaded, not recomputed.
+    let sft = run_dir.join("sft");
+    for file in ["summary.json", "final.bpk", "test.json"] {
+        std::fs::remove_file(sft.join(file)).unwrap();
+    }
+    let checkpoints = sft.join("checkpoints");
+    std::fs::remove_dir_all(checkpoints.join("epoch-0002")).unwrap();
+    let _ = std::fs::remove_dir_all(checkpoints.join("best"));
+    let metrics = std::fs::read_to_string(sft.join("metrics.jsonl")).unwrap();
+    let first_line = metrics.lines().next().unwrap();
+    std::fs::write(sft.join("metrics.jsonl"), format!("{first_line}\n")).unwrap();
+    let again = chat_pipeline::run(&options).unwrap();
+    for (name, result) in &summary.methods {
+        let rerun = &again.methods[name];
+        assert_eq!(
+            (result.kl_to_teacher, result.valid_kl, result.chrf),
+            (rerun.kl_to_teacher, rerun.valid_kl, rerun.chrf),
+            "{name}"
+        );
+        if name != "sft" {
+            assert_eq!(
+                result.train_seconds, rerun.train_seconds,
+                "{name} was loaded, not retrained"
+            );
+        }
+    }
+    assert_eq!(summary.teacher.tokens_per_second, again.teacher.tokens_per_second);
+
+    // Bad input is refused before anything runs: a malformed prompt line names the line, and the
+    // run directory is not created.
+    let bad_dir = burn_distill_testing::scratch("distill-chat-bad");
+    let _ = std::fs::remove_dir_all(&bad_dir);
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let prompts = bad_dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"a\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"id\": \"b\", \"messages\": \n",
+    )
+    .unwrap();
+    let error = chat_pipeline::run(&Options {
+        prompts: Some(prompts),
+        run_dir: bad_dir.join("run"),
+        ..options.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("line 2"), "{error}");
+    assert!(!bad_dir.join("run").exists());
+    let error = chat_pipeline::run(&Options {
+        blocks: Some(vec![0, 2]),
+        run_dir: bad_dir.join("run"),
+        ..options.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--blocks") && error.contains("block 2"), "{error}");
+    assert!(!bad_dir.join("run").exists());
+    let _ = std::fs::remove_dir_all(&bad_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
 }

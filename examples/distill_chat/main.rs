@@ -1,0 +1,169 @@
+//! Distil a real chat model, SmolLM2-135M-Instruct, into a student five times smaller, with one
+//! command:
+//!
+//! ```text
+//! bash scripts/fetch_smollm2.sh                                          # the teacher, once
+//! cargo run --release --features flex --example distill_chat -- --quick  # under 15 minutes on 2 cores
+//! cargo run --release --features flex --example distill_chat             # the full run
+//! ```
+//!
+//! The teacher answers chat prompts (by default "Explain the jargon term X." for the Jargon
+//! File's head words, split into train / validation / test by term) into a JSONL transfer set;
+//! an offline top-k cache keeps its log-probabilities on the training answers. A student made of
+//! 6 of its 30 blocks (and the same shape, randomly initialised) then learns alone from the
+//! corpus text, from the answers (black-box), from the cache (white-box), on-policy with GKD, and
+//! on-policy from the sampled tokens' log-probabilities. The table, `summary.json`, a
+//! `metrics.jsonl` per method, `valid-kl.png` and `samples.md` go into the run directory. Stop it
+//! at any time: the rerun resumes.
+//!
+//! Options: `--help` lists them.
+
+mod pipeline;
+#[path = "../common/report.rs"]
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Distil a Llama-family chat model into a smaller student with every method.
+#[derive(Parser, Debug)]
+#[command(name = "distill_chat")]
+struct Args {
+    /// ndarray, flex (the default), wgpu or cuda (whichever this build has).
+    #[arg(long)]
+    device: Option<String>,
+    /// Fewer prompts and shorter answers, random initialisation for two methods only; run
+    /// directory runs/distill_chat-quick.
+    #[arg(long)]
+    quick: bool,
+    /// The teacher: a GGUF file or a Hugging Face directory [default: the SmolLM2 file that
+    /// scripts/fetch_smollm2.sh caches].
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// A JSONL file of chat prompts, one {"id": ..., "messages": [{"role": ..., "content": ...}]}
+    /// per line [default: one per head word of the Jargon File].
+    #[arg(long, value_name = "PATH")]
+    prompts: Option<PathBuf>,
+    /// Where the run goes (default runs/distill_chat); a rerun reuses what is finished.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Training prompts.
+    #[arg(long, value_name = "N")]
+    train_prompts: Option<usize>,
+    /// Validation prompts.
+    #[arg(long, value_name = "N")]
+    valid_prompts: Option<usize>,
+    /// Test prompts.
+    #[arg(long, value_name = "N")]
+    test_prompts: Option<usize>,
+    /// The most tokens per answer.
+    #[arg(long, value_name = "N")]
+    answer_tokens: Option<usize>,
+    /// The teacher's sampling temperature for the training answers.
+    #[arg(long, value_name = "T")]
+    answer_temperature: Option<f64>,
+    /// The teacher's blocks the student keeps, e.g. 0,6,12,18,24,29 [default: of a few
+    /// subsets of --depth blocks, the closest to the teacher on validation at initialisation].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    blocks: Option<Vec<usize>>,
+    /// The student's blocks when --blocks is not given.
+    #[arg(long, value_name = "N")]
+    depth: Option<usize>,
+    /// Methods from the teacher's blocks: alone, sft, top-k-kl, gkd, sampled-rkl.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    methods: Option<Vec<String>>,
+    /// Methods from a random initialisation ("none" for none).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    random_methods: Option<Vec<String>>,
+    /// Epochs of every method.
+    #[arg(long, value_name = "N")]
+    epochs: Option<usize>,
+    /// Sequences per optimizer step.
+    #[arg(long, value_name = "N")]
+    batch_size: Option<usize>,
+    /// Peak learning rate from the teacher's blocks.
+    #[arg(long, value_name = "LR")]
+    learning_rate: Option<f64>,
+    /// Peak learning rate from a random initialisation.
+    #[arg(long, value_name = "LR")]
+    random_learning_rate: Option<f64>,
+    /// Teacher log-probabilities per token in the cache.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Weight of the answer-token cross-entropy beside the top-k KL, in [0, 1].
+    #[arg(long, value_name = "W")]
+    hard_weight: Option<f64>,
+    /// GKD's share of steps on student answers, in [0, 1].
+    #[arg(long, value_name = "L")]
+    lambda: Option<f64>,
+    /// GKD's generalised-JSD beta, in [0, 1].
+    #[arg(long, value_name = "B")]
+    beta: Option<f64>,
+    /// Seed of everything.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn methods(names: &[String]) -> Result<Vec<pipeline::Method>, String> {
+    if names == ["none"] {
+        return Ok(Vec::new());
+    }
+    names.iter().map(|name| pipeline::Method::parse(name)).collect()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut options = if args.quick {
+        pipeline::Options::quick()
+    } else {
+        pipeline::Options::full()
+    };
+    macro_rules! set {
+        ($($field:ident),* $(,)?) => {
+            $(if let Some(value) = args.$field.clone() { options.$field = value; })*
+        };
+    }
+    set!(
+        device,
+        run_dir,
+        train_prompts,
+        valid_prompts,
+        test_prompts,
+        answer_tokens,
+        answer_temperature,
+        depth,
+        epochs,
+        batch_size,
+        learning_rate,
+        random_learning_rate,
+        top_k,
+        hard_weight,
+        lambda,
+        beta,
+        seed,
+    );
+    options.model = args.model.clone();
+    options.blocks = args.blocks.clone();
+    options.prompts = args.prompts.clone();
+    for (names, field) in [
+        (&args.methods, &mut options.methods),
+        (&args.random_methods, &mut options.random_methods),
+    ] {
+        if let Some(names) = names {
+            match methods(names) {
+                Ok(list) => *field = list,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    options.progress &= !args.quiet;
+    report::exit(pipeline::run(&options))
+}

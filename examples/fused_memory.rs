@@ -12,13 +12,17 @@
 //! 2. The chunked linear head + forward KL against a teacher head, for a growing number of
 //!    positions: its peak should stay flat, while one matmul + the composed loss grows with
 //!    the positions.
+//! 3. The chunked head against a top-32 teacher (a chat distillation step from a cache) at
+//!    SmolLM2's width, the vocabulary growing to its 49 152, chunks of a fixed number of logits:
+//!    the chunked peak grows only with the head's own gradient, the composed one with the whole
+//!    `[positions, vocab]` logits.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_distill::loss::{
-    HeadTeacher, HintonKdLossConfig, Implementation, LinearHeadKdConfig, Reduction, device_by_name,
+    HeadTeacher, HintonKdLossConfig, Implementation, LinearHeadKdConfig, Reduction, TailPolicy, device_by_name,
 };
 
 /// The system allocator, counting the bytes currently allocated and their peak.
@@ -200,6 +204,63 @@ fn main() {
         println!(
             "| {positions} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.1} |",
             mib(positions * classes * 4),
+            mib(peaks[0]),
+            mib(peaks[1]),
+            peaks[1] as f64 / peaks[0] as f64
+        );
+    }
+
+    // 3. What a chat distillation step from a top-k cache runs: SmolLM2's width, a top-32
+    // teacher, the vocabulary growing to SmolLM2's 49 152.
+    // Chunks of 2^23 logits (32 MiB of f32): fewer rows as the vocabulary grows.
+    let (width, positions, k, chunk_elements) = (576, 4096, 32, 1usize << 23);
+    println!(
+        "\nLinear head + forward KL to a top-{k} teacher (width {width}, {positions} positions, chunks of {} MiB of logits):",
+        chunk_elements * 4 >> 20
+    );
+    println!(
+        "| vocabulary | chunk rows | student logits if materialised | head weight | chunked (fused) | matmul + composed | composed / chunked |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for vocab in [8192, 16384, 32768, 49152] {
+        let chunk_rows = (chunk_elements / vocab).max(1);
+        let hidden_data = tensor(uniform(positions * width, 7, 1.0), [positions, width], &device);
+        let weight_data = tensor(uniform(vocab * width, 8, 0.05), [vocab, width], &device);
+        let indices: Vec<i64> = (0..positions * k)
+            .map(|i| ((i / k) * 131 + (i % k) * 977) as i64 % vocab as i64)
+            .collect();
+        let indices = Tensor::<2, Int>::from_data(TensorData::new(indices, [positions, k]), &device);
+        // log-probabilities of a teacher that puts 0.9 on its top k.
+        let log_probs = tensor(vec![(0.9f32 / k as f32).ln(); positions * k], [positions, k], &device);
+        let mut peaks = Vec::new();
+        for implementation in [Implementation::Fused, Implementation::Composed] {
+            let loss = LinearHeadKdConfig::new()
+                .with_chunk_rows(chunk_rows)
+                .with_implementation(implementation)
+                .init();
+            let (peak, _) = peak_during(|| {
+                let hidden = hidden_data.clone().require_grad();
+                let weight = weight_data.clone().require_grad();
+                let teacher = HeadTeacher::TopK {
+                    indices: indices.clone(),
+                    log_probs: log_probs.clone(),
+                    tail: TailPolicy::UniformTail,
+                };
+                let value = loss
+                    .forward(hidden.clone(), weight.clone(), teacher, None, Reduction::BatchMean)
+                    .expect("valid inputs");
+                let grads = value.backward();
+                (
+                    hidden.grad(&grads).expect("gradient").into_data(),
+                    weight.grad(&grads).expect("gradient").into_data(),
+                )
+            });
+            peaks.push(peak);
+        }
+        println!(
+            "| {vocab} | {chunk_rows} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.1} |",
+            mib(positions * vocab * 4),
+            mib(vocab * width * 4),
             mib(peaks[0]),
             mib(peaks[1]),
             peaks[1] as f64 / peaks[0] as f64

@@ -1,6 +1,8 @@
 //! Speed of a Llama-family model here: load time, prefill, KV-cache decoding at batch 1 and 8,
-//! the cached step against re-running the window, and the teacher forward a distillation step
-//! needs (8 × 256 tokens, full logits); peak memory. Prints one JSON object.
+//! the cached step against re-running the window, the teacher forward a distillation step
+//! needs (8 × 256 tokens, full logits), and a teacher answering chat prompts for a transfer set
+//! (32 prompts in batches of 16, greedy, 64 new tokens each, prefill included); peak memory.
+//! Prints one JSON object.
 //!
 //! ```sh
 //! cargo run --release --features flex --example llama_bench -- --model "$(bash scripts/fetch_smollm2.sh)"
@@ -12,7 +14,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_distill::loss::device_by_name;
-use burn_distill::model::llm::{GenerateOptions, LlamaCache, load_model};
+use burn_distill::model::llm::{ChatMessage, GenerateOptions, LlamaCache, load_model};
 use clap::Parser;
 
 /// Measure a Llama-family model.
@@ -27,10 +29,17 @@ struct Args {
     /// Repetitions of each measurement (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Measure only these (for a profiler): prefill, decode, step, forward.
-    #[arg(long, value_delimiter = ',', value_parser = ["prefill", "decode", "step", "forward"])]
+    /// Measure only these (for a profiler): prefill, decode, step, forward, answers.
+    #[arg(long, value_delimiter = ',', value_parser = ["prefill", "decode", "step", "forward", "answers"])]
     only: Vec<String>,
 }
+
+/// The Jargon File terms of the answer benchmark (the same in `scripts/bench_llama_peers.py`).
+const ANSWER_TERMS: [&str; 32] = [
+    "cruft", "kluge", "hack", "foo", "bar", "frob", "grok", "nybble", "bogus", "crufty", "daemon", "deadlock",
+    "elegant", "feature", "flame", "glitch", "guru", "hacker", "kludge", "lossage", "magic", "mung", "newbie", "nuke",
+    "patch", "phase", "quux", "RTFM", "spam", "tweak", "wizard", "zen",
+];
 
 fn best(repeats: usize, mut run: impl FnMut() -> f64) -> f64 {
     (0..repeats).map(|_| run()).fold(f64::INFINITY, f64::min)
@@ -117,6 +126,27 @@ fn main() -> Result<(), String> {
             t.elapsed().as_secs_f64()
         })
     });
+    // Answering chat prompts as `answer_prompts` does for a transfer set: the chat template,
+    // left-padded batches of 16, the KV cache; exactly 64 new tokens per prompt (no EOS stop),
+    // so every peer does the same work.
+    let answers = when(only, "answers", || {
+        let prompts: Vec<Vec<u32>> = ANSWER_TERMS
+            .iter()
+            .map(|term| {
+                let messages = [ChatMessage::user(format!("Explain the jargon term \"{term}\"."))];
+                loaded.tokenizer.encode_chat(&messages, true).unwrap()
+            })
+            .collect();
+        best(args.repeats, || {
+            let t = Instant::now();
+            for chunk in prompts.chunks(16) {
+                let _ = model
+                    .generate(chunk, &GenerateOptions::greedy(64), |_, _| true)
+                    .unwrap();
+            }
+            t.elapsed().as_secs_f64()
+        })
+    });
     let report = serde_json::json!({
         "model": args.model.display().to_string(),
         "device": args.device,
@@ -128,6 +158,7 @@ fn main() -> Result<(), String> {
         "window_256_rerun_ms": step_window.map(|(_, window)| window * 1e3),
         "cache_speedup_at_256": step_window.map(|(step, window)| window / step),
         "forward_8x256_tokens_per_s": forward.map(|s| 2048.0 / s),
+        "answers_32x64_tokens_per_s": answers.map(|s| (ANSWER_TERMS.len() * 64) as f64 / s),
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));

@@ -19,6 +19,12 @@ TEXT = ("The Jargon File is a comprehensive compendium of hacker slang illuminat
         "hackish tradition, folklore, and humor. ") * 40
 
 
+# The Jargon File terms of the answer benchmark (the same in examples/llama_bench.rs).
+ANSWER_TERMS = ["cruft", "kluge", "hack", "foo", "bar", "frob", "grok", "nybble", "bogus", "crufty", "daemon",
+                "deadlock", "elegant", "feature", "flame", "glitch", "guru", "hacker", "kludge", "lossage", "magic",
+                "mung", "newbie", "nuke", "patch", "phase", "quux", "RTFM", "spam", "tweak", "wizard", "zen"]
+
+
 def best(repeats, run):
     return min(run() for _ in range(repeats))
 
@@ -57,12 +63,31 @@ def transformers_figures(path, repeats):
         return max(run() for _ in range(repeats))
 
     forward = best(repeats, lambda: timed(lambda: model(tokens(8, 256))))
+
+    # Answering chat prompts (llama_bench's "answers"): the chat template, left-padded batches of
+    # 16, `generate` with its KV cache, greedy, exactly 64 new tokens per prompt.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f'Explain the jargon term "{term}".'}],
+                                           tokenize=False, add_generation_prompt=True) for term in ANSWER_TERMS]
+
+    def answers():
+        t = time.perf_counter()
+        for first in range(0, len(texts), 16):
+            batch = tokenizer(texts[first:first + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                model.generate(**batch, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        return time.perf_counter() - t
+
+    answer_seconds = best(repeats, answers)
     return {
         "load_seconds": load,
         "prefill_512_tokens_per_s": 512 / prefill,
         "decode_batch1_tokens_per_s": decode(1),
         "decode_batch8_tokens_per_s": decode(8),
         "forward_8x256_tokens_per_s": 2048 / forward,
+        "answers_32x64_tokens_per_s": len(ANSWER_TERMS) * 64 / answer_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -216,7 +216,7 @@ fn main() {
     let (width, positions, k, chunk_elements) = (576, 4096, 32, 1usize << 23);
     println!(
         "\nLinear head + forward KL to a top-{k} teacher (width {width}, {positions} positions, chunks of {} MiB of logits):",
-        chunk_elements * 4 >> 20
+        (chunk_elements * 4) >> 20
     );
     println!(
         "| vocabulary | chunk rows | student logits if materialised | head weight | chunked (fused) | matmul + composed | composed / chunked |"

@@ -340,6 +340,7 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
         answer_batch: 4,
         depth: 1,
         random_methods: vec![Method::Alone],
+        after_sft: vec![Method::SampledRkl],
         epochs: 2,
         batch_size: 4,
         learning_rate: 1e-2,
@@ -351,11 +352,20 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
     let names: Vec<&str> = summary.methods.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["alone", "alone-random", "gkd", "sampled-rkl", "sft", "top-k-kl"]
+        [
+            "alone",
+            "alone-random",
+            "gkd",
+            "sampled-rkl",
+            "sampled-rkl-after-sft",
+            "sft",
+            "top-k-kl"
+        ]
     );
     assert_eq!(summary.prompts, [12, 4, 4]);
     for (name, result) in &summary.methods {
         assert_eq!(result.init == Init::Random, name.ends_with("-random"), "{name}");
+        assert_eq!(result.init == Init::AfterSft, name.ends_with("-after-sft"), "{name}");
         for value in [
             result.kl_to_teacher,
             result.perplexity,
@@ -372,6 +382,8 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
         let steps: Vec<usize> = result.valid_kl_per_step.iter().map(|p| p.0).collect();
         if name.starts_with("alone") {
             assert_eq!(steps.len(), 3, "{name}");
+        } else if name.ends_with("-after-sft") {
+            assert_eq!(steps, [6, 9, 12], "{name} continues after sft's 6 steps");
         } else {
             assert_eq!(steps, [0, 3, 6], "{name}");
         }
@@ -387,6 +399,11 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
     assert_eq!(kl0("sft"), closest.1);
     assert_eq!(kl0("sft"), kl0("gkd"));
     assert_ne!(kl0("alone"), kl0("alone-random"));
+    assert_eq!(
+        kl0("sampled-rkl-after-sft"),
+        summary.methods["sft"].valid_kl,
+        "it starts from the sft student"
+    );
     assert_eq!(
         summary.methods["top-k-kl"].teacher_data_bytes,
         Some(std::fs::metadata(run_dir.join("teacher-top8.bdkd")).unwrap().len())

@@ -77,6 +77,12 @@ struct Args {
     /// Methods from a random initialisation ("none" for none).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     random_methods: Option<Vec<String>>,
+    /// Methods continued from the finished sft student ("none" for none).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    after_sft: Option<Vec<String>>,
+    /// Peak learning rate of the methods continued from sft [default: --learning-rate].
+    #[arg(long, value_name = "LR")]
+    after_sft_learning_rate: Option<f64>,
     /// Epochs of every method.
     #[arg(long, value_name = "N")]
     epochs: Option<usize>,
@@ -149,10 +155,12 @@ fn main() -> ExitCode {
     );
     options.model = args.model.clone();
     options.blocks = args.blocks.clone();
+    options.after_sft_learning_rate = args.after_sft_learning_rate.or(options.after_sft_learning_rate);
     options.prompts = args.prompts.clone();
     for (names, field) in [
         (&args.methods, &mut options.methods),
         (&args.random_methods, &mut options.random_methods),
+        (&args.after_sft, &mut options.after_sft),
     ] {
         if let Some(names) = names {
             match methods(names) {

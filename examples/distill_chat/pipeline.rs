@@ -88,6 +88,9 @@ pub enum Init {
     Teacher,
     /// The same architecture, randomly initialised.
     Random,
+    /// The finished `sft` student (from the teacher's blocks): on-policy distillation as it is
+    /// practised, after fine-tuning, with twice the budget of a method from the start.
+    AfterSft,
 }
 
 /// What to run.
@@ -125,6 +128,10 @@ pub struct Options {
     pub methods: Vec<Method>,
     /// Methods run from a random initialisation.
     pub random_methods: Vec<Method>,
+    /// Methods continued from the finished `sft` student (`sft` must be among `methods`).
+    pub after_sft: Vec<Method>,
+    /// Their peak learning rate (`None`: `learning_rate`).
+    pub after_sft_learning_rate: Option<f64>,
     /// Epochs of every method.
     pub epochs: usize,
     /// Sequences per optimizer step.
@@ -165,6 +172,8 @@ impl Options {
             depth: 6,
             methods: Method::ALL.to_vec(),
             random_methods: Method::ALL.to_vec(),
+            after_sft: vec![Method::Gkd, Method::SampledRkl],
+            after_sft_learning_rate: None,
             epochs: 3,
             batch_size: 8,
             learning_rate: 3e-4,
@@ -188,6 +197,7 @@ impl Options {
             test_prompts: 32,
             answer_tokens: 48,
             random_methods: vec![Method::TopK],
+            after_sft: Vec::new(),
             ..Self::full()
         }
     }
@@ -560,7 +570,8 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         .methods
         .iter()
         .map(|&m| (Init::Teacher, m))
-        .chain(options.random_methods.iter().map(|&m| (Init::Random, m)));
+        .chain(options.random_methods.iter().map(|&m| (Init::Random, m)))
+        .chain(options.after_sft.iter().map(|&m| (Init::AfterSft, m)));
     for (init, method) in runs {
         let (name, result) = ctx.phase(init, method)?;
         methods.insert(name, result);
@@ -613,6 +624,9 @@ fn check_options(options: &Options) -> Result<(), Error> {
     if options.methods.is_empty() && options.random_methods.is_empty() {
         return bad("no method to run: give --methods or --random-methods");
     }
+    if !options.after_sft.is_empty() && !options.methods.contains(&Method::Sft) {
+        return bad("--after-sft continues the sft student: give sft in --methods too");
+    }
     if !(0.0..=1.0).contains(&options.lambda) || !(0.0..=1.0).contains(&options.beta) {
         return bad("--lambda and --beta must be in [0, 1]");
     }
@@ -622,6 +636,10 @@ fn check_options(options: &Options) -> Result<(), Error> {
     for (name, value) in [
         ("--learning-rate", options.learning_rate),
         ("--random-learning-rate", options.random_learning_rate),
+        (
+            "--after-sft-learning-rate",
+            options.after_sft_learning_rate.unwrap_or(options.learning_rate),
+        ),
     ] {
         if !(value.is_finite() && value > 0.0) {
             return Err(format!("{name} {value} must be finite and > 0").into());
@@ -848,12 +866,9 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn init(&self, init: Init) -> Llama {
-        let student = self
-            .teacher_blocks
-            .with_blocks(&self.blocks)
-            .expect("the blocks were checked");
-        match init {
+    fn init(&self, init: Init) -> Result<Llama, Error> {
+        let student = self.teacher_blocks.with_blocks(&self.blocks)?;
+        Ok(match init {
             Init::Teacher => student,
             Init::Random => {
                 let config = student.config().clone();
@@ -861,7 +876,11 @@ impl Context<'_> {
                     config.init(d).expect("a valid config")
                 })
             }
-        }
+            Init::AfterSft => {
+                let weights = self.options.run_dir.join(Method::Sft.name()).join("final.bpk");
+                load_weights(student, &weights).map_err(|e| format!("the sft student {}: {e}", weights.display()))?
+            }
+        })
     }
 
     /// Makes the students of the candidate whose initialisation is closest to the teacher on
@@ -897,7 +916,7 @@ impl Context<'_> {
             .options
             .run_dir
             .join(format!("init-{init:?}-{}.json", blocks.join("-")).to_lowercase());
-        let start = self.init(init);
+        let start = self.init(init)?;
         let key = (
             Fingerprinted::fingerprint(&self.data.valid),
             Fingerprint::of_module(&start),
@@ -929,10 +948,12 @@ impl Context<'_> {
         let name = match init {
             Init::Teacher => method.name().to_string(),
             Init::Random => format!("{}-random", method.name()),
+            Init::AfterSft => format!("{}-after-sft", method.name()),
         };
         let peak = match init {
             Init::Teacher => options.learning_rate,
             Init::Random => options.random_learning_rate,
+            Init::AfterSft => options.after_sft_learning_rate.unwrap_or(options.learning_rate),
         };
         let data = self.data;
         let live = Some(self.teacher as LlmTeacher<'_>);
@@ -1008,6 +1029,10 @@ impl Context<'_> {
                 None,
             ),
         };
+        let description = match init {
+            Init::AfterSft => format!("{description}, continued from sft (twice the budget)"),
+            _ => description,
+        };
         let dir = options.run_dir.join(&name);
         let weights = dir.join("final.bpk");
         let normalised = |config: &DistillConfig| -> Option<serde_json::Value> {
@@ -1019,7 +1044,7 @@ impl Context<'_> {
             .and_then(|text| serde_json::from_str::<DistillConfig>(&text).ok())
             .and_then(|saved| normalised(&saved));
         // The run's identity also holds where the student starts (the config does not).
-        let start = self.init(init);
+        let start = self.init(init)?;
         let start_fingerprint = Fingerprint::of_module(&start);
         let init_path = dir.join("init.json");
         let same_start = std::fs::read_to_string(&init_path)
@@ -1092,10 +1117,15 @@ impl Context<'_> {
             (outcome.student, outcome.summary, outcome.records)
         };
         let steps_per_epoch = train.len().div_ceil(options.batch_size);
-        let mut valid_kl_per_step = vec![(0, self.initial_kl(init)?)];
+        // A run continued from sft starts where sft's steps end.
+        let offset = match init {
+            Init::AfterSft => options.epochs * data.train.len().div_ceil(options.batch_size),
+            _ => 0,
+        };
+        let mut valid_kl_per_step = vec![(offset, self.initial_kl(init)?)];
         for record in &records {
             if let Some(kl) = record.eval[0].1.teacher_kl {
-                valid_kl_per_step.push((record.epoch * steps_per_epoch, kl));
+                valid_kl_per_step.push((offset + record.epoch * steps_per_epoch, kl));
             }
         }
         let test = self.test_figures(&dir, &student.valid())?;

@@ -323,7 +323,8 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
     // template, 2 blocks): Jargon File prompts split by term, the teacher's answers, the top-k
     // cache, a one-block student with every method from the teacher's block and one from a
     // random start, test figures, summary, plot and samples.
-    use chat_pipeline::{Init, Method, Options};
+    use burn_distill::model::llm::{Llama, export_hf, load_model};
+    use chat_pipeline::{Init, Method, Options, VocabPolicy};
     let _serial = serial();
     let device = burn_distill::loss::available_devices().remove(0);
     let run_dir = burn_distill_testing::scratch("distill-chat");
@@ -489,6 +490,111 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
     .to_string();
     assert!(error.contains("--blocks") && error.contains("block 2"), "{error}");
     assert!(!bad_dir.join("run").exists());
+    for (bad, says) in [
+        (
+            Options {
+                vocab_policy: Some(VocabPolicy::Resize),
+                ..options.clone()
+            },
+            "give --student",
+        ),
+        (
+            Options {
+                student: Some(bad_dir.join("no-such-model")),
+                blocks: Some(vec![0]),
+                ..options.clone()
+            },
+            "choose one",
+        ),
+        (
+            Options {
+                student: Some(bad_dir.join("no-such-model")),
+                ..options.clone()
+            },
+            "no-such-model",
+        ),
+    ] {
+        let error = chat_pipeline::run(&Options {
+            run_dir: bad_dir.join("run"),
+            ..bad
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains(says), "{error}");
+        assert!(!bad_dir.join("run").exists());
+    }
+
+    // A student from a file (--student): the teacher's block 1, written with its tokenizer,
+    // starts exactly where the student made of block 1 started in the run above.
+    let teacher = load_model(options.model.as_ref().unwrap(), &device.device).unwrap();
+    let block = teacher.model.with_blocks(&[1]).unwrap();
+    let write = |name: &str, model: &Llama, edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = bad_dir.join(name);
+        export_hf(model, &dir).unwrap();
+        teacher.tokenizer.save(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(&path, json.to_string()).unwrap();
+        dir
+    };
+    let student_options = |student: &std::path::Path, policy: Option<VocabPolicy>| Options {
+        student: Some(student.to_path_buf()),
+        vocab_policy: policy,
+        methods: vec![Method::Sft],
+        random_methods: Vec::new(),
+        after_sft: Vec::new(),
+        run_dir: bad_dir.join("run"),
+        ..options.clone()
+    };
+    let same = write("same", &block, &|_| {});
+    let given = chat_pipeline::run(&student_options(&same, None)).unwrap();
+    let block_kl = summary.block_choice.iter().find(|c| c.0 == [1]).unwrap().1;
+    let sft = &given.methods["sft"];
+    assert_eq!(sft.init, Init::Given);
+    assert!(
+        (sft.valid_kl_per_step[0].1 - block_kl).abs() < 1e-6 * block_kl,
+        "{sft:?} against {block_kl}"
+    );
+    assert_ne!(sft.valid_kl, sft.valid_kl_per_step[0].1, "it was trained");
+    assert!(given.blocks.is_empty() && given.block_choice.is_empty());
+    let _ = std::fs::remove_dir_all(bad_dir.join("run"));
+    // Its tokenizer extended by one token (and its model by one logit): refused unless a
+    // vocabulary policy is named; resized, it starts where the block did.
+    let extended = write("extended", &block.with_vocab_size(321).unwrap(), &|json| {
+        json["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": 320, "content": "<|tool|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    });
+    let error = chat_pipeline::run(&student_options(&extended, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("--vocab-policy resize") && error.contains("321 ids against 320"),
+        "{error}"
+    );
+    assert!(!bad_dir.join("run").exists());
+    let resized = chat_pipeline::run(&student_options(&extended, Some(VocabPolicy::Resize))).unwrap();
+    let start = resized.methods["sft"].valid_kl_per_step[0].1;
+    assert!((start - block_kl).abs() < 1e-6 * block_kl, "{start} against {block_kl}");
+    let _ = std::fs::remove_dir_all(bad_dir.join("run"));
+    // Two tokens swapped: no policy aligns it.
+    let swapped = write("swapped", &block, &|json| {
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        vocab.insert("a".into(), 68.into());
+        vocab.insert("b".into(), 67.into());
+    });
+    for policy in [None, Some(VocabPolicy::Resize)] {
+        let error = chat_pipeline::run(&student_options(&swapped, policy))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("id 67") && error.contains("no vocabulary policy"),
+            "{error}"
+        );
+        assert!(!bad_dir.join("run").exists());
+    }
     let _ = std::fs::remove_dir_all(&bad_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
 }

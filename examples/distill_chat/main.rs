@@ -42,6 +42,16 @@ struct Args {
     /// scripts/fetch_smollm2.sh caches].
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
+    /// The student to start from: a GGUF file or a Hugging Face directory [default: --depth of
+    /// the teacher's blocks]. Its tokenizer must be the teacher's, unless --vocab-policy is named.
+    #[arg(long, value_name = "PATH")]
+    student: Option<PathBuf>,
+    /// For a --student whose vocabulary is the teacher's extended or padded (the same token at
+    /// every id both have): "resize" its embedding and head to the teacher's ids and train it
+    /// with the teacher's tokenizer and chat template. A vocabulary that differs at an id is
+    /// refused whatever the policy.
+    #[arg(long, value_name = "POLICY")]
+    vocab_policy: Option<String>,
     /// A JSONL file of chat prompts, one {"id": ..., "messages": [{"role": ..., "content": ...}]}
     /// per line [default: one per head word of the Jargon File].
     #[arg(long, value_name = "PATH")]
@@ -157,6 +167,16 @@ fn main() -> ExitCode {
     options.blocks = args.blocks.clone();
     options.after_sft_learning_rate = args.after_sft_learning_rate.or(options.after_sft_learning_rate);
     options.prompts = args.prompts.clone();
+    options.student = args.student.clone();
+    if let Some(name) = &args.vocab_policy {
+        match pipeline::VocabPolicy::parse(name) {
+            Ok(policy) => options.vocab_policy = Some(policy),
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     for (names, field) in [
         (&args.methods, &mut options.methods),
         (&args.random_methods, &mut options.random_methods),

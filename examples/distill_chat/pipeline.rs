@@ -26,7 +26,7 @@ use burn_distill::data::{
 };
 use burn_distill::loss::{Divergence, DivergenceLossConfig, SparseKlLossConfig, TailPolicy, device_by_name};
 use burn_distill::model::llm::{
-    ChatTokenizer, GenerateOptions, Llama, LoadedModel, SMOLLM2_FILE, load_model, smollm2_cache_path,
+    ChatTokenizer, GenerateOptions, Llama, LoadedModel, SMOLLM2_FILE, VocabularyMatch, load_model, smollm2_cache_path,
 };
 use burn_distill::model::{
     Fingerprint, FrozenTeacher, SamplingConfig, Teacher, init_seeded, load_weights, save_weights,
@@ -91,6 +91,28 @@ pub enum Init {
     /// The finished `sft` student (from the teacher's blocks): on-policy distillation as it is
     /// practised, after fine-tuning, with twice the budget of a method from the start.
     AfterSft,
+    /// The model `--student` names (instead of the teacher's blocks).
+    Given,
+}
+
+/// What to do with a `--student` whose tokenizer is not the teacher's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VocabPolicy {
+    /// When the two vocabularies agree on every id both have (one extended or padded): resize
+    /// the student's embedding and head to the teacher's ids (`Llama::with_vocab_size`: extra
+    /// rows dropped, new rows the mean row), then train and evaluate it with the teacher's
+    /// tokenizer and chat template.
+    Resize,
+}
+
+impl VocabPolicy {
+    /// The policy named `name` on the command line.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "resize" => Ok(Self::Resize),
+            _ => Err(format!("--vocab-policy {name:?}: the policies are: resize")),
+        }
+    }
 }
 
 /// What to run.
@@ -103,6 +125,12 @@ pub struct Options {
     pub model: Option<PathBuf>,
     /// A JSONL file of chat prompts (default: one per head word of the Jargon File).
     pub prompts: Option<PathBuf>,
+    /// The student to start from: a GGUF file or a Hugging Face directory (default: a subset
+    /// of the teacher's blocks). Its tokenizer must be the teacher's unless `vocab_policy` says
+    /// what to do.
+    pub student: Option<PathBuf>,
+    /// How a `student` with another tokenizer is aligned to the teacher's (`None`: refused).
+    pub vocab_policy: Option<VocabPolicy>,
     /// Where everything goes; a rerun reuses what is finished and resumes what is not.
     pub run_dir: PathBuf,
     /// Training prompts (spread over the training split).
@@ -155,24 +183,30 @@ pub struct Options {
 }
 
 impl Options {
-    /// The full run.
+    /// The full run: 256 training prompts with answers of up to 64 tokens, every method from
+    /// the teacher's blocks, fine-tuning and the top-k KL from a random start too, and GKD (with
+    /// fine-tuning as its control) continued from the fine-tuned student. Each count is an
+    /// option; 1 024 prompts of 96 tokens with every method from both starts is about 8 hours
+    /// on 2 cores.
     pub fn full() -> Self {
         Self {
             device: "flex".into(),
             model: None,
             prompts: None,
+            student: None,
+            vocab_policy: None,
             run_dir: PathBuf::from("runs/distill_chat"),
-            train_prompts: 1024,
-            valid_prompts: 48,
-            test_prompts: 96,
-            answer_tokens: 96,
+            train_prompts: 256,
+            valid_prompts: 32,
+            test_prompts: 64,
+            answer_tokens: 64,
             answer_temperature: 1.0,
             answer_batch: 16,
             blocks: None,
             depth: 6,
             methods: Method::ALL.to_vec(),
-            random_methods: Method::ALL.to_vec(),
-            after_sft: vec![Method::Gkd, Method::SampledRkl],
+            random_methods: vec![Method::Sft, Method::TopK],
+            after_sft: vec![Method::Gkd, Method::Sft],
             after_sft_learning_rate: None,
             epochs: 3,
             batch_size: 8,
@@ -352,18 +386,6 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         model: teacher_model,
         tokenizer,
     } = load_model(&model_path, &device).map_err(|e| format!("--model {}: {e}", model_path.display()))?;
-    // The students start from a copy on the training device.
-    let teacher_blocks = load_model(&model_path, &training)?.model;
-    let candidates = match &options.blocks {
-        Some(blocks) => vec![blocks.clone()],
-        None => block_candidates(teacher_model.config().num_hidden_layers, options.depth)?,
-    };
-    for blocks in &candidates {
-        teacher_blocks
-            .with_blocks(blocks)
-            .map_err(|e| format!("--blocks {blocks:?}: {e}"))?;
-    }
-    let student_shape = teacher_blocks.with_blocks(&candidates[0])?;
     let vocab = teacher_model.config().vocab_size;
     if tokenizer.vocab_size() > vocab {
         return Err(format!(
@@ -372,18 +394,43 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         )
         .into());
     }
+    // The students start from a copy on the training device: of the teacher's blocks, or the
+    // model --student names.
+    let teacher_blocks = load_model(&model_path, &training)?.model;
+    let given = match &options.student {
+        Some(path) => Some(given_student(options, path, &tokenizer, vocab, &training)?),
+        None => None,
+    };
+    let candidates = match (&given, &options.blocks) {
+        (Some(_), _) => Vec::new(),
+        (None, Some(blocks)) => vec![blocks.clone()],
+        (None, None) => block_candidates(teacher_model.config().num_hidden_layers, options.depth)?,
+    };
+    for blocks in &candidates {
+        teacher_blocks
+            .with_blocks(blocks)
+            .map_err(|e| format!("--blocks {blocks:?}: {e}"))?;
+    }
+    let student_shape = match &given {
+        Some(student) => student.clone(),
+        None => teacher_blocks.with_blocks(&candidates[0])?,
+    };
     std::fs::create_dir_all(&options.run_dir)?;
     let teacher_params = teacher_model.num_params();
     let student_params = student_shape.num_params();
     say(
         options,
         &format!(
-            "teacher {} ({} blocks, {:.1} M parameters, {:.1} M outside the embedding); student: {} blocks ({:.1} M, {:.1} M outside the embedding, {:.1}x fewer)",
+            "teacher {} ({} blocks, {:.1} M parameters, {:.1} M outside the embedding); student{}: {} blocks ({:.1} M, {:.1} M outside the embedding, {:.1}x fewer)",
             model_path.display(),
             teacher_model.config().num_hidden_layers,
             teacher_params as f64 / 1e6,
             non_embedding(&teacher_model) as f64 / 1e6,
-            candidates[0].len(),
+            options
+                .student
+                .as_ref()
+                .map_or(String::new(), |path| format!(" {}", path.display())),
+            student_shape.config().num_hidden_layers,
             student_params as f64 / 1e6,
             non_embedding(&student_shape) as f64 / 1e6,
             non_embedding(&teacher_model) as f64 / non_embedding(&student_shape).max(1) as f64,
@@ -553,7 +600,8 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     // 5. Every student.
     let mut ctx = Context {
         options,
-        blocks: candidates[0].clone(),
+        blocks: candidates.first().cloned().unwrap_or_default(),
+        given: given.as_ref(),
         device: &training,
         infer: &device,
         teacher: &teacher,
@@ -564,12 +612,17 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         cache_bytes: needs_cache.then(|| std::fs::metadata(&cache_path).map(|m| m.len()).unwrap_or(0)),
         transfer_bytes: std::fs::metadata(options.run_dir.join("answers-train.jsonl"))?.len(),
     };
-    let block_choice = ctx.choose_blocks(&candidates)?;
+    let block_choice = if given.is_some() {
+        Vec::new()
+    } else {
+        ctx.choose_blocks(&candidates)?
+    };
     let mut methods = BTreeMap::new();
+    let first = if given.is_some() { Init::Given } else { Init::Teacher };
     let runs = options
         .methods
         .iter()
-        .map(|&m| (Init::Teacher, m))
+        .map(|&m| (first, m))
         .chain(options.random_methods.iter().map(|&m| (Init::Random, m)))
         .chain(options.after_sft.iter().map(|&m| (Init::AfterSft, m)));
     for (init, method) in runs {
@@ -616,6 +669,55 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     Ok(summary)
 }
 
+/// The model `--student` names, on the training device. A student with the teacher's tokenizer
+/// (the same fingerprint: vocabulary, merges, normalisation, special tokens, chat template) and
+/// as many logits is taken as it is. Any other is refused unless `vocab_policy` is named, and
+/// then only when the two vocabularies agree on every id both have: it is resized to the
+/// teacher's ids and from then on reads the teacher's tokenizer and chat template. Vocabularies
+/// that differ at an id are refused whatever the policy: token-level losses compare logits id
+/// by id.
+fn given_student(
+    options: &Options,
+    path: &Path,
+    teacher_tokenizer: &ChatTokenizer,
+    vocab: usize,
+    device: &Device,
+) -> Result<Llama, Error> {
+    let named = |what: String| -> Error { format!("--student {}: {what}", path.display()).into() };
+    let LoadedModel { model, tokenizer } = load_model(path, device).map_err(|e| named(e.to_string()))?;
+    let student_vocab = model.config().vocab_size;
+    let same_tokenizer = tokenizer_fingerprint(&tokenizer)? == tokenizer_fingerprint(teacher_tokenizer)?;
+    if same_tokenizer && student_vocab == vocab {
+        return Ok(model);
+    }
+    let differs = match tokenizer.vocabulary_match(teacher_tokenizer) {
+        VocabularyMatch::Different { .. } if !same_tokenizer => {
+            return Err(named(format!(
+                "its tokenizer is not the teacher's ({}): token-level distillation compares logits id by id, so no vocabulary policy can align them; give a student with the teacher's tokenizer",
+                tokenizer.vocabulary_match(teacher_tokenizer)
+            )));
+        }
+        _ if same_tokenizer => format!("the teacher's tokenizer, but {student_vocab} logits against the teacher's {vocab}"),
+        VocabularyMatch::Same => "the same vocabulary as the teacher's tokenizer, but other merges, normalisation, special tokens or chat template".to_string(),
+        extended => format!("a tokenizer with {extended} of the teacher's"),
+    };
+    match options.vocab_policy {
+        None => Err(named(format!(
+            "it has {differs}; name --vocab-policy resize to resize it to the teacher's {vocab} ids and train it with the teacher's tokenizer and chat template"
+        ))),
+        Some(VocabPolicy::Resize) => {
+            say(
+                options,
+                &format!(
+                    "--student {}: it has {differs}; resized from {student_vocab} to the teacher's {vocab} ids (--vocab-policy resize), with the teacher's tokenizer and chat template",
+                    path.display()
+                ),
+            );
+            Ok(model.with_vocab_size(vocab)?)
+        }
+    }
+}
+
 fn check_options(options: &Options) -> Result<(), Error> {
     let bad = |what: &str| -> Result<(), Error> { Err(what.to_string().into()) };
     if options.epochs == 0 || options.batch_size == 0 || options.answer_batch == 0 || options.answer_tokens == 0 {
@@ -632,6 +734,12 @@ fn check_options(options: &Options) -> Result<(), Error> {
     }
     if options.top_k == 0 {
         return bad("--top-k must be at least 1");
+    }
+    if options.student.is_some() && options.blocks.is_some() {
+        return bad("--blocks picks the student's blocks from the teacher, --student gives the student: choose one");
+    }
+    if options.student.is_none() && options.vocab_policy.is_some() {
+        return bad("--vocab-policy aligns a --student model's vocabulary: give --student too");
     }
     for (name, value) in [
         ("--learning-rate", options.learning_rate),
@@ -854,6 +962,7 @@ fn open_or_build_cache(
 struct Context<'a> {
     options: &'a Options,
     blocks: Vec<usize>,
+    given: Option<&'a Llama>,
     device: &'a Device,
     infer: &'a Device,
     teacher: &'a FrozenTeacher<Llama>,
@@ -867,9 +976,12 @@ struct Context<'a> {
 
 impl Context<'_> {
     fn init(&self, init: Init) -> Result<Llama, Error> {
-        let student = self.teacher_blocks.with_blocks(&self.blocks)?;
+        let student = match self.given {
+            Some(given) => given.clone(),
+            None => self.teacher_blocks.with_blocks(&self.blocks)?,
+        };
         Ok(match init {
-            Init::Teacher => student,
+            Init::Teacher | Init::Given => student,
             Init::Random => {
                 let config = student.config().clone();
                 init_seeded(self.options.seed + 1, self.device, |d| {
@@ -911,11 +1023,11 @@ impl Context<'_> {
 
     /// The initialisation's KL to the teacher on validation: step 0 of every curve.
     fn initial_kl(&self, init: Init) -> Result<f64, Error> {
-        let blocks: Vec<String> = self.blocks.iter().map(usize::to_string).collect();
+        let blocks: Vec<String> = self.blocks.iter().map(|b| format!("-{b}")).collect();
         let path = self
             .options
             .run_dir
-            .join(format!("init-{init:?}-{}.json", blocks.join("-")).to_lowercase());
+            .join(format!("init-{init:?}{}.json", blocks.concat()).to_lowercase());
         let start = self.init(init)?;
         let key = (
             Fingerprinted::fingerprint(&self.data.valid),
@@ -946,12 +1058,12 @@ impl Context<'_> {
     fn phase(&self, init: Init, method: Method) -> Result<(String, MethodResult), Error> {
         let options = self.options;
         let name = match init {
-            Init::Teacher => method.name().to_string(),
+            Init::Teacher | Init::Given => method.name().to_string(),
             Init::Random => format!("{}-random", method.name()),
             Init::AfterSft => format!("{}-after-sft", method.name()),
         };
         let peak = match init {
-            Init::Teacher => options.learning_rate,
+            Init::Teacher | Init::Given => options.learning_rate,
             Init::Random => options.random_learning_rate,
             Init::AfterSft => options.after_sft_learning_rate.unwrap_or(options.learning_rate),
         };

@@ -1,7 +1,7 @@
 //! A Llama-family decoder (RMSNorm, rotary positions, grouped-query attention, SwiGLU, tied or
 //! untied head; Qwen2's attention biases as a switch), one type for teachers and students.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_distill_loss::{CausalMask, WeightLayout, causal_attention, swiglu, weight_matmul};
@@ -600,6 +600,44 @@ impl Llama {
             lm_head: self.lm_head.clone(),
             config,
         })
+    }
+
+    /// This model with `vocab` token ids, as transformers' `resize_token_embeddings`: rows past
+    /// `vocab` of the token embedding (and of an untied head) are dropped, and each new row is
+    /// the mean of the existing ones, so a new id starts as an average token (transformers'
+    /// `mean_resizing`) rather than a random one that would dominate the softmax. For a student
+    /// whose tokenizer is the teacher's with ids added or padded away.
+    ///
+    /// # Errors
+    /// [`LlmError::Config`] for fewer than 2 ids.
+    pub fn with_vocab_size(&self, vocab: usize) -> LlmResult<Self> {
+        if vocab < 2 {
+            return Err(LlmError::Config {
+                field: "vocab_size",
+                value: vocab.to_string(),
+                reason: "a model needs at least 2 token ids".into(),
+            });
+        }
+        let old = self.config.vocab_size;
+        // `rows` is `[ids, width]`; the result has `vocab` rows.
+        let resize = |rows: Tensor<2>| -> Tensor<2> {
+            let [_, width] = rows.dims();
+            if vocab <= old {
+                rows.slice([0..vocab, 0..width])
+            } else {
+                let mean = rows.clone().mean_dim(0).repeat_dim(0, vocab - old);
+                Tensor::cat(vec![rows, mean], 0)
+            }
+        };
+        // New leaves: on an autodiff device, `resize`'s result is a node of the old parameters.
+        let mut model = self.clone();
+        model.embed_tokens.weight = Param::from_tensor(resize(self.embed_tokens.weight.val()).detach());
+        if let Some(head) = &mut model.lm_head {
+            // burn's Linear keeps `[width, vocab]`.
+            head.weight = Param::from_tensor(resize(head.weight.val().transpose()).transpose().detach());
+        }
+        model.config.vocab_size = vocab;
+        Ok(model)
     }
 
     /// The output head's weight as `[vocab, width]` (the token embedding when tied).

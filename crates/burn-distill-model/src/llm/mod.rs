@@ -34,7 +34,7 @@ pub use generate::{ChatAnswer, FinishReason, GenerateOptions, Generation, Genera
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use llama::{Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMlp};
 pub use load::{SUPPORTED_ARCHITECTURES, export_hf, gguf_config, hf_config, load_gguf, load_gguf_file, load_hf};
-pub use tokenizer::{ChatMessage, ChatTokenizer, ModelSource, TextStream};
+pub use tokenizer::{ChatMessage, ChatTokenizer, ModelSource, TextStream, VocabularyMatch};
 
 /// The file name `scripts/fetch_smollm2.sh` caches SmolLM2-135M-Instruct under.
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

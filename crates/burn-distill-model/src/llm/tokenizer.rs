@@ -40,6 +40,47 @@ impl ChatMessage {
     }
 }
 
+/// How one tokenizer's vocabulary relates to another's ([`ChatTokenizer::vocabulary_match`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VocabularyMatch {
+    /// Every id is the same token in both, and both have as many ids.
+    Same,
+    /// Every id both have is the same token, but one has more ids: a vocabulary extended with
+    /// tokens or padded to a round size. Logits compare over the shared ids once one model is
+    /// resized ([`crate::llm::Llama::with_vocab_size`]).
+    Extended {
+        /// Ids of the tokenizer asked.
+        ours: usize,
+        /// Ids of the other.
+        theirs: usize,
+    },
+    /// Id `id` is a different token in each (empty where one has none): the two split text
+    /// differently, and their logits do not compare.
+    Different {
+        /// The first id that differs.
+        id: u32,
+        /// Its token in the tokenizer asked.
+        ours: String,
+        /// Its token in the other.
+        theirs: String,
+    },
+}
+
+impl std::fmt::Display for VocabularyMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Same => write!(f, "the same vocabulary"),
+            Self::Extended { ours, theirs } => {
+                write!(
+                    f,
+                    "the same tokens for the ids both have, but {ours} ids against {theirs}"
+                )
+            }
+            Self::Different { id, ours, theirs } => write!(f, "id {id} is {ours:?} in one and {theirs:?} in the other"),
+        }
+    }
+}
+
 /// A model's tokenizer with its special tokens and chat template.
 #[derive(Debug, Clone)]
 pub struct ChatTokenizer {
@@ -267,6 +308,29 @@ impl ChatTokenizer {
     /// The vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+
+    /// How this tokenizer's vocabulary relates to `other`'s, id by id (added tokens included):
+    /// whether token-level distillation between models of the two can compare logits position
+    /// by position. Only the vocabularies are compared: two tokenizers with one vocabulary may
+    /// still differ in merges, normalisation or chat template (compare their fingerprints).
+    pub fn vocabulary_match(&self, other: &ChatTokenizer) -> VocabularyMatch {
+        let (ours, theirs) = (self.vocab_size(), other.vocab_size());
+        for id in 0..ours.min(theirs) as u32 {
+            let (a, b) = (self.tokenizer.id_to_token(id), other.tokenizer.id_to_token(id));
+            if a != b {
+                return VocabularyMatch::Different {
+                    id,
+                    ours: a.unwrap_or_default(),
+                    theirs: b.unwrap_or_default(),
+                };
+            }
+        }
+        if ours == theirs {
+            VocabularyMatch::Same
+        } else {
+            VocabularyMatch::Extended { ours, theirs }
+        }
     }
 
     /// Token ids of `text`. With `add_special_tokens`, the model's BOS is prepended where its

@@ -933,3 +933,102 @@ fn a_new_llama_draws_its_weights_as_transformers_does() {
     let error = bad.init(device).unwrap_err().to_string();
     assert!(error.contains("initializer_range"), "{error}");
 }
+
+#[test]
+fn a_resized_vocabulary_keeps_the_shared_logits_and_starts_new_ids_at_the_mean() {
+    let _serial = serial();
+    let device = &devices()[0].device;
+    let untied = load_hf(fixtures().join("hf"), device).unwrap();
+    let tied = LlamaConfig::new(320, 64, 96, 2, 4)
+        .with_tied_head(true)
+        .init(device)
+        .unwrap();
+    let prompt = [5, 77, 120, 9, 319];
+    for (name, model) in [("untied", &untied), ("tied", &tied)] {
+        let before = logits_of(model, &prompt, device);
+        // Grown by 10 ids: the 320 shared logits are unchanged; each new one is the mean of the
+        // old ones at that position (its head row is the mean row, and the head is linear).
+        let grown = model.with_vocab_size(330).unwrap();
+        assert_eq!(grown.config().vocab_size, 330);
+        let after = logits_of(&grown, &prompt, device);
+        assert_eq!(after.len(), prompt.len() * 330, "{name}");
+        for (position, (old, new)) in before.chunks(320).zip(after.chunks(330)).enumerate() {
+            assert!(max_diff(old, &new[..320]) < 1e-5, "{name}: position {position}");
+            let mean = old.iter().map(|&l| f64::from(l)).sum::<f64>() / 320.0;
+            for &extra in &new[320..] {
+                assert!(
+                    (f64::from(extra) - mean).abs() < 1e-4,
+                    "{name}: {extra} against the mean {mean}"
+                );
+            }
+        }
+        // Shrunk to 300: the first 300 logits.
+        let shrunk = model.with_vocab_size(300).unwrap();
+        let cut = logits_of(&shrunk, &prompt[..4], device);
+        for (old, new) in before.chunks(320).zip(cut.chunks(300)) {
+            assert!(max_diff(&old[..300], new) < 1e-5, "{name}");
+        }
+        assert_eq!(
+            shrunk.num_params(),
+            model.num_params() - 20 * 64 * if name == "tied" { 1 } else { 2 },
+            "{name}: the embedding and an untied head lose 20 rows"
+        );
+    }
+    let error = untied.with_vocab_size(1).unwrap_err().to_string();
+    assert!(error.contains("vocab_size"), "{error}");
+}
+
+#[test]
+fn tokenizers_compare_id_by_id() {
+    let hf = fixtures().join("hf");
+    let original = ChatTokenizer::from_hf_dir(&hf).unwrap();
+    assert_eq!(original.vocabulary_match(&original), VocabularyMatch::Same);
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer.json")).unwrap()).unwrap();
+    // Writes a tokenizer directory whose tokenizer.json is `edit` of the fixture's.
+    let variant = |edit: &dyn Fn(&mut Value)| -> (tempfile::TempDir, ChatTokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut json = json.clone();
+        edit(&mut json);
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        std::fs::copy(
+            hf.join("tokenizer_config.json"),
+            dir.path().join("tokenizer_config.json"),
+        )
+        .unwrap();
+        let tokenizer = ChatTokenizer::from_hf_dir(dir.path()).unwrap();
+        (dir, tokenizer)
+    };
+    // One token added: the same tokens for the 320 shared ids.
+    let (_dir, extended) = variant(&|json| {
+        json["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": 320, "content": "<|tool|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    });
+    assert_eq!(
+        original.vocabulary_match(&extended),
+        VocabularyMatch::Extended { ours: 320, theirs: 321 }
+    );
+    assert_eq!(
+        extended.vocabulary_match(&original),
+        VocabularyMatch::Extended { ours: 321, theirs: 320 }
+    );
+    // Two ordinary tokens swapped: the first differing id is named with both tokens.
+    let (_dir, swapped) = variant(&|json| {
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        vocab.insert("a".into(), 68.into());
+        vocab.insert("b".into(), 67.into());
+    });
+    let ours = original.inner().id_to_token(67).unwrap();
+    assert_eq!(ours, "a", "the fixture's id 67");
+    let found = original.vocabulary_match(&swapped);
+    assert_eq!(
+        found,
+        VocabularyMatch::Different {
+            id: 67,
+            ours: "a".into(),
+            theirs: "b".into()
+        }
+    );
+    assert!(found.to_string().contains("id 67"), "{found}");
+}

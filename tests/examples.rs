@@ -575,9 +575,20 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
         "{error}"
     );
     assert!(!bad_dir.join("run").exists());
-    let resized = chat_pipeline::run(&student_options(&extended, Some(VocabPolicy::Resize))).unwrap();
+    // (Run as a sweep would be: the test prompts unread.)
+    let resized = chat_pipeline::run(&Options {
+        test: false,
+        ..student_options(&extended, Some(VocabPolicy::Resize))
+    })
+    .unwrap();
     let start = resized.methods["sft"].valid_kl_per_step[0].1;
     assert!((start - block_kl).abs() < 1e-6 * block_kl, "{start} against {block_kl}");
+    assert!(resized.methods["sft"].kl_to_teacher.is_nan() && resized.teacher.perplexity.is_nan());
+    assert!(resized.methods["sft"].valid_kl.is_finite());
+    let run = bad_dir.join("run");
+    assert!(
+        !run.join("sft/test.json").exists() && !run.join("teacher.json").exists() && !run.join("samples.md").exists()
+    );
     let _ = std::fs::remove_dir_all(bad_dir.join("run"));
     // Two tokens swapped: no policy aligns it.
     let swapped = write("swapped", &block, &|json| {

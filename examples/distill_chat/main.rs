@@ -120,6 +120,10 @@ struct Args {
     /// Seed of everything.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
+    /// Leave the test prompts unread (test figures NaN, no samples.md): for hyper-parameter
+    /// sweeps, which choose on validation.
+    #[arg(long)]
+    no_test: bool,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -193,5 +197,6 @@ fn main() -> ExitCode {
         }
     }
     options.progress &= !args.quiet;
+    options.test &= !args.no_test;
     report::exit(pipeline::run(&options))
 }

@@ -178,6 +178,9 @@ pub struct Options {
     pub beta: f64,
     /// Seed of sampling, initialisation and data order.
     pub seed: u64,
+    /// Measure every model on the test prompts. Off (`--no-test`) for hyper-parameter sweeps:
+    /// the test figures are NaN and the test set is not read.
+    pub test: bool,
     /// Print progress.
     pub progress: bool,
 }
@@ -217,6 +220,7 @@ impl Options {
             lambda: 0.5,
             beta: 0.0,
             seed: 1,
+            test: true,
             progress: true,
         }
     }
@@ -254,6 +258,21 @@ pub struct TestMetrics {
     pub tokens_per_second: f64,
     /// Its greedy answers to the test prompts.
     pub answers: Vec<String>,
+}
+
+impl TestMetrics {
+    /// Figures not measured (`--no-test`).
+    fn unread() -> Self {
+        Self {
+            kl_to_teacher: f64::NAN,
+            agreement: f64::NAN,
+            perplexity: f64::NAN,
+            corpus_perplexity: f64::NAN,
+            chrf: f64::NAN,
+            tokens_per_second: f64::NAN,
+            answers: Vec::new(),
+        }
+    }
 }
 
 /// One method's results, as written to `summary.json`.
@@ -656,7 +675,9 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     plot(&options.run_dir.join("valid-kl.png"), &summary)?;
-    write_atomic(&options.run_dir.join("samples.md"), samples(&summary, &data).as_bytes())?;
+    if options.test {
+        write_atomic(&options.run_dir.join("samples.md"), samples(&summary, &data).as_bytes())?;
+    }
     if options.progress {
         print_table(&summary);
         println!(
@@ -881,6 +902,18 @@ fn teacher_figures(
     struct Saved {
         fingerprint: (Fingerprint, Fingerprint),
         test: TeacherResult,
+    }
+    if !options.test {
+        return Ok(TeacherResult {
+            model: model_path.display().to_string(),
+            blocks: model.config().num_hidden_layers,
+            parameters: model.num_params(),
+            non_embedding_parameters: non_embedding(model),
+            perplexity: f64::NAN,
+            corpus_perplexity: f64::NAN,
+            tokens_per_second: f64::NAN,
+            answer_seconds,
+        });
     }
     if let Ok(text) = std::fs::read_to_string(&path)
         && let Ok(saved) = serde_json::from_str::<Saved>(&text)
@@ -1240,7 +1273,11 @@ impl Context<'_> {
                 valid_kl_per_step.push((offset + record.epoch * steps_per_epoch, kl));
             }
         }
-        let test = self.test_figures(&dir, &student.valid())?;
+        let test = if options.test {
+            self.test_figures(&dir, &student.valid())?
+        } else {
+            TestMetrics::unread()
+        };
         let positions: usize = records.iter().map(|r| r.train.positions).sum();
         let result = MethodResult {
             description,

@@ -13,11 +13,6 @@ use std::time::Instant;
 
 use burn::data::dataset::Dataset;
 use burn::module::Module;
-use burn::optim::AdamConfig;
-use burn::optim::lr_scheduler::LrSchedulerConfig;
-use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
-use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
-use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::tensor::{Device, Int, Tensor};
 use burn_distill::data::{
     AnswerOptions, CacheBuildOptions, CacheMode, CachedTeacher, ChatPrompt, ChatTranscript, Fingerprinted,
@@ -32,10 +27,14 @@ use burn_distill::model::{
     Fingerprint, FrozenTeacher, SamplingConfig, Teacher, init_seeded, load_weights, save_weights,
 };
 use burn_distill::train::{
-    DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, OptimizerConfig,
-    RunStatus, RunSummary, corpus_chrf, evaluate, read_metrics,
+    DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, corpus_chrf, evaluate,
+    read_metrics,
 };
 use serde::{Deserialize, Serialize};
+
+#[path = "../common/runs.rs"]
+mod runs;
+use runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
 
 type Error = Box<dyn std::error::Error>;
 type LlmTeacher<'a> = &'a dyn Teacher<Tensor<2, Int>, 3>;
@@ -843,26 +842,9 @@ fn say(options: &Options, line: &str) {
 
 /// Adam, 5 % linear warm-up, cosine decay to a tenth.
 fn config(options: &Options, peak: f64, objective: ObjectiveConfig, examples: usize) -> DistillConfig {
-    let steps = options.epochs * examples.div_ceil(options.batch_size);
-    let warm_up = (steps / 20).max(1);
-    let schedule = LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
-        vec![
-            LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(peak / 100.0, peak, warm_up)),
-            LrSchedulerConfig::Cosine(
-                CosineAnnealingLrSchedulerConfig::new(peak, steps.saturating_sub(warm_up) + 1).with_min_lr(peak / 10.0),
-            ),
-        ],
-        vec![warm_up],
-    ));
-    DistillConfig::new(
-        options.epochs,
-        OptimizerConfig::Adam(AdamConfig::new()),
-        schedule,
-        objective,
-    )
-    .with_batch_size(options.batch_size)
-    .with_eval_batch_size(8)
-    .with_seed(options.seed)
+    adam_warm_up_cosine(options.epochs, examples, options.batch_size, peak, objective)
+        .with_eval_batch_size(8)
+        .with_seed(options.seed)
 }
 
 /// Greedy answers to `prompts` in batches, and the tokens per second they were made at.
@@ -1180,14 +1162,7 @@ impl Context<'_> {
         };
         let dir = options.run_dir.join(&name);
         let weights = dir.join("final.bpk");
-        let normalised = |config: &DistillConfig| -> Option<serde_json::Value> {
-            serde_json::from_str(&serde_json::to_string(config).ok()?).ok()
-        };
-        let wanted = normalised(&config).ok_or("the config does not serialize")?;
-        let saved_config = std::fs::read_to_string(dir.join("config.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<DistillConfig>(&text).ok())
-            .and_then(|saved| normalised(&saved));
+        let saved = SavedRun::read(&dir, &config)?;
         // The run's identity also holds where the student starts (the config does not).
         let start = self.init(init)?;
         let start_fingerprint = Fingerprint::of_module(&start);
@@ -1196,15 +1171,10 @@ impl Context<'_> {
             .ok()
             .and_then(|text| serde_json::from_str::<Fingerprint>(&text).ok())
             == Some(start_fingerprint);
-        let same_config = saved_config.as_ref() == Some(&wanted) && same_start;
+        let same_config = saved.same_config && same_start;
         let teacher_fingerprint = teacher.and_then(|t| t.fingerprint());
-        let saved_summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok());
-        let finished = saved_summary.filter(|summary| {
-            same_config
-                && weights.is_file()
-                && summary.status != RunStatus::Stopped
+        let finished = saved.finished(&dir).cloned().filter(|summary| {
+            same_start
                 && summary.train_data == Fingerprinted::fingerprint(train)
                 && summary.teacher == teacher_fingerprint
         });
@@ -1221,7 +1191,7 @@ impl Context<'_> {
             let student = load_weights(start, &weights)?;
             (student, summary, read_metrics(&dir)?)
         } else {
-            let resume = same_config && dir.join("config.json").is_file();
+            let resume = same_config && saved.has_config;
             let distiller = if resume {
                 say(options, &format!("{name}: resuming {}", dir.display()));
                 Distiller::resume(&dir)?
@@ -1352,12 +1322,6 @@ impl Context<'_> {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    burn_distill::model::files::write_atomically(path, |file| file.write_all(bytes))?;
-    Ok(())
-}
-
 /// The teacher's, the student alone's and the best distilled student's answers to the first
 /// three test prompts, as Markdown.
 fn samples(summary: &Summary, data: &Data) -> String {
@@ -1455,54 +1419,20 @@ fn print_table(summary: &Summary) {
 
 /// KL to the teacher on validation against the optimizer step, one line per student.
 fn plot(path: &Path, summary: &Summary) -> Result<(), Error> {
-    use plotters::prelude::*;
-    static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    let all: Vec<(f64, f64)> = summary
-        .methods
-        .values()
-        .flat_map(|r| r.valid_kl_per_step.iter().map(|&(s, k)| (s as f64, k)))
-        .filter(|p| p.1.is_finite())
-        .collect();
-    let max_step = all.iter().map(|p| p.0).fold(1.0, f64::max);
-    let max_kl = all.iter().map(|p| p.1).fold(1e-3, f64::max);
-    let min_kl = all.iter().map(|p| p.1).fold(max_kl, f64::min);
-    burn_distill::model::files::save_atomically(
-        path,
-        |temporary| -> Result<(), Box<dyn std::error::Error>> {
-            let root = BitMapBackend::new(temporary, (1000, 650)).into_drawing_area();
-            root.fill(&WHITE)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(
-                    "Students: KL(teacher ‖ student) per answer token on validation",
-                    ("sans-serif", 24),
-                )
-                .margin(15)
-                .x_label_area_size(45)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0.0..max_step, (min_kl * 0.9)..(max_kl * 1.05))?;
-            chart
-                .configure_mesh()
-                .x_desc("optimizer step")
-                .y_desc("KL to the teacher (nats)")
-                .draw()?;
-            for (index, (name, result)) in summary.methods.iter().enumerate() {
-                let color = Palette99::pick(index).to_rgba();
-                let points: Vec<(f64, f64)> = result.valid_kl_per_step.iter().map(|&(s, k)| (s as f64, k)).collect();
-                chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                    .label(name.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
-            root.present()?;
-            Ok(())
-        },
-        |error| error.into(),
-    )
+    Chart {
+        caption: "Students: KL(teacher ‖ student) per answer token on validation",
+        x: "optimizer step",
+        y: "KL to the teacher (nats)",
+        lines: summary
+            .methods
+            .iter()
+            .map(|(name, result)| {
+                let points = result.valid_kl_per_step.iter().map(|&(s, k)| (s as f64, k)).collect();
+                (name.clone(), points)
+            })
+            .collect(),
+        reference: None,
+        margin: 0.08,
+    }
+    .save(path)
 }

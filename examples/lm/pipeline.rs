@@ -10,11 +10,6 @@ use std::time::Instant;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::Module;
-use burn::optim::AdamConfig;
-use burn::optim::lr_scheduler::LrSchedulerConfig;
-use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
-use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
-use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::tensor::{Device, Int, Tensor};
 use burn_distill::data::{
     BYTE_VOCAB, ByteCorpus, CacheBuildOptions, CacheMode, CachedTeacher, EpochAware, Fingerprinted, Indexed,
@@ -26,11 +21,12 @@ use burn_distill::model::{
     Fingerprint, FrozenTeacher, SamplingConfig, Teacher, TransformerLm, TransformerLmConfig, init_seeded, load_weights,
     save_weights,
 };
-use burn_distill::train::{
-    DistillConfig, Distiller, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, OptimizerConfig, RunStatus,
-    RunSummary, read_metrics,
-};
+use burn_distill::train::{DistillConfig, Distiller, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, read_metrics};
 use serde::{Deserialize, Serialize};
+
+#[path = "../common/runs.rs"]
+mod runs;
+use runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -458,20 +454,7 @@ fn divergence_objective(divergence: Divergence) -> ObjectiveConfig {
 
 /// Adam, 5 % linear warm-up, cosine decay to a tenth.
 fn config(options: &Options, epochs: usize, objective: ObjectiveConfig, examples: usize) -> DistillConfig {
-    let steps = epochs * examples.div_ceil(options.batch_size);
-    let warm_up = (steps / 20).max(1);
-    let peak = options.learning_rate;
-    let schedule = LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
-        vec![
-            LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(peak / 100.0, peak, warm_up)),
-            LrSchedulerConfig::Cosine(
-                CosineAnnealingLrSchedulerConfig::new(peak, steps.saturating_sub(warm_up) + 1).with_min_lr(peak / 10.0),
-            ),
-        ],
-        vec![warm_up],
-    ));
-    DistillConfig::new(epochs, OptimizerConfig::Adam(AdamConfig::new()), schedule, objective)
-        .with_batch_size(options.batch_size)
+    adam_warm_up_cosine(epochs, examples, options.batch_size, options.learning_rate, objective)
         .with_eval_batch_size(64)
         .with_seed(options.seed)
 }
@@ -512,27 +495,12 @@ impl Context<'_> {
         let options = self.options;
         let dir = options.run_dir.join(name);
         let weights = dir.join("final.bpk");
-        // Both through DistillConfig and text: f32 fields (Adam's betas) compare equal, and a
-        // config.json from before a field was added reads with that field's default.
-        let normalised = |config: &DistillConfig| -> Option<serde_json::Value> {
-            serde_json::from_str(&serde_json::to_string(config).ok()?).ok()
-        };
-        let wanted = normalised(&config).ok_or("the config does not serialize")?;
         let teacher_fingerprint = teacher.and_then(|teacher| teacher.fingerprint());
-        let saved_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<DistillConfig>(&text).ok())
-            .and_then(|saved| normalised(&saved));
-        let saved_summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok());
-        let finished = saved_summary.filter(|summary| {
-            saved_config.as_ref() == Some(&wanted)
-                && weights.is_file()
-                && summary.status != RunStatus::Stopped
-                && summary.train_data == train.fingerprint()
-                && summary.teacher == teacher_fingerprint
-        });
+        let saved = SavedRun::read(&dir, &config)?;
+        let finished = saved
+            .finished(&dir)
+            .cloned()
+            .filter(|summary| summary.train_data == train.fingerprint() && summary.teacher == teacher_fingerprint);
         let (model, summary, records) = if let Some(summary) = finished {
             say(
                 options,
@@ -737,12 +705,6 @@ fn inference_tokens_per_second(model: &TransformerLm, valid: &Subset<TextWindows
     tokens as f64 / start.elapsed().as_secs_f64()
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    burn_distill::model::files::write_atomically(path, |file| file.write_all(bytes))?;
-    Ok(())
-}
-
 fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -794,62 +756,20 @@ fn print_table(summary: &Summary) {
 
 /// Validation loss against the optimizer step, one line per model.
 fn plot(path: &Path, summary: &Summary) -> Result<(), Error> {
-    use plotters::prelude::*;
-    static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    let students: Vec<&ModelResult> = summary.students.iter().collect();
-    let all: Vec<(f64, f64)> = students
-        .iter()
-        .flat_map(|r| r.valid_loss_per_step.iter().map(|&(s, l)| (s as f64, l)))
-        .collect();
-    let max_step = all.iter().map(|p| p.0).fold(1.0, f64::max);
-    let max_loss = all.iter().map(|p| p.1).fold(0.0, f64::max);
-    let min_loss = all
-        .iter()
-        .map(|p| p.1)
-        .chain([summary.teacher.valid_loss])
-        .fold(max_loss, f64::min);
-    burn_distill::model::files::save_atomically(
-        path,
-        |temporary| -> Result<(), Box<dyn std::error::Error>> {
-            let root = BitMapBackend::new(temporary, (1000, 650)).into_drawing_area();
-            root.fill(&WHITE)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption("Students: validation loss (nats per byte) per step", ("sans-serif", 24))
-                .margin(15)
-                .x_label_area_size(45)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0.0..max_step, (min_loss * 0.97)..(max_loss * 1.02))?;
-            chart
-                .configure_mesh()
-                .x_desc("optimizer step")
-                .y_desc("validation loss")
-                .draw()?;
-            let teacher = summary.teacher.valid_loss;
-            chart
-                .draw_series(LineSeries::new(
-                    vec![(0.0, teacher), (max_step, teacher)],
-                    BLACK.stroke_width(1),
-                ))?
-                .label("teacher (final)")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-            for (index, result) in students.iter().enumerate() {
-                let color = Palette99::pick(index).to_rgba();
-                let points: Vec<(f64, f64)> = result.valid_loss_per_step.iter().map(|&(s, l)| (s as f64, l)).collect();
-                chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                    .label(result.name.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
-            root.present()?;
-            Ok(())
-        },
-        |error| error.into(),
-    )
+    Chart {
+        caption: "Students: validation loss (nats per byte) per step",
+        x: "optimizer step",
+        y: "validation loss",
+        lines: summary
+            .students
+            .iter()
+            .map(|r| {
+                let points = r.valid_loss_per_step.iter().map(|&(s, l)| (s as f64, l)).collect();
+                (r.name.clone(), points)
+            })
+            .collect(),
+        reference: Some(("teacher (final)".into(), summary.teacher.valid_loss)),
+        margin: 0.02,
+    }
+    .save(path)
 }

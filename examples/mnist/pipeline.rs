@@ -25,9 +25,13 @@ use burn_distill::model::{
 };
 use burn_distill::train::{
     DistillConfig, Distiller, EpochRecord, EvalSet, FeatureTermConfig, FitData, MaxNormConfig, ObjectiveConfig,
-    OptimizerConfig, RunStatus, RunSummary, read_metrics,
+    OptimizerConfig, RunSummary, read_metrics,
 };
 use serde::{Deserialize, Serialize};
+
+#[path = "../common/runs.rs"]
+mod runs;
+use runs::SavedRun;
 
 /// What to run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -636,25 +640,8 @@ fn train_or_load(
 ) -> Result<Phase, Box<dyn std::error::Error>> {
     let dir = options.run_dir.join(name);
     let weights = dir.join("final.bpk");
-    // Both through DistillConfig and text: f32 fields (Adam's betas) compare equal, and a
-    // config.json from before a field was added reads with that field's default.
-    let normalised = |config: &DistillConfig| -> Option<serde_json::Value> {
-        serde_json::from_str(&serde_json::to_string(config).ok()?).ok()
-    };
-    let wanted = normalised(&config).ok_or("the config does not serialize")?;
-    let saved_config: Option<serde_json::Value> = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<DistillConfig>(&text).ok())
-        .and_then(|saved| normalised(&saved));
-    let saved_summary: Option<RunSummary> = std::fs::read_to_string(dir.join("summary.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok());
-    if saved_config.as_ref() == Some(&wanted)
-        && weights.is_file()
-        && let Some(summary) = saved_summary
-            .clone()
-            .filter(|summary| summary.status != RunStatus::Stopped)
-    {
+    let saved = SavedRun::read(&dir, &config)?;
+    if let Some(summary) = saved.finished(&dir).cloned() {
         if summary.train_data != train.fingerprint() {
             return Err(format!(
                 "{} holds a {name} run on other training data; remove it or choose another --run-dir",
@@ -681,22 +668,18 @@ fn train_or_load(
             records,
         });
     }
-    let distiller = match saved_config {
-        Some(saved) if saved == wanted => {
-            say(options, &format!("{name}: resuming the run in {}", dir.display()));
-            Distiller::resume(&dir)?
-        }
-        Some(_) => {
-            return Err(format!(
-                "{} holds a {name} run with another config; remove it or choose another --run-dir",
-                dir.display()
-            )
-            .into());
-        }
-        None => {
-            say(options, &format!("{name}: training, {} epochs", config.epochs));
-            Distiller::new(config, &dir)
-        }
+    let distiller = if saved.same_config {
+        say(options, &format!("{name}: resuming the run in {}", dir.display()));
+        Distiller::resume(&dir)?
+    } else if saved.has_config {
+        return Err(format!(
+            "{} holds a {name} run with another config; remove it or choose another --run-dir",
+            dir.display()
+        )
+        .into());
+    } else {
+        say(options, &format!("{name}: training, {} epochs", config.epochs));
+        Distiller::new(config, &dir)
     };
     let distiller = match teacher {
         Some(teacher) => distiller.with_teacher(teacher),

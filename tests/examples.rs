@@ -14,6 +14,9 @@ mod lm_pipeline;
 #[allow(dead_code)]
 mod chat_pipeline;
 
+#[path = "../examples/common/runs.rs"]
+mod runs;
+
 // The CPU backends' random streams are process-wide: the two pipelines run one at a time, so
 // neither draws from (or reseeds) the other's stream and each run is reproducible.
 use burn_distill_testing::serial;

@@ -1,9 +1,9 @@
 //! What the example pipelines share: recognising a run directory made with the same config,
 //! the warm-up-then-cosine schedule, atomic writes and the line charts of their curves.
 //!
-//! Each pipeline includes it as its own `runs` module (`#[path = "../common/runs.rs"]`), so it
-//! compiles into the examples and into the root test harness alike; not every pipeline uses
-//! every item.
+//! Each example's `main.rs` and the root test harness declare it once as the crate's `runs`
+//! module (`#[path = "../common/runs.rs"]`), and the pipelines use `super::runs`; not every
+//! example uses every item.
 #![allow(dead_code)]
 
 use std::path::Path;

@@ -21,6 +21,8 @@
 mod pipeline;
 #[path = "../common/report.rs"]
 mod report;
+#[path = "../common/runs.rs"]
+mod runs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -32,9 +32,7 @@ use burn_distill::train::{
 };
 use serde::{Deserialize, Serialize};
 
-#[path = "../common/runs.rs"]
-mod runs;
-use runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
+use super::runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
 
 type Error = Box<dyn std::error::Error>;
 type LlmTeacher<'a> = &'a dyn Teacher<Tensor<2, Int>, 3>;

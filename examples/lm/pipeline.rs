@@ -24,9 +24,7 @@ use burn_distill::model::{
 use burn_distill::train::{DistillConfig, Distiller, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, read_metrics};
 use serde::{Deserialize, Serialize};
 
-#[path = "../common/runs.rs"]
-mod runs;
-use runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
+use super::runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
 
 type Error = Box<dyn std::error::Error>;
 

@@ -29,9 +29,7 @@ use burn_distill::train::{
 };
 use serde::{Deserialize, Serialize};
 
-#[path = "../common/runs.rs"]
-mod runs;
-use runs::SavedRun;
+use super::runs::SavedRun;
 
 /// What to run.
 #[derive(Debug, Clone, Serialize, Deserialize)]

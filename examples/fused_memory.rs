@@ -16,6 +16,9 @@
 //!    SmolLM2's width, the vocabulary growing to its 49 152, chunks of a fixed number of logits:
 //!    the chunked peak grows only with the head's own gradient, the composed one with the whole
 //!    `[positions, vocab]` logits.
+//! 4. At SmolLM2's 49 152 classes, the chunk the `Distiller` took before (1 024 rows) against
+//!    the one it takes now (2²³ logits, 170 rows): peak memory and seconds (best of 3) of the
+//!    same forward + backward.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,5 +268,46 @@ fn main() {
             mib(peaks[1]),
             peaks[1] as f64 / peaks[0] as f64
         );
+    }
+
+    // 4. The Distiller's chunk before (1 024 rows) and now (2^23 logits) at SmolLM2's vocabulary.
+    let vocab = 49_152;
+    let hidden_data = tensor(uniform(positions * width, 7, 1.0), [positions, width], &device);
+    let weight_data = tensor(uniform(vocab * width, 8, 0.05), [vocab, width], &device);
+    let indices: Vec<i64> = (0..positions * k)
+        .map(|i| ((i / k) * 131 + (i % k) * 977) as i64 % vocab as i64)
+        .collect();
+    let indices = Tensor::<2, Int>::from_data(TensorData::new(indices, [positions, k]), &device);
+    let log_probs = tensor(vec![(0.9f32 / k as f32).ln(); positions * k], [positions, k], &device);
+    println!("\nThe chunk at {vocab} classes (width {width}, {positions} positions, top-{k} teacher, fused):");
+    println!("| chunk rows | peak | seconds (best of 3) |");
+    println!("|---|---|---|");
+    for chunk_rows in [1024, chunk_elements / vocab] {
+        let loss = LinearHeadKdConfig::new().with_chunk_rows(chunk_rows).init();
+        let mut best = f64::INFINITY;
+        let mut peak = 0;
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let (bytes, _) = peak_during(|| {
+                let hidden = hidden_data.clone().require_grad();
+                let weight = weight_data.clone().require_grad();
+                let teacher = HeadTeacher::TopK {
+                    indices: indices.clone(),
+                    log_probs: log_probs.clone(),
+                    tail: TailPolicy::UniformTail,
+                };
+                let value = loss
+                    .forward(hidden.clone(), weight.clone(), teacher, None, Reduction::BatchMean)
+                    .expect("valid inputs");
+                let grads = value.backward();
+                (
+                    hidden.grad(&grads).expect("gradient").into_data(),
+                    weight.grad(&grads).expect("gradient").into_data(),
+                )
+            });
+            best = best.min(started.elapsed().as_secs_f64());
+            peak = peak.max(bytes);
+        }
+        println!("| {chunk_rows} | {:.0} MiB | {best:.2} |", mib(peak));
     }
 }

@@ -374,14 +374,29 @@ impl Builtin {
     }
 }
 
+/// Student logits the chunked head holds at a time: 2²³ (32 MiB of f32).
+const HEAD_CHUNK_LOGITS: usize = 1 << 23;
+
+/// Positions per chunk of the head for `classes` logits each: [`HEAD_CHUNK_LOGITS`] / classes,
+/// at most `LinearHeadKd`'s 1 024. Fixed 1 024 rows took 192 MiB a chunk at SmolLM2's 49 152
+/// classes and doubled a step's peak (BENCHMARKS.md, fused_memory part 3); 170 rows keep it at
+/// 32 MiB.
+fn head_chunk_rows(classes: usize) -> usize {
+    (HEAD_CHUNK_LOGITS / classes.max(1)).clamp(1, 1024)
+}
+
 /// A built-in objective through the chunked head: the student's logits `hidden · headᵀ` exist
-/// `chunk_rows` positions at a time (`LinearHeadKd`'s default, 1024).
+/// [`head_chunk_rows`] positions at a time.
 fn head_loss(config: &ObjectiveConfig, input: ObjectiveInput, head: Tensor<2>) -> Result<ObjectiveLoss> {
     let reduction = input.reduction();
     let hidden = input.student.clone();
     let labels = Some(input.targets.clone());
+    let chunk_rows = head_chunk_rows(head.dims()[0]);
     let run = |loss: LinearHeadKdConfig, teacher: HeadTeacher| -> Result<Tensor<1>> {
-        let loss = loss.with_ignore_index(IGNORE_INDEX).try_init()?;
+        let loss = loss
+            .with_ignore_index(IGNORE_INDEX)
+            .with_chunk_rows(chunk_rows)
+            .try_init()?;
         Ok(loss.forward(hidden.clone(), head.clone(), teacher, labels.clone(), reduction)?)
     };
     let cross_entropy = || run(LinearHeadKdConfig::new(), HeadTeacher::Labels);
@@ -434,7 +449,10 @@ fn head_loss(config: &ObjectiveConfig, input: ObjectiveInput, head: Tensor<2>) -
         ObjectiveConfig::SampledReverseKl => {
             // log q(y) at each position, then Σ w · CE with w = −sg(log q − log p) / N: the
             // gradient of Σ sg(log q − log p) · log q / N, chunk by chunk.
-            let kd = LinearHeadKdConfig::new().with_ignore_index(IGNORE_INDEX).try_init()?;
+            let kd = LinearHeadKdConfig::new()
+                .with_ignore_index(IGNORE_INDEX)
+                .with_chunk_rows(chunk_rows)
+                .try_init()?;
             let log_q = kd.label_log_probs(hidden.clone(), head.clone(), input.targets.clone())?;
             let targets = input.targets.clone();
             let safe = match &input.mask {
@@ -594,4 +612,19 @@ pub(crate) fn feature_loss(
         });
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_chunk_rows;
+
+    #[test]
+    fn head_chunks_shrink_as_the_vocabulary_grows() {
+        assert_eq!(head_chunk_rows(320), 1024);
+        assert_eq!(head_chunk_rows(8192), 1024);
+        assert_eq!(head_chunk_rows(49_152), 170);
+        assert_eq!(head_chunk_rows(128_256), 65);
+        assert_eq!(head_chunk_rows(1 << 24), 1);
+        assert_eq!(head_chunk_rows(0), 1024);
+    }
 }

@@ -16,9 +16,10 @@
 //!    SmolLM2's width, the vocabulary growing to its 49 152, chunks of a fixed number of logits:
 //!    the chunked peak grows only with the head's own gradient, the composed one with the whole
 //!    `[positions, vocab]` logits.
-//! 4. At SmolLM2's 49 152 classes, the chunk the `Distiller` took before (1 024 rows) against
-//!    the one it takes now (2²³ logits, 170 rows): peak memory and seconds (best of 3) of the
-//!    same forward + backward.
+//! 4. At SmolLM2's 49 152 classes, chunks of 1 024 rows against chunks of 2²⁵, 2²⁴ and 2²³
+//!    logits (682, 341 and 170 rows): peak memory and seconds (best of 3) of the same forward +
+//!    backward. Each chunk adds its part of the head weight's gradient, `[vocab, width]`, so
+//!    smaller chunks cost time.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -270,7 +271,7 @@ fn main() {
         );
     }
 
-    // 4. The Distiller's chunk before (1 024 rows) and now (2^23 logits) at SmolLM2's vocabulary.
+    // 4. Chunk sizes at SmolLM2's vocabulary: peak memory against time.
     let vocab = 49_152;
     let hidden_data = tensor(uniform(positions * width, 7, 1.0), [positions, width], &device);
     let weight_data = tensor(uniform(vocab * width, 8, 0.05), [vocab, width], &device);
@@ -282,7 +283,12 @@ fn main() {
     println!("\nThe chunk at {vocab} classes (width {width}, {positions} positions, top-{k} teacher, fused):");
     println!("| chunk rows | peak | seconds (best of 3) |");
     println!("|---|---|---|");
-    for chunk_rows in [1024, chunk_elements / vocab] {
+    for chunk_rows in [
+        1024,
+        4 * chunk_elements / vocab,
+        2 * chunk_elements / vocab,
+        chunk_elements / vocab,
+    ] {
         let loss = LinearHeadKdConfig::new().with_chunk_rows(chunk_rows).init();
         let mut best = f64::INFINITY;
         let mut peak = 0;

@@ -374,13 +374,14 @@ impl Builtin {
     }
 }
 
-/// Student logits the chunked head holds at a time: 2²³ (32 MiB of f32).
-const HEAD_CHUNK_LOGITS: usize = 1 << 23;
+/// Student logits the chunked head holds at a time: 2²⁵ (128 MiB of f32).
+const HEAD_CHUNK_LOGITS: usize = 1 << 25;
 
 /// Positions per chunk of the head for `classes` logits each: [`HEAD_CHUNK_LOGITS`] / classes,
-/// at most `LinearHeadKd`'s 1 024. Fixed 1 024 rows took 192 MiB a chunk at SmolLM2's 49 152
-/// classes and doubled a step's peak (BENCHMARKS.md, fused_memory part 3); 170 rows keep it at
-/// 32 MiB.
+/// at most `LinearHeadKd`'s 1 024. At SmolLM2's 49 152 classes that is 682 rows: the peak of a
+/// top-32 step over 4 096 positions falls from 692 to 501 MiB at the same speed, while smaller
+/// chunks cost time, each adding its part of the `[vocab, width]` weight gradient (170 rows:
+/// 366 MiB, 1.5 × the time; BENCHMARKS.md, fused_memory part 4).
 fn head_chunk_rows(classes: usize) -> usize {
     (HEAD_CHUNK_LOGITS / classes.max(1)).clamp(1, 1024)
 }
@@ -621,10 +622,10 @@ mod tests {
     #[test]
     fn head_chunks_shrink_as_the_vocabulary_grows() {
         assert_eq!(head_chunk_rows(320), 1024);
-        assert_eq!(head_chunk_rows(8192), 1024);
-        assert_eq!(head_chunk_rows(49_152), 170);
-        assert_eq!(head_chunk_rows(128_256), 65);
-        assert_eq!(head_chunk_rows(1 << 24), 1);
+        assert_eq!(head_chunk_rows(32_768), 1024);
+        assert_eq!(head_chunk_rows(49_152), 682);
+        assert_eq!(head_chunk_rows(128_256), 261);
+        assert_eq!(head_chunk_rows(1 << 26), 1);
         assert_eq!(head_chunk_rows(0), 1024);
     }
 }

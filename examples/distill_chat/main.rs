@@ -4,7 +4,7 @@
 //! ```text
 //! bash scripts/fetch_smollm2.sh                                          # the teacher, once
 //! cargo run --release --features flex --example distill_chat -- --quick  # under 15 minutes on 2 cores
-//! cargo run --release --features flex --example distill_chat             # the full run
+//! cargo run --release --features flex --example distill_chat             # the full run: 1 h 17 min
 //! ```
 //!
 //! The teacher answers chat prompts (by default "Explain the jargon term X." for the Jargon

@@ -113,6 +113,7 @@ fn run(args: Args) -> Result<(), String> {
             .with_top_p(args.top_p)
             .with_seed(args.seed),
         stop_tokens: Vec::new(),
+        logprobs: None,
     };
     let mut stdout = std::io::stdout();
     let (answers, timings) = loaded

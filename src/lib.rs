@@ -32,6 +32,7 @@
 pub use burn_distill_data as data;
 pub use burn_distill_loss as loss;
 pub use burn_distill_model as model;
+pub use burn_distill_serve as serve;
 pub use burn_distill_train as train;
 
 /// The types most programs need.

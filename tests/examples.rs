@@ -612,3 +612,109 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
     let _ = std::fs::remove_dir_all(&bad_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
 }
+
+#[test]
+fn the_chat_pipeline_distils_from_a_harvested_transfer_set_and_records_its_lineage() {
+    // Black-box distillation end to end on loopback: our server serves the tiny GGUF teacher,
+    // the harvest client asks it for answers with their top log-probabilities, and the chat
+    // pipeline trains a one-block student from that set alone (sequence-level and top-k KL),
+    // writing the set's lineage into its run directory.
+    use burn_distill::data::{ByteCorpus, default_text_file, jargon_entries, jargon_prompts, split_prompts};
+    use burn_distill::model::llm::load_model;
+    use burn_distill::serve::{HarvestOptions, Lineage, ServeOptions, TransferSet, harvest_blocking, spawn};
+    use chat_pipeline::{Method, Options};
+    let _serial = serial();
+    let device = burn_distill::loss::available_devices().remove(0);
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tiny-q8_0.gguf");
+    let loaded = load_model(&fixture, &device.device).unwrap();
+    let server = spawn(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        loaded.model,
+        loaded.tokenizer,
+        ServeOptions::new("tiny-teacher"),
+    )
+    .unwrap();
+    let corpus = ByteCorpus::from_file(&default_text_file()).unwrap();
+    let splits = split_prompts(
+        jargon_prompts(&jargon_entries(std::str::from_utf8(corpus.bytes()).unwrap())),
+        0.1,
+        0.1,
+    )
+    .unwrap();
+    let train: Vec<_> = (0..8).map(|i| splits.train[i * splits.train.len() / 8].clone()).collect();
+    let set_dir = burn_distill_testing::scratch("served-set");
+    let mut harvest_options = HarvestOptions::new(server.base_url(), "Apache-2.0, test fixture");
+    harvest_options.api_key_env = "BURN_DISTILL_TEST_NO_KEY".into();
+    harvest_options.max_tokens = 6;
+    harvest_options.temperature = 1.0;
+    harvest_options.top_logprobs = Some(4);
+    let report = harvest_blocking(&train, None, &set_dir, &harvest_options).unwrap();
+    assert_eq!((report.records, report.model.as_str()), (8, "tiny-teacher"));
+    drop(server);
+
+    let run_dir = burn_distill_testing::scratch("distill-chat-served");
+    let options = Options {
+        device: device.name.to_string(),
+        model: Some(fixture),
+        transfer_set: Some(set_dir.clone()),
+        run_dir: run_dir.clone(),
+        valid_prompts: 4,
+        test_prompts: 4,
+        answer_tokens: 6,
+        answer_batch: 4,
+        depth: 1,
+        blocks: Some(vec![1]),
+        methods: vec![Method::Sft, Method::TopK],
+        random_methods: Vec::new(),
+        after_sft: Vec::new(),
+        epochs: 1,
+        batch_size: 4,
+        learning_rate: 1e-2,
+        progress: false,
+        ..Options::quick()
+    };
+    let summary = chat_pipeline::run(&options).unwrap();
+    assert_eq!(summary.methods.keys().collect::<Vec<_>>(), ["sft", "top-k-kl"]);
+    assert_eq!(summary.prompts[0], 8);
+    for result in summary.methods.values() {
+        assert!(result.valid_kl.is_finite() && result.valid_kl > 0.0, "{result:?}");
+    }
+    let set = TransferSet::open(&set_dir).unwrap();
+    let lineage = Lineage::read(&run_dir).unwrap();
+    assert_eq!(lineage.fingerprint, set.fingerprint());
+    assert_eq!(lineage.card.teacher_model, "tiny-teacher");
+    assert_eq!(lineage.card.terms, "Apache-2.0, test fixture");
+    let cached = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("teacher-served-top"));
+    assert!(cached, "the served log-probabilities became the top-k cache");
+
+    // A set that answers a validation prompt is refused before any training.
+    let leaky = burn_distill_testing::scratch("served-set-leaky");
+    for name in ["card.json", "records.jsonl"] {
+        std::fs::copy(set_dir.join(name), leaky.join(name)).unwrap();
+    }
+    let records = std::fs::read_to_string(leaky.join("records.jsonl")).unwrap();
+    let first_id = set.records[0].id.clone();
+    let valid_prompts: Vec<_> = (0..4)
+        .map(|i| splits.valid[i * splits.valid.len() / 4].clone())
+        .collect();
+    let leaked = records.replacen(
+        &format!("\"id\":{}", serde_json::to_string(&first_id).unwrap()),
+        &format!("\"id\":{}", serde_json::to_string(&valid_prompts[0].id).unwrap()),
+        1,
+    );
+    assert_ne!(leaked, records);
+    std::fs::write(leaky.join("records.jsonl"), leaked).unwrap();
+    let leak_run = burn_distill_testing::scratch("distill-chat-leaky");
+    let error = chat_pipeline::run(&Options {
+        transfer_set: Some(leaky),
+        run_dir: leak_run.clone(),
+        ..options
+    })
+    .err()
+    .expect("refused");
+    assert!(error.to_string().contains("validation or test"), "{error}");
+    assert!(!leak_run.join("sft").exists());
+}

@@ -54,6 +54,11 @@ struct Args {
     /// refused whatever the policy.
     #[arg(long, value_name = "POLICY")]
     vocab_policy: Option<String>,
+    /// A transfer set harvested from a served teacher (the harvest example's --out): its
+    /// answers and top log-probabilities replace the local teacher's training answers and
+    /// cache; the lineage goes into the run directory.
+    #[arg(long, value_name = "DIR")]
+    transfer_set: Option<PathBuf>,
     /// A JSONL file of chat prompts, one {"id": ..., "messages": [{"role": ..., "content": ...}]}
     /// per line [default: one per head word of the Jargon File].
     #[arg(long, value_name = "PATH")]
@@ -174,6 +179,7 @@ fn main() -> ExitCode {
     options.after_sft_learning_rate = args.after_sft_learning_rate.or(options.after_sft_learning_rate);
     options.prompts = args.prompts.clone();
     options.student = args.student.clone();
+    options.transfer_set = args.transfer_set.clone();
     if let Some(name) = &args.vocab_policy {
         match pipeline::VocabPolicy::parse(name) {
             Ok(policy) => options.vocab_policy = Some(policy),

@@ -30,6 +30,7 @@ use burn_distill::train::{
     DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, corpus_chrf, evaluate,
     read_metrics,
 };
+use burn_distill::serve::{Lineage, SparseTeacher, TransferSet, chat_transcripts};
 use serde::{Deserialize, Serialize};
 
 use super::runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
@@ -128,6 +129,10 @@ pub struct Options {
     pub student: Option<PathBuf>,
     /// How a `student` with another tokenizer is aligned to the teacher's (`None`: refused).
     pub vocab_policy: Option<VocabPolicy>,
+    /// A transfer set harvested from a served teacher (the `harvest` example's `--out`): its
+    /// answers are the training answers, and its top log-probabilities the top-k teacher,
+    /// instead of the local teacher's. Validation and test answers still come from `model`.
+    pub transfer_set: Option<PathBuf>,
     /// Where everything goes; a rerun reuses what is finished and resumes what is not.
     pub run_dir: PathBuf,
     /// Training prompts (spread over the training split).
@@ -195,6 +200,7 @@ impl Options {
             prompts: None,
             student: None,
             vocab_policy: None,
+            transfer_set: None,
             run_dir: PathBuf::from("runs/distill_chat"),
             train_prompts: 256,
             valid_prompts: 32,
@@ -534,7 +540,26 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
             let fresh = first_done == Some(0);
             Ok((answers, fresh.then(|| started.elapsed().as_secs_f64())))
         };
-    let (train_answers, answer_seconds) = answer("train", &train_prompts, options.answer_temperature)?;
+    let needs_cache = options
+        .methods
+        .iter()
+        .chain(&options.random_methods)
+        .any(|&m| m == Method::TopK);
+    let served = match &options.transfer_set {
+        Some(dir) => Some(served_answers(
+            dir,
+            &tokenizer,
+            &valid_prompts,
+            &test_prompts,
+            needs_cache,
+            &options.run_dir,
+        )?),
+        None => None,
+    };
+    let (train_answers, answer_seconds) = match &served {
+        Some(served) => (served.transcripts.clone(), None),
+        None => answer("train", &train_prompts, options.answer_temperature)?,
+    };
     let (valid_answers, _) = answer("valid", &valid_prompts, 0.0)?;
     let (test_answers, _) = answer("test", &test_prompts, 0.0)?;
     let transcripts = |answers: &[ChatTranscript]| -> Result<TranscriptDataset, Error> {
@@ -583,23 +608,24 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     // 3. The offline top-k cache of the teacher's log-probabilities on the training answers.
     let teacher = FrozenTeacher::new(&teacher_model);
     let fingerprint = Teacher::<Tensor<2, Int>, 3>::fingerprint(&teacher).ok_or("the teacher has no fingerprint")?;
-    let needs_cache = options
-        .methods
-        .iter()
-        .chain(&options.random_methods)
-        .any(|&m| m == Method::TopK);
-    let cache_path = options.run_dir.join(format!("teacher-top{}.bdkd", options.top_k));
-    let cached = if needs_cache {
-        Some(open_or_build_cache(
+    let cache_path = match &served {
+        Some(served) => options.run_dir.join(format!(
+            "teacher-served-top{}.bdkd",
+            served.sparse.as_ref().map_or(0, |sparse| sparse.k)
+        )),
+        None => options.run_dir.join(format!("teacher-top{}.bdkd", options.top_k)),
+    };
+    let cached = match (&served, needs_cache) {
+        (_, false) => None,
+        (Some(served), true) => Some(served_cache(options, served, &cache_path, &data.train, vocab, &device)?),
+        (None, true) => Some(open_or_build_cache(
             options,
             &cache_path,
             &teacher,
             fingerprint,
             &data.train,
             &device,
-        )?)
-    } else {
-        None
+        )?),
     };
 
     // 4. The teacher's own figures.
@@ -626,7 +652,10 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         data: &data,
         cached: cached.as_ref(),
         cache_bytes: needs_cache.then(|| std::fs::metadata(&cache_path).map(|m| m.len()).unwrap_or(0)),
-        transfer_bytes: std::fs::metadata(options.run_dir.join("answers-train.jsonl"))?.len(),
+        transfer_bytes: match &served {
+            Some(served) => std::fs::metadata(served.set.dir.join(burn_distill::serve::RECORDS_FILE))?.len(),
+            None => std::fs::metadata(options.run_dir.join("answers-train.jsonl"))?.len(),
+        },
     };
     let block_choice = if given.is_some() {
         Vec::new()
@@ -657,7 +686,13 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let summary = Summary {
         options: options.clone(),
         teacher: teacher_result,
-        prompts: [train_prompts.len(), valid_prompts.len(), test_prompts.len()],
+        prompts: [
+            served
+                .as_ref()
+                .map_or(train_prompts.len(), |served| served.set.card.prompts.count),
+            valid_prompts.len(),
+            test_prompts.len(),
+        ],
         train_answer_tokens: data.train.target_tokens(),
         blocks: ctx.blocks.clone(),
         block_choice,
@@ -933,6 +968,86 @@ fn perplexity(metrics: &EvalMetrics) -> f64 {
 
 /// Opens the top-k cache at `path` when it was made from this teacher and these answers;
 /// otherwise (re)builds it.
+/// A harvested transfer set as training answers (and a sparse teacher, when `sparse`).
+struct Served {
+    set: TransferSet,
+    transcripts: Vec<ChatTranscript>,
+    sparse: Option<SparseTeacher>,
+}
+
+/// Reads the transfer set in `dir`, refuses one that answers validation or test prompts, maps
+/// its tokens to `tokenizer`'s ids (the token-level path when `sparse`; its refusal is an
+/// error naming the token), and records its lineage in `run_dir`.
+fn served_answers(
+    dir: &Path,
+    tokenizer: &ChatTokenizer,
+    valid: &[ChatPrompt],
+    test: &[ChatPrompt],
+    sparse: bool,
+    run_dir: &Path,
+) -> Result<Served, Error> {
+    let set = TransferSet::open(dir).map_err(|e| format!("--transfer-set {}: {e}", dir.display()))?;
+    if set.records.is_empty() {
+        return Err(format!("--transfer-set {}: it holds no answers yet", dir.display()).into());
+    }
+    let held_out: std::collections::HashSet<&str> = valid.iter().chain(test).map(|p| p.id.as_str()).collect();
+    let leaked: Vec<&str> = set
+        .records
+        .iter()
+        .map(|r| r.id.as_str())
+        .filter(|id| held_out.contains(id))
+        .collect();
+    if let Some(first) = leaked.first() {
+        return Err(format!(
+            "--transfer-set {}: {} answers are to validation or test prompts (the first: {first:?}); harvest the training split only (the harvest example's default prompts)",
+            dir.display(),
+            leaked.len()
+        )
+        .into());
+    }
+    let (transcripts, sparse) = if sparse {
+        let sparse = SparseTeacher::new(&set, tokenizer)
+            .map_err(|e| format!("--transfer-set {}: {e}; the sequence-level methods (--methods sft) still work", dir.display()))?;
+        (sparse.transcripts.clone(), Some(sparse))
+    } else {
+        (chat_transcripts(&set, tokenizer)?, None)
+    };
+    Lineage::of(&set).write(run_dir)?;
+    Ok(Served {
+        set,
+        transcripts,
+        sparse,
+    })
+}
+
+/// The top-k cache of a served teacher's log-probabilities, written once from the transfer set.
+fn served_cache(
+    options: &Options,
+    served: &Served,
+    path: &Path,
+    train: &TranscriptDataset,
+    vocab: usize,
+    device: &Device,
+) -> Result<CachedTeacher, Error> {
+    let sparse = served.sparse.as_ref().ok_or("no sparse teacher")?;
+    let fingerprint = served.set.fingerprint();
+    if let Ok(cached) = CachedTeacher::open(path, train, fingerprint, device) {
+        return Ok(cached.with_tail(TailPolicy::UniformTail));
+    }
+    say(
+        options,
+        &format!(
+            "writing the served top-{} log-probabilities to {} ({} entries, {} left out as ambiguous)",
+            sparse.k,
+            path.display(),
+            sparse.entries,
+            sparse.ambiguous
+        ),
+    );
+    sparse.write_cache(path, train, fingerprint, vocab, max_len(train))?;
+    Ok(CachedTeacher::open(path, train, fingerprint, device)?.with_tail(TailPolicy::UniformTail))
+}
+
 fn open_or_build_cache(
     options: &Options,
     path: &Path,

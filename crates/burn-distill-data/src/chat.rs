@@ -347,6 +347,7 @@ pub fn answer_prompts(
         max_new_tokens: options.max_new_tokens,
         sampling: options.sampling.clone(),
         stop_tokens: Vec::new(),
+        logprobs: None,
     };
     while done.len() < prompts.len() {
         let (first, end) = (done.len(), (done.len() + options.batch_size).min(prompts.len()));

@@ -77,7 +77,7 @@ mod transcript;
 pub use batch::{Batch, EpochAware, EpochSampler, Fingerprinted, IGNORE_INDEX, Indexed, Subset, split_validation};
 pub use cache::{
     CacheBuildOptions, CacheHeader, CacheMode, CacheReport, CachedTeacher, ExpectedSource, FORMAT_VERSION,
-    TeacherCache, build_cache, dense_from_top_k, partial_path,
+    TeacherCache, build_cache, dense_from_top_k, partial_path, write_top_k_cache,
 };
 pub use chat::{
     AnswerOptions, ChatPrompt, ChatTranscript, JargonEntry, PromptSplits, TransferSetHeader, answer_prompts,

@@ -479,3 +479,116 @@ fn resume_partial(
         done,
     })
 }
+
+/// Writes a complete top-`k` cache for `dataset` from log-probabilities made elsewhere, such
+/// as the top log-probabilities a served teacher returned with its answers (black-box
+/// distillation through an API). `record(i)` gives example `i`'s `positions × k` class ids
+/// and their log-probabilities at temperature 1, position by position, most likely first.
+/// The file is the one [`build_cache`] writes, so [`CachedTeacher`](crate::CachedTeacher)
+/// reads it; `teacher` is the fingerprint that reader will be asked for.
+///
+/// Written as `path.partial` and renamed once complete; an existing file is replaced.
+///
+/// # Errors
+/// [`DataError::Invalid`] for `k = 0`, `k > classes`, an empty dataset, a record of the wrong
+/// length, a class id out of range, or a log-probability that is not finite or above 0 (by
+/// more than rounding); [`DataError::Io`]. Nothing is left at `path` on error.
+pub fn write_top_k_cache<S, It>(
+    path: &Path,
+    dataset: &S,
+    teacher: Fingerprint,
+    classes: usize,
+    positions: usize,
+    k: usize,
+    mut record: impl FnMut(usize) -> Result<(Vec<u32>, Vec<f32>)>,
+) -> Result<CacheReport>
+where
+    S: Dataset<It> + Fingerprinted,
+    It: Indexed,
+{
+    let start = Instant::now();
+    if k == 0 || k > classes {
+        return Err(DataError::invalid("top-k", format!("k = {k} for {classes} classes")));
+    }
+    let examples = dataset.len();
+    if examples == 0 || positions == 0 {
+        return Err(DataError::invalid("dataset", "is empty"));
+    }
+    let header = CacheHeader {
+        format_version: FORMAT_VERSION,
+        mode: CacheMode::TopK { k },
+        rank: 3,
+        positions,
+        classes,
+        examples,
+        dataset: dataset.fingerprint(),
+        teacher,
+        writer: concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    let partial = partial_path(path);
+    let mut write = || -> Result<()> {
+        let file = File::create(&partial).map_err(|error| DataError::io(&partial, error))?;
+        let mut writer = BufWriter::new(file);
+        let mut hasher = Xxh3::new();
+        writer
+            .write_all(&header.encode())
+            .map_err(|error| DataError::io(&partial, error))?;
+        let per_example = positions * k;
+        let mut bytes = Vec::with_capacity(8 + 8 * per_example);
+        for example in 0..examples {
+            let index = dataset
+                .get(example)
+                .map_err(|error| DataError::invalid("dataset", format!("example {example}: {error}")))?
+                .index();
+            let (ids, log_probs) = record(example)?;
+            let bad = |reason: String| Err(DataError::invalid("top-k record", format!("example {example}: {reason}")));
+            if ids.len() != per_example || log_probs.len() != per_example {
+                return bad(format!(
+                    "{} ids and {} log-probabilities, expected {positions} positions × {k}",
+                    ids.len(),
+                    log_probs.len()
+                ));
+            }
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= classes) {
+                return bad(format!("class {id} of {classes}"));
+            }
+            if let Some(lp) = log_probs.iter().find(|lp| !lp.is_finite() || **lp > 1e-4) {
+                return bad(format!("log-probability {lp}"));
+            }
+            bytes.clear();
+            bytes.extend_from_slice(&(index as u64).to_le_bytes());
+            ids.iter().for_each(|id| bytes.extend_from_slice(&id.to_le_bytes()));
+            log_probs
+                .iter()
+                .for_each(|lp| bytes.extend_from_slice(&lp.min(0.0).to_le_bytes()));
+            hasher.update(&bytes);
+            writer.write_all(&bytes).map_err(|error| DataError::io(&partial, error))?;
+        }
+        let mut file = writer
+            .into_inner()
+            .map_err(|error| DataError::io(&partial, error.into_error()))?;
+        let trailer = Trailer {
+            examples: examples as u64,
+            records_hash: hasher.digest128(),
+            header_hash: xxh3_128(&header.encode()),
+        };
+        file.write_all(&trailer.encode())
+            .and_then(|()| file.sync_all())
+            .map_err(|error| DataError::io(&partial, error))
+    };
+    if let Err(error) = write() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(error);
+    }
+    std::fs::rename(&partial, path).map_err(|error| DataError::io(path, error))?;
+    Ok(CacheReport {
+        path: path.to_path_buf(),
+        examples,
+        resumed_from: 0,
+        reused: false,
+        replaced: None,
+        bytes: file_len(path)?,
+        seconds: start.elapsed().as_secs_f64(),
+        teacher_seconds: 0.0,
+    })
+}

@@ -19,6 +19,9 @@ pub struct GenerateOptions {
     pub sampling: SamplingConfig,
     /// Tokens that end a row (EOS); the stop token is kept in the output.
     pub stop_tokens: Vec<u32>,
+    /// `Some(k)`: record each chosen token's log-probability and the `k` most likely tokens at
+    /// its position ([`Generation::logprobs`]), as OpenAI's `logprobs` / `top_logprobs` do.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateOptions {
@@ -28,7 +31,75 @@ impl GenerateOptions {
             max_new_tokens,
             sampling: SamplingConfig::new().with_temperature(0.0),
             stop_tokens: Vec::new(),
+            logprobs: None,
         }
+    }
+}
+
+/// A chosen token's log-probability and the most likely tokens at its position: log-softmax of
+/// the raw logits (temperature 1, before top-k / top-p), whatever the sampling temperature, as
+/// OpenAI's API and vLLM report them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The log-probabilities of `token` and of the `k` most likely ids of one row of logits.
+    pub fn of(logits: &[f32], token: u32, k: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+        let log_z = max + sum.ln() as f32;
+        let k = k.min(logits.len());
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if k > 0 && k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, order);
+        }
+        ids.truncate(k);
+        ids.sort_unstable_by(order);
+        Self {
+            token,
+            logprob: logits[token as usize] - log_z,
+            top: ids.into_iter().map(|id| (id, logits[id as usize] - log_z)).collect(),
+        }
+    }
+}
+
+/// Stop strings checked against a growing text: where the first one starts, and how much of the
+/// text's end could still become one (to hold back while streaming).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopStrings(Vec<String>);
+
+impl StopStrings {
+    /// The non-empty strings of `stops`.
+    pub fn new(stops: &[String]) -> Self {
+        Self(stops.iter().filter(|s| !s.is_empty()).cloned().collect())
+    }
+
+    /// Where the first stop string starts in `text`, if one occurs.
+    pub fn find(&self, text: &str) -> Option<usize> {
+        self.0.iter().filter_map(|s| text.find(s.as_str())).min()
+    }
+
+    /// How many bytes at the end of `text` could be the start of a stop string.
+    pub fn held_back(&self, text: &str) -> usize {
+        self.0
+            .iter()
+            .flat_map(|stop| {
+                (1..stop.len())
+                    .filter(|&k| stop.is_char_boundary(k))
+                    .map(move |k| &stop[..k])
+            })
+            .filter(|prefix| text.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -44,12 +115,14 @@ pub enum FinishReason {
 }
 
 /// One row's continuation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     /// The new tokens (the stop token included when there was one).
     pub tokens: Vec<u32>,
     /// Why it ended.
     pub finish: FinishReason,
+    /// One entry per token when [`GenerateOptions::logprobs`] asked for them, else empty.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// Timings of one [`Llama::generate`] call, for tokens/s figures.
@@ -82,6 +155,21 @@ impl Llama {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
         mut on_token: impl FnMut(usize, u32) -> bool,
+    ) -> LlmResult<(Vec<Generation>, GenerationTimings)> {
+        self.generate_stream(prompts, options, |row, token, _| on_token(row, token))
+    }
+
+    /// [`Llama::generate`], with each token's log-probabilities (when
+    /// [`GenerateOptions::logprobs`] asks for them) passed to `on_token` as it is chosen: what a
+    /// server streams.
+    ///
+    /// # Errors
+    /// As [`Llama::generate`].
+    pub fn generate_stream(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(usize, u32, Option<&TokenLogprobs>) -> bool,
     ) -> LlmResult<(Vec<Generation>, GenerationTimings)> {
         let config = self.config();
         let generation_error = |reason: String| Err(LlmError::Generation { reason });
@@ -129,6 +217,7 @@ impl Llama {
             .map(|_| Generation {
                 tokens: Vec::new(),
                 finish: FinishReason::Length,
+                logprobs: Vec::new(),
             })
             .collect();
         let mut done = vec![options.max_new_tokens == 0; batch];
@@ -165,17 +254,17 @@ impl Llama {
                     next.push(i64::from(previous));
                     continue;
                 }
-                let token = sample_token(
-                    &logits[row * vocab..(row + 1) * vocab],
-                    &options.sampling,
-                    &mut rngs[row],
-                ) as u32;
+                let row_logits = &logits[row * vocab..(row + 1) * vocab];
+                let token = sample_token(row_logits, &options.sampling, &mut rngs[row]) as u32;
+                let logprobs = options.logprobs.map(|k| TokenLogprobs::of(row_logits, token, k));
                 outputs[row].tokens.push(token);
                 next.push(i64::from(token));
+                let go_on = on_token(row, token, logprobs.as_ref());
+                outputs[row].logprobs.extend(logprobs);
                 if options.stop_tokens.contains(&token) {
                     outputs[row].finish = FinishReason::Stop;
                     done[row] = true;
-                } else if !on_token(row, token) {
+                } else if !go_on {
                     outputs[row].finish = FinishReason::Callback;
                     done[row] = true;
                 } else if outputs[row].tokens.len() >= options.max_new_tokens {
@@ -216,6 +305,7 @@ impl Llama {
         let mut texts = vec![String::new(); rows];
         let mut shown = vec![0; rows];
         let mut failure = None;
+        let stops = StopStrings::new(stop_strings);
         let (generations, timings) = self.generate(&prompts, &options, |row, token| {
             let piece = match streams[row].push(token) {
                 Ok(piece) => piece,
@@ -226,12 +316,12 @@ impl Llama {
             };
             let text = &mut texts[row];
             text.push_str(&piece);
-            let (visible, go_on) = match first_stop(text, stop_strings) {
+            let (visible, go_on) = match stops.find(text) {
                 Some(cut) => {
                     text.truncate(cut);
                     (cut, false)
                 }
-                None => (text.len() - held_back(text, stop_strings), true),
+                None => (text.len() - stops.held_back(text), true),
             };
             if visible > shown[row] {
                 on_text(row, &text[shown[row]..visible]);
@@ -267,32 +357,8 @@ impl Llama {
     }
 }
 
-/// Where the first stop string starts in `text`, if one occurs.
-fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-}
-
-/// How many bytes at the end of `text` could be the start of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    stops
-        .iter()
-        .flat_map(|stop| {
-            (1..stop.len())
-                .filter(|&k| stop.is_char_boundary(k))
-                .map(move |k| &stop[..k])
-        })
-        .filter(|prefix| text.ends_with(prefix))
-        .map(str::len)
-        .max()
-        .unwrap_or(0)
-}
-
 /// The answer to one conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChatAnswer {
     /// The rendered prompt's tokens.
     pub prompt_tokens: Vec<u32>,
@@ -321,6 +387,7 @@ impl Generator for Llama {
             max_new_tokens: new_tokens,
             sampling: sampling.clone(),
             stop_tokens: Vec::new(),
+            logprobs: None,
         };
         let (generations, _) = Llama::generate(self, &prompts, &options, |_, _| true)
             .unwrap_or_else(|error| panic!("Llama::generate: {error}"));
@@ -346,6 +413,7 @@ impl Generator for Llama {
             max_new_tokens,
             sampling: sampling.clone(),
             stop_tokens: stop_tokens.to_vec(),
+            logprobs: None,
         };
         let (generations, _) = Llama::generate(self, prompts, &options, |_, _| true)
             .unwrap_or_else(|error| panic!("Llama::generate: {error}"));

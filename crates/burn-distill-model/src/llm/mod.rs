@@ -30,7 +30,9 @@ use burn::tensor::Device;
 
 pub use cache::LlamaCache;
 pub use error::{LlmError, LlmResult};
-pub use generate::{ChatAnswer, FinishReason, GenerateOptions, Generation, GenerationTimings};
+pub use generate::{
+    ChatAnswer, FinishReason, GenerateOptions, Generation, GenerationTimings, StopStrings, TokenLogprobs,
+};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use llama::{Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMlp};
 pub use load::{SUPPORTED_ARCHITECTURES, export_hf, gguf_config, hf_config, load_gguf, load_gguf_file, load_hf};

@@ -467,6 +467,57 @@ impl ChatTokenizer {
             source: &self.source,
         }
     }
+
+    /// The bytes one token stands for, exactly (a token may hold part of a UTF-8 character,
+    /// which no string can): what OpenAI's API reports as a token's `bytes`. Byte-level BPE
+    /// vocabularies (GPT-2, Llama 3, SmolLM, Qwen) map each character back to its byte;
+    /// SentencePiece ones (Llama 2) turn `▁` into a space and `<0xHH>` into the byte `HH`; added
+    /// tokens (`<|im_end|>`) are their text. `None` for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.tokenizer.id_to_token(id)?;
+        if self.tokenizer.get_added_tokens_decoder().contains_key(&id) {
+            return Some(token.into_bytes());
+        }
+        let byte_level = self
+            .tokenizer
+            .get_decoder()
+            .and_then(|decoder| serde_json::to_string(decoder).ok())
+            .is_some_and(|json| json.contains("\"ByteLevel\""));
+        if byte_level {
+            let table = byte_level_table();
+            if let Some(bytes) = token.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+                return Some(bytes);
+            }
+        }
+        if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+            && hex.len() == 2
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            return Some(vec![byte]);
+        }
+        Some(token.replace('\u{2581}', " ").into_bytes())
+    }
+}
+
+/// GPT-2's byte-level alphabet backwards: the character each byte is written as, to the byte.
+fn byte_level_table() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        // Printable bytes stand for themselves; the others, in order, for U+0100 onwards.
+        let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut next = 0x100u32;
+        (0..=255u8)
+            .map(|b| {
+                if printable(b) {
+                    (char::from(b), b)
+                } else {
+                    let c = char::from_u32(next).expect("below U+0200");
+                    next += 1;
+                    (c, b)
+                }
+            })
+            .collect()
+    })
 }
 
 /// Incremental decoding for streaming (the `tokenizers` crate's `DecodeStream`): text is

@@ -203,6 +203,7 @@ fn sampling_is_seeded_and_the_generator_trait_uses_the_cache() {
         max_new_tokens: 16,
         sampling: SamplingConfig::new().with_temperature(1.5).with_seed(seed),
         stop_tokens: vec![],
+        logprobs: None,
     };
     let (a, _) = model.generate(&prompt, &options(1), |_, _| true).unwrap();
     let (b, _) = model.generate(&prompt, &options(1), |_, _| true).unwrap();

@@ -22,7 +22,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use burn_distill::data::{ByteCorpus, default_text_file, jargon_entries, jargon_prompts, read_chat_prompts, split_prompts};
+use burn_distill::data::{
+    ByteCorpus, default_text_file, jargon_entries, jargon_prompts, read_chat_prompts, split_prompts,
+};
 use burn_distill::serve::{Api, HarvestOptions, harvest_blocking};
 use clap::Parser;
 
@@ -137,7 +139,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         report.completion_tokens,
         report.seconds,
         report.completion_tokens as f64 / report.seconds.max(1e-9),
-        if report.complete { "" } else { "; not complete (token budget): run again to go on" }
+        if report.complete {
+            ""
+        } else {
+            "; not complete (token budget): run again to go on"
+        }
     );
     Ok(())
 }

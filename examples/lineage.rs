@@ -24,13 +24,19 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    report::exit(Lineage::read(&args.run_dir).map(|lineage| {
-        println!("student:      {}", args.run_dir.display());
-        println!("{lineage}");
-        match lineage.verify() {
-            Some(true) => println!("check:        the transfer set on disk has this fingerprint"),
-            Some(false) => println!("check:        the transfer set on disk has CHANGED since the student was trained"),
-            None => println!("check:        the transfer set is not on this machine"),
-        }
-    }).map_err(Into::into))
+    report::exit(
+        Lineage::read(&args.run_dir)
+            .map(|lineage| {
+                println!("student:      {}", args.run_dir.display());
+                println!("{lineage}");
+                match lineage.verify() {
+                    Some(true) => println!("check:        the transfer set on disk has this fingerprint"),
+                    Some(false) => {
+                        println!("check:        the transfer set on disk has CHANGED since the student was trained")
+                    }
+                    None => println!("check:        the transfer set is not on this machine"),
+                }
+            })
+            .map_err(Into::into),
+    )
 }

@@ -81,7 +81,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let model_id = args.model_id.unwrap_or_else(|| {
-        let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let name = name.strip_suffix(".gguf").unwrap_or(&name).to_string();
         // "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"
         match name.rsplit_once('.') {
@@ -99,7 +101,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     options.max_body_bytes = args.max_body_bytes;
     options.max_batch = args.max_batch;
     options.batch_window = Duration::from_millis(args.batch_window_ms);
-    let token_note = if options.bearer_token.is_some() { ", bearer token required" } else { "" };
+    let token_note = if options.bearer_token.is_some() {
+        ", bearer token required"
+    } else {
+        ""
+    };
     serve_until_signal(
         SocketAddr::new(args.host, args.port),
         loaded.model,
@@ -108,7 +114,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         |addr| {
             // The first line is for scripts: the base URL.
             println!("http://{addr}/v1");
-            eprintln!("serving {model_id} from {} on http://{addr}/v1{token_note}; Ctrl-C stops", path.display());
+            eprintln!(
+                "serving {model_id} from {} on http://{addr}/v1{token_note}; Ctrl-C stops",
+                path.display()
+            );
         },
     )?;
     Ok(())

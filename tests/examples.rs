@@ -641,7 +641,9 @@ fn the_chat_pipeline_distils_from_a_harvested_transfer_set_and_records_its_linea
         0.1,
     )
     .unwrap();
-    let train: Vec<_> = (0..8).map(|i| splits.train[i * splits.train.len() / 8].clone()).collect();
+    let train: Vec<_> = (0..8)
+        .map(|i| splits.train[i * splits.train.len() / 8].clone())
+        .collect();
     let set_dir = burn_distill_testing::scratch("served-set");
     let mut harvest_options = HarvestOptions::new(server.base_url(), "Apache-2.0, test fixture");
     harvest_options.api_key_env = "BURN_DISTILL_TEST_NO_KEY".into();
@@ -708,13 +710,13 @@ fn the_chat_pipeline_distils_from_a_harvested_transfer_set_and_records_its_linea
     assert_ne!(leaked, records);
     std::fs::write(leaky.join("records.jsonl"), leaked).unwrap();
     let leak_run = burn_distill_testing::scratch("distill-chat-leaky");
-    let error = chat_pipeline::run(&Options {
+    let Err(error) = chat_pipeline::run(&Options {
         transfer_set: Some(leaky),
         run_dir: leak_run.clone(),
         ..options
-    })
-    .err()
-    .expect("refused");
+    }) else {
+        panic!("a set that answers a validation prompt must be refused");
+    };
     assert!(error.to_string().contains("validation or test"), "{error}");
     assert!(!leak_run.join("sft").exists());
 }

@@ -26,11 +26,11 @@ use burn_distill::model::llm::{
 use burn_distill::model::{
     Fingerprint, FrozenTeacher, SamplingConfig, Teacher, init_seeded, load_weights, save_weights,
 };
+use burn_distill::serve::{Lineage, SparseTeacher, TransferSet, chat_transcripts};
 use burn_distill::train::{
     DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, corpus_chrf, evaluate,
     read_metrics,
 };
-use burn_distill::serve::{Lineage, SparseTeacher, TransferSet, chat_transcripts};
 use serde::{Deserialize, Serialize};
 
 use super::runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
@@ -1006,8 +1006,12 @@ fn served_answers(
         .into());
     }
     let (transcripts, sparse) = if sparse {
-        let sparse = SparseTeacher::new(&set, tokenizer)
-            .map_err(|e| format!("--transfer-set {}: {e}; the sequence-level methods (--methods sft) still work", dir.display()))?;
+        let sparse = SparseTeacher::new(&set, tokenizer).map_err(|e| {
+            format!(
+                "--transfer-set {}: {e}; the sequence-level methods (--methods sft) still work",
+                dir.display()
+            )
+        })?;
         (sparse.transcripts.clone(), Some(sparse))
     } else {
         (chat_transcripts(&set, tokenizer)?, None)

@@ -28,8 +28,8 @@ use serde_json::json;
 use crate::api::{ChatResponse, CompletionResponse, ModelList, TokenLogprob, TopLogprob};
 use crate::error::{Result, ServeError};
 use crate::transfer::{
-    Api, Counts, FORMAT_VERSION, PromptSource, ProvenanceCard, RECORDS_FILE, Record, RequestParams, prompts_fingerprint,
-    read_card, read_records, record_key, write_card,
+    Api, Counts, FORMAT_VERSION, PromptSource, ProvenanceCard, RECORDS_FILE, Record, RequestParams,
+    prompts_fingerprint, read_card, read_records, record_key, write_card,
 };
 
 /// How to harvest.
@@ -128,7 +128,10 @@ impl HarvestOptions {
             return Err(ServeError::option("--max-tokens", "must be at least 1"));
         }
         if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(ServeError::option("--temperature", format!("{} is outside [0, 2]", self.temperature)));
+            return Err(ServeError::option(
+                "--temperature",
+                format!("{} is outside [0, 2]", self.temperature),
+            ));
         }
         if let Some(p) = self.top_p
             && !(p > 0.0 && p <= 1.0)
@@ -185,7 +188,10 @@ pub fn endpoint_for_card(endpoint: &str) -> Result<reqwest::Url> {
     let mut url = reqwest::Url::parse(endpoint)
         .map_err(|e| ServeError::option("--endpoint", format!("{endpoint:?} is not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ServeError::option("--endpoint", format!("{endpoint:?}: only http and https")));
+        return Err(ServeError::option(
+            "--endpoint",
+            format!("{endpoint:?}: only http and https"),
+        ));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(ServeError::option(
@@ -222,7 +228,11 @@ struct Client {
 
 impl Client {
     /// One request with retries; the parsed JSON body of the first success.
-    async fn send<T: serde::de::DeserializeOwned>(&self, url: &reqwest::Url, body: Option<&serde_json::Value>) -> Result<T> {
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &reqwest::Url,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut last = String::new();
         for attempt in 0..=self.options.max_retries {
@@ -309,7 +319,11 @@ impl Client {
     }
 
     /// The body, refused past `max_response_bytes` (checked as it arrives, not after).
-    async fn read_body(&self, url: &reqwest::Url, response: reqwest::Response) -> std::result::Result<Vec<u8>, Attempt> {
+    async fn read_body(
+        &self,
+        url: &reqwest::Url,
+        response: reqwest::Response,
+    ) -> std::result::Result<Vec<u8>, Attempt> {
         let limit = self.options.max_response_bytes;
         let too_large = || {
             Attempt::Fatal(ServeError::Protocol {
@@ -353,7 +367,11 @@ fn describe(error: &reqwest::Error) -> String {
         detail = cause.to_string();
         source = cause.source();
     }
-    if detail.is_empty() { kind.to_string() } else { format!("{kind} ({detail})") }
+    if detail.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind} ({detail})")
+    }
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -737,7 +755,11 @@ async fn answer(
                 answer,
                 finish_reason,
                 tokens,
-                model: if served_model.is_empty() { model.to_string() } else { served_model.clone() },
+                model: if served_model.is_empty() {
+                    model.to_string()
+                } else {
+                    served_model.clone()
+                },
                 prompt_tokens: if i == 0 { usage.prompt_tokens } else { 0 },
                 completion_tokens,
             });

@@ -82,9 +82,16 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 #[derive(Debug)]
 enum RowEvent {
     /// New text (possibly empty) and the token's log-probabilities.
-    Token { text: String, logprob: Option<TokenLogprob> },
+    Token {
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// The row is finished.
-    Done { finish: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        finish: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     /// The model failed.
     Failed(String),
 }
@@ -200,7 +207,12 @@ pub fn serve_until_signal(
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub fn spawn(addr: SocketAddr, model: Llama, tokenizer: ChatTokenizer, options: ServeOptions) -> std::io::Result<ServerHandle> {
+pub fn spawn(
+    addr: SocketAddr,
+    model: Llama,
+    tokenizer: ChatTokenizer,
+    options: ServeOptions,
+) -> std::io::Result<ServerHandle> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -260,19 +272,55 @@ fn unix_seconds() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-fn error(status: StatusCode, kind: &str, param: Option<&str>, code: Option<&str>, message: impl Into<String>) -> Response {
-    let body = ErrorBody {
-        error: ErrorDetail {
-            message: message.into(),
-            kind: kind.into(),
-            param: param.map(Into::into),
-            code: code.map(Into::into),
-        },
-    };
-    (status, axum::Json(body)).into_response()
+/// A refused request: an OpenAI-style error body with its status (and `Retry-After`).
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+    message: String,
+    retry_after: Option<&'static str>,
 }
 
-fn invalid(param: &str, message: impl Into<String>) -> Response {
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                kind: self.kind.into(),
+                param: self.param.map(Into::into),
+                code: self.code.map(Into::into),
+            },
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+        }
+        response
+    }
+}
+
+fn error(
+    status: StatusCode,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+    message: impl Into<String>,
+) -> ApiError {
+    ApiError {
+        status,
+        kind,
+        param,
+        code,
+        message: message.into(),
+        retry_after: None,
+    }
+}
+
+fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
     error(
         StatusCode::BAD_REQUEST,
         "invalid_request_error",
@@ -287,7 +335,7 @@ fn admit<T: serde::de::DeserializeOwned>(
     shared: &Shared,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     authorize(shared, headers)?;
     let body = body.map_err(|rejection| {
         let status = rejection.status();
@@ -314,7 +362,7 @@ fn admit<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &shared.options.bearer_token else {
         return Ok(());
     };
@@ -332,9 +380,7 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         )
     };
     match given {
-        None => Err(unauthorized(
-            "no bearer token: send `Authorization: Bearer <token>`",
-        )),
+        None => Err(unauthorized("no bearer token: send `Authorization: Bearer <token>`")),
         // Every byte compared, whatever the first difference: no timing hint.
         Some(token)
             if token.len() == expected.len()
@@ -351,8 +397,8 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
 }
 
 async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorize(&shared, &headers) {
-        return response;
+    if let Err(error) = authorize(&shared, &headers) {
+        return error.into_response();
     }
     axum::Json(ModelList {
         object: "list".into(),
@@ -388,7 +434,7 @@ fn common(
     stop: Option<&crate::api::Stop>,
     seed: Option<u64>,
     stream: Option<bool>,
-) -> Result<Common, Response> {
+) -> Result<Common, ApiError> {
     let options = &shared.options;
     if model != options.model_id {
         return Err(error(
@@ -396,7 +442,10 @@ fn common(
             "invalid_request_error",
             Some("model"),
             Some("model_not_found"),
-            format!("the model `{model}` does not exist; this server has `{}`", options.model_id),
+            format!(
+                "the model `{model}` does not exist; this server has `{}`",
+                options.model_id
+            ),
         ));
     }
     let n = n.unwrap_or(1);
@@ -405,7 +454,10 @@ fn common(
     }
     let temperature = temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(invalid("temperature", format!("temperature {temperature} is outside [0, 2]")));
+        return Err(invalid(
+            "temperature",
+            format!("temperature {temperature} is outside [0, 2]"),
+        ));
     }
     if let Some(p) = top_p
         && !(p > 0.0 && p <= 1.0)
@@ -454,7 +506,7 @@ fn submit(
     shared: &Shared,
     prompts: Vec<Vec<u32>>,
     common: &Common,
-) -> Result<UnboundedReceiver<(usize, RowEvent)>, Response> {
+) -> Result<UnboundedReceiver<(usize, RowEvent)>, ApiError> {
     for (index, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(invalid("prompt", format!("prompt {index} has no tokens")));
@@ -488,17 +540,16 @@ fn submit(
             match shared.jobs.try_send(job) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
-                    let mut response = error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "server_error",
-                        None,
-                        Some("overloaded"),
-                        "the server is busy: too many waiting requests; retry later",
-                    );
-                    response
-                        .headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return Err(response);
+                    return Err(ApiError {
+                        retry_after: Some("1"),
+                        ..error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "server_error",
+                            None,
+                            Some("overloaded"),
+                            "the server is busy: too many waiting requests; retry later",
+                        )
+                    });
                 }
                 Err(TrySendError::Disconnected(_)) => {
                     return Err(error(
@@ -525,7 +576,7 @@ struct Gathered {
     completion_tokens: usize,
 }
 
-async fn gather(mut receiver: UnboundedReceiver<(usize, RowEvent)>, choices: usize) -> Result<Vec<Gathered>, Response> {
+async fn gather(mut receiver: UnboundedReceiver<(usize, RowEvent)>, choices: usize) -> Result<Vec<Gathered>, ApiError> {
     let mut gathered: Vec<Gathered> = (0..choices).map(|_| Gathered::default()).collect();
     let mut open = choices;
     while open > 0 {
@@ -549,14 +600,20 @@ async fn gather(mut receiver: UnboundedReceiver<(usize, RowEvent)>, choices: usi
                 open -= 1;
             }
             RowEvent::Failed(message) => {
-                return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, message));
+                return Err(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    None,
+                    message,
+                ));
             }
         }
     }
     Ok(gathered)
 }
 
-fn worker_gone() -> Response {
+fn worker_gone() -> ApiError {
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
         "server_error",
@@ -579,11 +636,11 @@ fn usage(gathered: &[Gathered], prompt_tokens: usize) -> Usage {
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let request: ChatRequest = match admit(&shared, &headers, body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let top_logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
         (true, k) => Some(k.unwrap_or(0)),
-        (false, Some(_)) => return invalid("top_logprobs", "top_logprobs needs logprobs: true"),
+        (false, Some(_)) => return invalid("top_logprobs", "top_logprobs needs logprobs: true").into_response(),
         (false, None) => None,
     };
     let common = match common(
@@ -599,26 +656,29 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Resul
         request.stream,
     ) {
         Ok(common) => common,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     if request.messages.is_empty() {
-        return invalid("messages", "messages is empty");
+        return invalid("messages", "messages is empty").into_response();
     }
     let prompt = match shared.tokenizer.encode_chat(&request.messages, true) {
         Ok(prompt) => prompt,
-        Err(e) => return invalid("messages", format!("the chat template cannot render them: {e}")),
+        Err(e) => return invalid("messages", format!("the chat template cannot render them: {e}")).into_response(),
     };
     let prompt_len = prompt.len();
     let receiver = match submit(&shared, vec![prompt], &common) {
         Ok(receiver) => receiver,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let id = format!("chatcmpl-{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
     let created = unix_seconds();
     let model = shared.options.model_id.clone();
     if common.stream {
         let with_logprobs = common.top_logprobs.is_some();
-        let chunk = move |choice: usize, delta: serde_json::Value, logprobs: Option<TokenLogprob>, finish: Option<&str>| {
+        let chunk = move |choice: usize,
+                          delta: serde_json::Value,
+                          logprobs: Option<TokenLogprob>,
+                          finish: Option<&str>| {
             json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{
@@ -644,7 +704,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Resul
     }
     let gathered = match gather(receiver, common.n).await {
         Ok(gathered) => gathered,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let usage = usage(&gathered, prompt_len);
     let choices = gathered
@@ -680,10 +740,10 @@ async fn completions(
 ) -> Response {
     let request: CompletionRequest = match admit(&shared, &headers, body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     if request.echo.unwrap_or(false) {
-        return invalid("echo", "echo is not supported");
+        return invalid("echo", "echo is not supported").into_response();
     }
     let common = match common(
         &shared,
@@ -698,24 +758,24 @@ async fn completions(
         request.stream,
     ) {
         Ok(common) => common,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let texts = request.prompt.texts();
     if texts.is_empty() {
-        return invalid("prompt", "prompt is an empty list");
+        return invalid("prompt", "prompt is an empty list").into_response();
     }
     let mut prompts = Vec::with_capacity(texts.len());
     for text in texts {
         match shared.tokenizer.encode(text, true) {
             Ok(prompt) => prompts.push(prompt),
-            Err(e) => return invalid("prompt", format!("it cannot be tokenized: {e}")),
+            Err(e) => return invalid("prompt", format!("it cannot be tokenized: {e}")).into_response(),
         }
     }
     let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let choices = prompts.len() * common.n;
     let receiver = match submit(&shared, prompts, &common) {
         Ok(receiver) => receiver,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let id = format!("cmpl-{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
     let created = unix_seconds();
@@ -739,7 +799,7 @@ async fn completions(
     }
     let gathered = match gather(receiver, choices).await {
         Ok(gathered) => gathered,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let usage = usage(&gathered, prompt_lens.iter().sum());
     let choices = gathered
@@ -961,7 +1021,17 @@ fn decode(model: &Llama, tokenizer: &ChatTokenizer, bytes: &[Vec<u8>], batch: Ve
                 .top_logprobs
                 .zip(logprobs)
                 .map(|(k, logprobs)| token_logprob(bytes, logprobs, k));
-            if job.events.send((job.choice, RowEvent::Token { text: new_text, logprob })).is_err() {
+            if job
+                .events
+                .send((
+                    job.choice,
+                    RowEvent::Token {
+                        text: new_text,
+                        logprob,
+                    },
+                ))
+                .is_err()
+            {
                 ends[row] = End::Gone;
             }
             if ends[row] == End::Open && counts[row] >= job.max_tokens {
@@ -993,12 +1063,7 @@ fn decode(model: &Llama, tokenizer: &ChatTokenizer, bytes: &[Vec<u8>], batch: Ve
         };
         if ends[row] != End::StopString {
             // The whole answer decoded at once: a character the stream still held is in it.
-            let tokens: Vec<u32> = generation
-                .tokens
-                .iter()
-                .copied()
-                .filter(|t| !eos.contains(t))
-                .collect();
+            let tokens: Vec<u32> = generation.tokens.iter().copied().filter(|t| !eos.contains(t)).collect();
             if let Ok(text) = tokenizer.decode(&tokens, true)
                 && let Some(rest) = text.get(shown[row]..).filter(|rest| !rest.is_empty())
             {

@@ -53,7 +53,11 @@ fn text_forms(bytes: &[u8]) -> Vec<String> {
     for chunk in bytes.utf8_chunks() {
         dropped.push_str(chunk.valid());
     }
-    if dropped == lossy { vec![lossy] } else { vec![lossy, dropped] }
+    if dropped == lossy {
+        vec![lossy]
+    } else {
+        vec![lossy, dropped]
+    }
 }
 
 impl TokenMap {
@@ -112,7 +116,12 @@ fn with_eos(mut ids: Vec<u32>, record: &Record, tokenizer: &ChatTokenizer) -> Ve
 }
 
 /// The served answer tokens as ids, when each maps and together they spell the answer.
-fn answer_ids(record: &Record, tokens: &[TokenLogprob], map: &TokenMap, tokenizer: &ChatTokenizer) -> Result<Vec<u32>, String> {
+fn answer_ids(
+    record: &Record,
+    tokens: &[TokenLogprob],
+    map: &TokenMap,
+    tokenizer: &ChatTokenizer,
+) -> Result<Vec<u32>, String> {
     let mut ids = Vec::with_capacity(tokens.len());
     let mut ambiguous = false;
     for (position, token) in tokens.iter().enumerate() {
@@ -234,9 +243,10 @@ impl SparseTeacher {
         let (mut transcripts, mut top) = (Vec::new(), Vec::new());
         let (mut k, mut entries, mut ambiguous) = (1, 0, 0);
         for record in &set.records {
-            let tokens = record.tokens.as_deref().ok_or_else(|| {
-                mismatch(format!("record {} has no log-probabilities", record.key))
-            })?;
+            let tokens = record
+                .tokens
+                .as_deref()
+                .ok_or_else(|| mismatch(format!("record {} has no log-probabilities", record.key)))?;
             let ids = answer_ids(record, tokens, &map, tokenizer).map_err(mismatch)?;
             let mut positions = Vec::with_capacity(tokens.len());
             for (position, (token, &id)) in tokens.iter().zip(&ids).enumerate() {

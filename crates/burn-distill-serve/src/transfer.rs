@@ -357,7 +357,11 @@ impl std::fmt::Display for Lineage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let card = &self.card;
         let request = &card.request;
-        writeln!(f, "teacher:      {} at {} ({} API)", card.teacher_model, card.endpoint, card.api)?;
+        writeln!(
+            f,
+            "teacher:      {} at {} ({} API)",
+            card.teacher_model, card.endpoint, card.api
+        )?;
         writeln!(f, "terms:        {}", card.terms)?;
         writeln!(
             f,
@@ -382,6 +386,10 @@ impl std::fmt::Display for Lineage {
             request.seed.map_or("none".into(), |s| s.to_string()),
         )?;
         writeln!(f, "harvested:    {} to {}", card.started, card.updated)?;
-        write!(f, "transfer set: {} (fingerprint {})", self.transfer_set, self.fingerprint)
+        write!(
+            f,
+            "transfer set: {} (fingerprint {})",
+            self.transfer_set, self.fingerprint
+        )
     }
 }

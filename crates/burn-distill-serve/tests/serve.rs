@@ -82,7 +82,13 @@ fn our_server_answers_what_in_process_generation_gives_with_logprobs_and_streami
     let (model, tokenizer) = tiny();
     let question = vec![ChatMessage::user("Tell me about the number 7.")];
     let (local, _) = model
-        .chat(&tokenizer, std::slice::from_ref(&question), &GenerateOptions::greedy(20), &[], |_, _| {})
+        .chat(
+            &tokenizer,
+            std::slice::from_ref(&question),
+            &GenerateOptions::greedy(20),
+            &[],
+            |_, _| {},
+        )
         .unwrap();
     let rt = runtime();
     rt.block_on(async {
@@ -217,7 +223,10 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     runtime().block_on(async {
         let check = |status: u16, body: &Value, expected: u16, code: Option<&str>| {
             assert_eq!(status, expected, "{body}");
-            assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+            assert!(
+                body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{body}"
+            );
             assert!(body["error"]["type"].is_string(), "{body}");
             if let Some(code) = code {
                 assert_eq!(body["error"]["code"], code, "{body}");
@@ -282,7 +291,12 @@ fn keys(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("records.jsonl"))
         .unwrap()
         .lines()
-        .map(|line| serde_json::from_str::<Value>(line).unwrap()["key"].as_str().unwrap().to_string())
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -302,7 +316,10 @@ fn a_harvest_resumes_after_a_kill_with_no_record_lost_or_repeated_and_records_it
     let mut no_terms = options.clone();
     no_terms.terms = "  ".into();
     let error = rt.block_on(harvest(&prompts, None, &out, &no_terms)).unwrap_err();
-    assert!(matches!(&error, ServeError::Option { option, .. } if option == "--terms"), "{error}");
+    assert!(
+        matches!(&error, ServeError::Option { option, .. } if option == "--terms"),
+        "{error}"
+    );
     assert!(!out.exists());
 
     // A whole harvest in one go, for reference.
@@ -322,7 +339,10 @@ fn a_harvest_resumes_after_a_kill_with_no_record_lost_or_repeated_and_records_it
     text.push_str(&torn);
     std::fs::write(&records, text).unwrap();
     let second = rt.block_on(harvest(&prompts, None, &out, &options)).unwrap();
-    assert_eq!((second.records, second.resumed, second.complete), (12, first.records, true));
+    assert_eq!(
+        (second.records, second.resumed, second.complete),
+        (12, first.records, true)
+    );
     let mut got = keys(&out);
     let count = got.len();
     got.sort();
@@ -353,7 +373,10 @@ fn a_harvest_resumes_after_a_kill_with_no_record_lost_or_repeated_and_records_it
     let mut other = options.clone();
     other.temperature = 0.5;
     let error = rt.block_on(harvest(&prompts, None, &out, &other)).unwrap_err();
-    assert!(matches!(&error, ServeError::OtherTransferSet { field, .. } if field.starts_with("request")), "{error}");
+    assert!(
+        matches!(&error, ServeError::OtherTransferSet { field, .. } if field.starts_with("request")),
+        "{error}"
+    );
     assert_eq!(keys(&out).len(), 12);
 
     // The lineage a student records, and its check.
@@ -363,7 +386,10 @@ fn a_harvest_resumes_after_a_kill_with_no_record_lost_or_repeated_and_records_it
     assert_eq!(lineage.fingerprint, a.fingerprint());
     assert_eq!(lineage.verify(), Some(true));
     let printed = lineage.to_string();
-    assert!(printed.contains("Apache-2.0, test fixture") && printed.contains(MODEL_ID), "{printed}");
+    assert!(
+        printed.contains("Apache-2.0, test fixture") && printed.contains(MODEL_ID),
+        "{printed}"
+    );
     let mut text = std::fs::read_to_string(&records).unwrap();
     text = text.replacen("\"answer\":\"", "\"answer\":\"X", 1);
     std::fs::write(&records, text).unwrap();
@@ -386,10 +412,19 @@ fn served_top_logprobs_become_a_sparse_teacher_when_the_tokenizers_match_and_are
     for (record, transcript) in set.records.iter().zip(&sparse.transcripts) {
         let prompt = &prompts[record.index];
         let (local, _) = model
-            .chat(&tokenizer, std::slice::from_ref(&prompt.messages), &GenerateOptions::greedy(8), &[], |_, _| {})
+            .chat(
+                &tokenizer,
+                std::slice::from_ref(&prompt.messages),
+                &GenerateOptions::greedy(8),
+                &[],
+                |_, _| {},
+            )
             .unwrap();
         assert_eq!(transcript.prompt_tokens, local[0].prompt_tokens);
-        assert_eq!(transcript.answer_tokens, local[0].generation.tokens, "served ids are the generated ids");
+        assert_eq!(
+            transcript.answer_tokens, local[0].generation.tokens,
+            "served ids are the generated ids"
+        );
     }
     // The cache: each answer position holds the served top-5 (and the sampled token).
     let transcripts: Vec<Transcript> = sparse.transcripts.iter().map(|t| t.transcript()).collect();
@@ -499,14 +534,22 @@ fn the_client_retries_429_500_cut_bodies_and_timeouts_and_refuses_what_retrying_
     options.timeout = Duration::from_millis(700);
     let out = scratch("harvest-faults").join("set");
     let report = rt.block_on(harvest(&prompts, None, &out, &options)).unwrap();
-    assert_eq!((report.records, report.retries, report.requests), (5, 4, 5), "{report:?}");
+    assert_eq!(
+        (report.records, report.retries, report.requests),
+        (5, 4, 5),
+        "{report:?}"
+    );
     let set = TransferSet::open(&out).unwrap();
     for (record, prompt) in set.records.iter().zip(&prompts) {
         assert_eq!(record.answer, format!("answer to {}", prompt.messages[0].content));
     }
     // Retry-After: 1 was honoured (the retry came at least a second after the 429).
     let times = arrivals.lock().unwrap().clone();
-    assert!(times[1] - times[0] >= Duration::from_millis(950), "{:?}", times[1] - times[0]);
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(950),
+        "{:?}",
+        times[1] - times[0]
+    );
 
     // Bodies over the limit: refused with a clear error; the records before are kept.
     let (addr, _, _server) = fault_server("oversize");
@@ -523,7 +566,12 @@ fn the_client_retries_429_500_cut_bodies_and_timeouts_and_refuses_what_retrying_
     let mut refused = options.clone();
     refused.endpoint = format!("http://{addr}/v1");
     let error = rt
-        .block_on(harvest(&prompts, None, &scratch("harvest-refused").join("set"), &refused))
+        .block_on(harvest(
+            &prompts,
+            None,
+            &scratch("harvest-refused").join("set"),
+            &refused,
+        ))
         .unwrap_err();
     assert!(
         matches!(&error, ServeError::Refused { status: 400, message, .. } if message == "you asked wrong"),
@@ -537,7 +585,10 @@ fn the_client_retries_429_500_cut_bodies_and_timeouts_and_refuses_what_retrying_
     let error = rt
         .block_on(harvest(&prompts, None, &scratch("harvest-down").join("set"), &down))
         .unwrap_err();
-    assert!(matches!(&error, ServeError::RetriesExhausted { attempts: 4, .. }), "{error}");
+    assert!(
+        matches!(&error, ServeError::RetriesExhausted { attempts: 4, .. }),
+        "{error}"
+    );
     assert_eq!(arrivals.lock().unwrap().len(), 4);
 
     // Nothing listening: connection refused, retried, then a clear error.
@@ -545,7 +596,12 @@ fn the_client_retries_429_500_cut_bodies_and_timeouts_and_refuses_what_retrying_
     nowhere.endpoint = "http://127.0.0.1:9/v1".into();
     nowhere.max_retries = 1;
     let error = rt
-        .block_on(harvest(&prompts, None, &scratch("harvest-nowhere").join("set"), &nowhere))
+        .block_on(harvest(
+            &prompts,
+            None,
+            &scratch("harvest-nowhere").join("set"),
+            &nowhere,
+        ))
         .unwrap_err();
     assert!(error.to_string().contains("could not connect"), "{error}");
     // Credentials in the URL are refused: keys go in the environment.
@@ -564,7 +620,10 @@ fn python_peers() -> Option<PathBuf> {
     match std::env::var_os("BURN_DISTILL_PYTHON_PEERS").map(PathBuf::from) {
         Some(venv) if venv.join("bin/python").exists() => Some(venv),
         _ => {
-            assert!(!in_ci, "CI expects BURN_DISTILL_PYTHON_PEERS (bash scripts/python_peers.sh)");
+            assert!(
+                !in_ci,
+                "CI expects BURN_DISTILL_PYTHON_PEERS (bash scripts/python_peers.sh)"
+            );
             eprintln!("BURN_DISTILL_PYTHON_PEERS is not set: skipping the test against the Python peers");
             None
         }
@@ -576,7 +635,10 @@ fn smollm2() -> Option<PathBuf> {
     match std::env::var_os("BURN_DISTILL_SMOLLM2").map(PathBuf::from) {
         Some(path) if path.exists() => Some(path),
         _ => {
-            assert!(!in_ci, "CI expects BURN_DISTILL_SMOLLM2 (bash scripts/fetch_smollm2.sh)");
+            assert!(
+                !in_ci,
+                "CI expects BURN_DISTILL_SMOLLM2 (bash scripts/fetch_smollm2.sh)"
+            );
             eprintln!("BURN_DISTILL_SMOLLM2 is not set: skipping");
             None
         }
@@ -623,8 +685,17 @@ fn the_official_openai_client_reads_our_server_and_gets_in_process_answers() {
         .map(|t| t.as_str().unwrap())
         .collect();
     assert_eq!(tokens, local[0].text);
-    assert!(got["logprobs"].as_array().unwrap().iter().all(|lp| lp.as_f64().unwrap() <= 0.0));
-    assert_eq!(got["errors"], json!({"wrong_token": 401, "unknown_model": 404, "max_tokens": 400}));
+    assert!(
+        got["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|lp| lp.as_f64().unwrap() <= 0.0)
+    );
+    assert_eq!(
+        got["errors"],
+        json!({"wrong_token": 401, "unknown_model": 404, "max_tokens": 400})
+    );
 }
 
 /// llama.cpp's OpenAI-compatible server on the SmolLM2 file, on a free port.
@@ -635,7 +706,19 @@ struct LlamaCpp {
 impl LlamaCpp {
     fn start(venv: &Path, model: &Path, port: u16) -> Self {
         let child = std::process::Command::new(venv.join("bin/python"))
-            .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--n_ctx", "2048", "--n_threads", "2"])
+            .args([
+                "-m",
+                "llama_cpp.server",
+                "--host",
+                "127.0.0.1",
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "2",
+                // Log-probabilities need every position's logits kept (the server's default).
+                "--logits_all",
+                "true",
+            ])
             .arg("--port")
             .arg(port.to_string())
             .arg("--model")
@@ -676,9 +759,12 @@ fn a_harvest_from_llama_cpp_survives_its_server_killed_and_maps_its_tokens_to_ou
     let Some(venv) = python_peers() else { return };
     let Some(path) = smollm2() else { return };
     let port = free_port();
-    let prompts = prompts(8);
+    let prompts = prompts(12);
     let out = scratch("harvest-llama-cpp").join("set");
-    let mut options = HarvestOptions::new(format!("http://127.0.0.1:{port}/v1"), "Apache-2.0, SmolLM2-135M-Instruct");
+    let mut options = HarvestOptions::new(
+        format!("http://127.0.0.1:{port}/v1"),
+        "Apache-2.0, SmolLM2-135M-Instruct",
+    );
     options.api_key_env = "BURN_DISTILL_TEST_NO_KEY".into();
     options.max_tokens = 16;
     options.temperature = 0.0;
@@ -690,14 +776,21 @@ fn a_harvest_from_llama_cpp_survives_its_server_killed_and_maps_its_tokens_to_ou
     let server = LlamaCpp::start(&venv, &path, port);
     // Kill the server once a few records are written, while the harvest runs.
     let watched = out.join("records.jsonl");
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let killer = {
         let pid = server.child.id();
+        let finished = Arc::clone(&finished);
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
-            while Instant::now() < deadline {
-                let lines = std::fs::read_to_string(&watched).map(|t| t.lines().count()).unwrap_or(0);
+            while Instant::now() < deadline && !finished.load(Ordering::SeqCst) {
+                let lines = std::fs::read_to_string(&watched)
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0);
                 if lines >= 3 {
-                    let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                    let _ = std::process::Command::new("kill")
+                        .arg("-9")
+                        .arg(pid.to_string())
+                        .status();
                     return lines;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -705,8 +798,10 @@ fn a_harvest_from_llama_cpp_survives_its_server_killed_and_maps_its_tokens_to_ou
             0
         })
     };
-    let error = rt.block_on(harvest(&prompts, None, &out, &options)).unwrap_err();
+    let result = rt.block_on(harvest(&prompts, None, &out, &options));
+    finished.store(true, Ordering::SeqCst);
     let at_kill = killer.join().unwrap();
+    let error = result.expect_err("the harvest fails when its server is killed");
     assert!(at_kill >= 3, "the server was not killed mid-harvest");
     assert!(
         matches!(error, ServeError::RetriesExhausted { .. }),
@@ -714,23 +809,27 @@ fn a_harvest_from_llama_cpp_survives_its_server_killed_and_maps_its_tokens_to_ou
     );
     drop(server);
     let partial = keys(&out).len();
-    assert!(partial >= 3 && partial < 8, "{partial}");
+    assert!((3..12).contains(&partial), "{partial}");
     let _server = LlamaCpp::start(&venv, &path, port);
     let report = rt.block_on(harvest(&prompts, None, &out, &options)).unwrap();
-    assert_eq!((report.records, report.resumed, report.complete), (8, partial, true));
+    assert_eq!((report.records, report.resumed, report.complete), (12, partial, true));
     let mut got = keys(&out);
     got.sort();
     got.dedup();
-    assert_eq!(got.len(), 8, "no record repeated");
+    assert_eq!(got.len(), 12, "no record repeated");
     let set = TransferSet::open(&out).unwrap();
     assert_eq!(set.card.teacher_model, "SmolLM2-135M-Instruct");
     // llama.cpp names tokens by text only: mapped to SmolLM2's ids, checked against the answer.
     let loaded = load_model(&path, &device()).unwrap();
     let sparse = SparseTeacher::new(&set, &loaded.tokenizer).unwrap();
-    assert_eq!(sparse.transcripts.len(), 8);
+    assert_eq!(sparse.transcripts.len(), 12);
     for (record, transcript) in set.records.iter().zip(&sparse.transcripts) {
         let ids = &transcript.answer_tokens;
-        let ids: Vec<u32> = ids.iter().copied().filter(|t| !loaded.tokenizer.eos_ids().contains(t)).collect();
+        let ids: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|t| !loaded.tokenizer.eos_ids().contains(t))
+            .collect();
         assert_eq!(loaded.tokenizer.decode(&ids, true).unwrap(), record.answer);
     }
     // The top log-probabilities are a distribution's: at most 1 in all.

@@ -541,7 +541,12 @@ where
                 .map_err(|error| DataError::invalid("dataset", format!("example {example}: {error}")))?
                 .index();
             let (ids, log_probs) = record(example)?;
-            let bad = |reason: String| Err(DataError::invalid("top-k record", format!("example {example}: {reason}")));
+            let bad = |reason: String| {
+                Err(DataError::invalid(
+                    "top-k record",
+                    format!("example {example}: {reason}"),
+                ))
+            };
             if ids.len() != per_example || log_probs.len() != per_example {
                 return bad(format!(
                     "{} ids and {} log-probabilities, expected {positions} positions × {k}",
@@ -562,7 +567,9 @@ where
                 .iter()
                 .for_each(|lp| bytes.extend_from_slice(&lp.min(0.0).to_le_bytes()));
             hasher.update(&bytes);
-            writer.write_all(&bytes).map_err(|error| DataError::io(&partial, error))?;
+            writer
+                .write_all(&bytes)
+                .map_err(|error| DataError::io(&partial, error))?;
         }
         let mut file = writer
             .into_inner()

@@ -485,7 +485,11 @@ impl ChatTokenizer {
             .is_some_and(|json| json.contains("\"ByteLevel\""));
         if byte_level {
             let table = byte_level_table();
-            if let Some(bytes) = token.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+            if let Some(bytes) = token
+                .chars()
+                .map(|c| table.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+            {
                 return Some(bytes);
             }
         }

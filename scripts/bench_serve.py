@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-import httpx
+import openai
 
 TERMS = ["cruft", "foo", "hack", "kludge", "grok", "daemon", "wizard", "bogus", "frob", "mung",
          "nybble", "elegant", "feature", "glitch", "guru", "hairy"]
@@ -46,17 +46,17 @@ def wait_up(port, seconds=120):
 
 
 async def client(base, model, max_tokens, deadline, index, latencies, tokens):
-    async with httpx.AsyncClient(timeout=600) as http:
-        i = index
-        while time.time() < deadline:
-            body = {"model": model, "temperature": 0, "max_tokens": max_tokens,
-                    "messages": [{"role": "user", "content": f"Explain the jargon term \"{TERMS[i % len(TERMS)]}\"."}]}
-            start = time.perf_counter()
-            response = await http.post(f"{base}/chat/completions", json=body)
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
-            tokens.append(response.json()["usage"]["completion_tokens"])
-            i += 1
+    # The official client, as users call these servers.
+    http = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
+    i = index
+    while time.time() < deadline:
+        messages = [{"role": "user", "content": f"Explain the jargon term \"{TERMS[i % len(TERMS)]}\"."}]
+        start = time.perf_counter()
+        response = await http.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=max_tokens)
+        latencies.append(time.perf_counter() - start)
+        tokens.append(response.usage.completion_tokens)
+        i += 1
 
 
 async def load(base, model, clients, seconds, max_tokens):
@@ -100,8 +100,8 @@ def main():
             wait_up(port)
             base = f"http://127.0.0.1:{port}/v1"
             # One warm-up request, not counted.
-            httpx.post(f"{base}/chat/completions", timeout=600, json={
-                "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+            openai.OpenAI(base_url=base, api_key="none", timeout=600).chat.completions.create(
+                model=alias, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
         for clients in args.clients:
             for name, (_, port) in servers.items():
                 base = f"http://127.0.0.1:{port}/v1"

@@ -356,6 +356,9 @@ pub struct Summary {
     pub block_choice: Vec<(Vec<usize>, f64)>,
     /// Bytes per token of the top-k cache on disk (positions of prompt and padding included).
     pub cache_bytes_per_token: f64,
+    /// Its k: `--top-k`, or the most log-probabilities a served teacher gave at one position.
+    #[serde(default)]
+    pub cache_top_k: usize,
     /// Bytes per token a dense f32 cache would take: 4 × vocabulary.
     pub dense_bytes_per_token: f64,
     /// The distilled student closest to the teacher on validation (KL).
@@ -697,6 +700,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         blocks: ctx.blocks.clone(),
         block_choice,
         cache_bytes_per_token: ctx.cache_bytes.map_or(0.0, |b| b as f64 / cache_tokens.max(1) as f64),
+        cache_top_k: ctx.cache_k(),
         dense_bytes_per_token: (4 * vocab) as f64,
         best_distilled,
         methods,
@@ -1107,6 +1111,14 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// The cache's k: `--top-k`, or what the served log-probabilities gave.
+    fn cache_k(&self) -> usize {
+        match self.cached.map(|cached| cached.cache().header().mode) {
+            Some(CacheMode::TopK { k }) => k,
+            _ => self.options.top_k,
+        }
+    }
+
     fn init(&self, init: Init) -> Result<Llama, Error> {
         let student = match self.given {
             Some(given) => given.clone(),
@@ -1227,8 +1239,9 @@ impl Context<'_> {
             ),
             Method::TopK => (
                 format!(
-                    "white-box: forward KL to a top-{} cache (uniform tail){}",
-                    options.top_k,
+                    "white-box: forward KL to a top-{} {}cache (uniform tail){}",
+                    self.cache_k(),
+                    if options.transfer_set.is_some() { "served " } else { "" },
                     if options.hard_weight > 0.0 {
                         format!(", hard weight {}", options.hard_weight)
                     } else {
@@ -1522,7 +1535,7 @@ fn print_table(summary: &Summary) {
     if summary.cache_bytes_per_token > 0.0 {
         println!(
             "top-{} cache: {:.0} bytes per token against {:.0} for dense f32 ({:.0}x smaller)",
-            summary.options.top_k,
+            summary.cache_top_k,
             summary.cache_bytes_per_token,
             summary.dense_bytes_per_token,
             summary.dense_bytes_per_token / summary.cache_bytes_per_token

@@ -28,7 +28,7 @@ use serde_json::json;
 use crate::api::{ChatResponse, CompletionResponse, ModelList, TokenLogprob, TopLogprob};
 use crate::error::{Result, ServeError};
 use crate::transfer::{
-    Api, Counts, FORMAT_VERSION, PromptSource, ProvenanceCard, RECORDS_FILE, Record, RequestParams,
+    Api, Counts, PromptSource, ProvenanceCard, RECORDS_FILE, Record, RequestParams, TRANSFER_SET_VERSION,
     prompts_fingerprint, read_card, read_records, record_key, write_card,
 };
 
@@ -452,7 +452,7 @@ pub async fn harvest(
     // The card: new, or the saved one when its settings are these.
     let now = now_rfc3339();
     let mut card = ProvenanceCard {
-        format_version: FORMAT_VERSION,
+        format_version: TRANSFER_SET_VERSION,
         teacher_model: model.clone(),
         endpoint: base.to_string(),
         api: options.api,

@@ -35,5 +35,5 @@ pub use server::{ServeOptions, ServerHandle, serve_until_signal, spawn};
 pub use sparse::{SparseTeacher, TokenMap, chat_transcripts};
 pub use transfer::{
     Api, CARD_FILE, Counts, LINEAGE_FILE, Lineage, PromptSource, ProvenanceCard, RECORDS_FILE, Record, RequestParams,
-    TransferSet, prompt_fingerprint, prompts_fingerprint, record_key,
+    TRANSFER_SET_VERSION, TransferSet, prompt_fingerprint, prompts_fingerprint, record_key,
 };

@@ -22,7 +22,7 @@ pub const RECORDS_FILE: &str = "records.jsonl";
 /// The lineage file a student's run directory holds.
 pub const LINEAGE_FILE: &str = "lineage.json";
 /// The version of this layout.
-pub const FORMAT_VERSION: u32 = 1;
+pub const TRANSFER_SET_VERSION: u32 = 1;
 
 /// Which API the answers came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +85,7 @@ pub struct Counts {
 /// Where a transfer set came from and under which terms its answers may be used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProvenanceCard {
-    /// [`FORMAT_VERSION`].
+    /// [`TRANSFER_SET_VERSION`].
     pub format_version: u32,
     /// The teacher's model id, as the server reports it.
     pub teacher_model: String,
@@ -245,11 +245,11 @@ pub(crate) fn read_card(dir: &Path) -> Result<ProvenanceCard> {
     let text = fs::read_to_string(&path).map_err(|e| ServeError::io(&path, e))?;
     let card: ProvenanceCard =
         serde_json::from_str(&text).map_err(|e| ServeError::corrupt(&path, format!("not a provenance card: {e}")))?;
-    if card.format_version != FORMAT_VERSION {
+    if card.format_version != TRANSFER_SET_VERSION {
         return Err(ServeError::corrupt(
             &path,
             format!(
-                "format version {}, this build reads {FORMAT_VERSION}",
+                "format version {}, this build reads {TRANSFER_SET_VERSION}",
                 card.format_version
             ),
         ));

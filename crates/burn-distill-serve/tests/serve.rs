@@ -464,6 +464,31 @@ fn served_top_logprobs_become_a_sparse_teacher_when_the_tokenizers_match_and_are
     assert_eq!(sequence[1].answer, set.records[1].answer);
 }
 
+#[test]
+fn the_api_key_goes_in_the_header_only_and_never_into_the_transfer_set() {
+    // The key is read from the environment variable the options name; HOME stands in for a
+    // key variable (setting one would need `unsafe` in a threaded test).
+    let Ok(key) = std::env::var("HOME") else { return };
+    let mut options = ServeOptions::new(MODEL_ID);
+    options.bearer_token = Some(key.clone());
+    let handle = server(options);
+    let rt = runtime();
+    let mut harvest_options = options_for(&handle.base_url());
+    let out = scratch("harvest-key").join("set");
+    // Without it: 401, refused at once, the key nowhere in the message.
+    let error = rt
+        .block_on(harvest(&prompts(2), None, &out, &harvest_options))
+        .unwrap_err();
+    assert!(matches!(&error, ServeError::Refused { status: 401, .. }), "{error}");
+    harvest_options.api_key_env = "HOME".into();
+    let report = rt.block_on(harvest(&prompts(2), None, &out, &harvest_options)).unwrap();
+    assert_eq!(report.records, 2);
+    for name in ["card.json", "records.jsonl"] {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        assert!(!text.contains(&key), "{name} holds the key");
+    }
+}
+
 /// A server that misbehaves on cue: the first requests get 429 with Retry-After, a 500, a cut
 /// JSON body and a response past the client's timeout; then it answers "answer to <prompt>".
 /// `mode` "oversize" sends bodies over the client's limit, "refuse" a 400, "down" 503 always.

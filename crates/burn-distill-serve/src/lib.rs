@@ -31,7 +31,7 @@ mod transfer;
 
 pub use error::{Result, ServeError};
 pub use harvest::{HarvestOptions, HarvestReport, endpoint_for_card, harvest, harvest_blocking};
-pub use server::{ServeOptions, ServerHandle, serve_until_signal, spawn};
+pub use server::{ServeOptions, ServerHandle, ServerStats, serve_until_signal, spawn};
 pub use sparse::{SparseTeacher, TokenMap, chat_transcripts};
 pub use transfer::{
     Api, CARD_FILE, Counts, LINEAGE_FILE, Lineage, PromptSource, ProvenanceCard, RECORDS_FILE, Record, RequestParams,

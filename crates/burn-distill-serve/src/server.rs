@@ -123,9 +123,35 @@ struct Shared {
     created: u64,
 }
 
+/// What the worker has done: decodes run and rows decoded (their ratio is the mean batch).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    decodes: AtomicU64,
+    rows: AtomicU64,
+}
+
+impl ServerStats {
+    /// Batches decoded.
+    pub fn decodes(&self) -> u64 {
+        self.decodes.load(Ordering::Relaxed)
+    }
+
+    /// Rows (prompt × sample) decoded, over all batches.
+    pub fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+}
+
 /// The router of a server for `model` (the worker thread starts now and ends when the router
 /// and every clone of it are dropped).
 pub fn router(model: Llama, tokenizer: ChatTokenizer, options: ServeOptions) -> Router {
+    router_with_stats(model, tokenizer, options).0
+}
+
+/// [`router`], with the worker's [`ServerStats`].
+pub fn router_with_stats(model: Llama, tokenizer: ChatTokenizer, options: ServeOptions) -> (Router, Arc<ServerStats>) {
+    let stats = Arc::new(ServerStats::default());
+    let worker_stats = Arc::clone(&stats);
     let tokenizer = Arc::new(tokenizer);
     let (jobs, queue) = std::sync::mpsc::sync_channel(options.queue.max(1));
     let context = model.config().max_position_embeddings;
@@ -133,7 +159,7 @@ pub fn router(model: Llama, tokenizer: ChatTokenizer, options: ServeOptions) -> 
     let (max_batch, window) = (options.max_batch.max(1), options.batch_window);
     std::thread::Builder::new()
         .name("burn-distill-serve worker".into())
-        .spawn(move || worker(&model, &worker_tokenizer, &queue, max_batch, window))
+        .spawn(move || worker(&model, &worker_tokenizer, &queue, max_batch, window, &worker_stats))
         .expect("the worker thread starts");
     let body_limit = options.max_body_bytes;
     let shared = Arc::new(Shared {
@@ -144,13 +170,14 @@ pub fn router(model: Llama, tokenizer: ChatTokenizer, options: ServeOptions) -> 
         next_id: AtomicU64::new(0),
         created: unix_seconds(),
     });
-    Router::new()
+    let router = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", None, None, "no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(shared)
+        .with_state(shared);
+    (router, stats)
 }
 
 /// Serves `model` on `listener` until `shutdown` completes.
@@ -220,7 +247,7 @@ pub fn spawn(
     let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = router(model, tokenizer, options);
+    let (app, stats) = router_with_stats(model, tokenizer, options);
     runtime.spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -232,6 +259,7 @@ pub fn spawn(
         addr,
         stop: Some(stop),
         runtime: Some(runtime),
+        stats,
     })
 }
 
@@ -241,9 +269,15 @@ pub struct ServerHandle {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    stats: Arc<ServerStats>,
 }
 
 impl ServerHandle {
+    /// What its worker has done.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -902,7 +936,14 @@ fn sse(
 }
 
 /// The worker: waits for rows, gathers a batch, decodes it, repeats until every sender is gone.
-fn worker(model: &Llama, tokenizer: &ChatTokenizer, queue: &Receiver<Job>, max_batch: usize, window: Duration) {
+fn worker(
+    model: &Llama,
+    tokenizer: &ChatTokenizer,
+    queue: &Receiver<Job>,
+    max_batch: usize,
+    window: Duration,
+    stats: &ServerStats,
+) {
     let vocab = tokenizer.vocab_size().max(model.config().vocab_size);
     let bytes: Vec<Vec<u8>> = (0..vocab as u32)
         .map(|id| tokenizer.token_bytes(id).unwrap_or_default())
@@ -936,6 +977,8 @@ fn worker(model: &Llama, tokenizer: &ChatTokenizer, queue: &Receiver<Job>, max_b
         // Rows whose client has gone are dropped before any work.
         let batch: Vec<Job> = batch.into_iter().filter(|job| !job.events.is_closed()).collect();
         if !batch.is_empty() {
+            stats.decodes.fetch_add(1, Ordering::Relaxed);
+            stats.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
             decode(model, tokenizer, &bytes, batch);
         }
     }

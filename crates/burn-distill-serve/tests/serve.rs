@@ -196,6 +196,82 @@ fn our_server_answers_what_in_process_generation_gives_with_logprobs_and_streami
     });
 }
 
+#[test]
+fn concurrent_requests_are_decoded_in_one_batch_with_the_answers_of_each_alone() {
+    let mut options = ServeOptions::new(MODEL_ID);
+    options.batch_window = Duration::from_secs(1);
+    let handle = server(options);
+    let (model, tokenizer) = tiny();
+    // Prompts of one length: no padding, so batched greedy answers are exactly those alone.
+    let questions: Vec<Vec<ChatMessage>> = (1..=4)
+        .map(|i| vec![ChatMessage::user(format!("Tell me about the number {i}."))])
+        .collect();
+    let lengths: Vec<usize> = questions
+        .iter()
+        .map(|q| tokenizer.encode_chat(q, true).unwrap().len())
+        .collect();
+    assert!(lengths.windows(2).all(|w| w[0] == w[1]), "{lengths:?}");
+    let url = format!("{}/chat/completions", handle.base_url());
+    let answers = runtime().block_on(async {
+        let requests = questions.iter().map(|question| {
+            let body = json!({"model": MODEL_ID, "messages": question, "temperature": 0, "max_tokens": 8});
+            let url = url.clone();
+            async move { post(&url, None, &body).await }
+        });
+        futures_util::future::join_all(requests).await
+    });
+    assert_eq!(
+        (handle.stats().decodes(), handle.stats().rows()),
+        (1, 4),
+        "one decode of 4 rows"
+    );
+    for (question, (status, answer)) in questions.iter().zip(answers) {
+        assert_eq!(status, 200, "{answer}");
+        let (alone, _) = model
+            .chat(
+                &tokenizer,
+                std::slice::from_ref(question),
+                &GenerateOptions::greedy(8),
+                &[],
+                |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], alone[0].text.as_str());
+    }
+}
+
+#[test]
+fn the_completions_api_harvests_text_prompts_and_refuses_conversations() {
+    let handle = server(ServeOptions::new(MODEL_ID));
+    let rt = runtime();
+    let mut options = options_for(&handle.base_url());
+    options.api = burn_distill_serve::Api::Completions;
+    options.top_logprobs = Some(2);
+    options.samples = 2;
+    let out = scratch("harvest-completions").join("set");
+    let report = rt.block_on(harvest(&prompts(3), None, &out, &options)).unwrap();
+    assert_eq!((report.records, report.complete), (6, true));
+    let set = TransferSet::open(&out).unwrap();
+    for record in &set.records {
+        let tokens = record.tokens.as_ref().unwrap();
+        assert!(!tokens.is_empty() && tokens.iter().all(|t| t.top_logprobs.len() <= 2 && t.logprob <= 0.0));
+    }
+    let mut conversation = prompts(1);
+    conversation[0].messages.insert(0, ChatMessage::system("Be brief."));
+    let error = rt
+        .block_on(harvest(
+            &conversation,
+            None,
+            &scratch("harvest-conversation").join("set"),
+            &options,
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(&error, ServeError::Option { option, .. } if option == "--api completions"),
+        "{error}"
+    );
+}
+
 /// The last position's logits of a full forward over `tokens`.
 fn last_logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
     use burn::tensor::{Int, Tensor, TensorData};

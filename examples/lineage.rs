@@ -24,6 +24,14 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !args.run_dir.join(burn_distill::serve::LINEAGE_FILE).exists() {
+        eprintln!(
+            "error: {} has no {}: it was not trained on a harvested transfer set (distill_chat --transfer-set writes one)",
+            args.run_dir.display(),
+            burn_distill::serve::LINEAGE_FILE
+        );
+        return ExitCode::FAILURE;
+    }
     report::exit(
         Lineage::read(&args.run_dir)
             .map(|lineage| {

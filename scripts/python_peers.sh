@@ -24,7 +24,9 @@ rm -rf "$venv"
 mkdir -p "$cache"
 echo "making $venv (${packages[*]}; llama.cpp compiles from source)" >&2
 python3 -m venv "$venv" >&2
+# No pip cache: pip keys a wheel it built by the package's version, not by CMAKE_ARGS, so a
+# cached one may have been built with other flags.
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" CMAKE_ARGS="$cmake_args" \
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "${packages[@]}" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "${packages[@]}" >&2
 echo "$stamp" > "$venv/stamp"
 echo "$venv"

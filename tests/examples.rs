@@ -691,6 +691,27 @@ fn the_chat_pipeline_distils_from_a_harvested_transfer_set_and_records_its_linea
         .filter_map(Result::ok)
         .any(|e| e.file_name().to_string_lossy().starts_with("teacher-served-top"));
     assert!(cached, "the served log-probabilities became the top-k cache");
+    // The best distilled student, exported with the teacher's tokenizer, is served in turn.
+    let best = load_model(run_dir.join("best-hf"), &device.device).unwrap();
+    assert_eq!(best.model.config().num_hidden_layers, 1);
+    let student_server = spawn(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        best.model,
+        best.tokenizer,
+        ServeOptions::new("tiny-student"),
+    )
+    .unwrap();
+    let mut ask_student = HarvestOptions::new(student_server.base_url(), "MIT, test student");
+    ask_student.api_key_env = "BURN_DISTILL_TEST_NO_KEY".into();
+    ask_student.max_tokens = 4;
+    let report = harvest_blocking(
+        &train[..2],
+        None,
+        &burn_distill_testing::scratch("student-set"),
+        &ask_student,
+    )
+    .unwrap();
+    assert_eq!((report.records, report.model.as_str()), (2, "tiny-student"));
 
     // A set that answers a validation prompt is refused before any training.
     let leaky = burn_distill_testing::scratch("served-set-leaky");

@@ -21,7 +21,8 @@ use burn_distill::data::{
 };
 use burn_distill::loss::{Divergence, DivergenceLossConfig, SparseKlLossConfig, TailPolicy, device_by_name};
 use burn_distill::model::llm::{
-    ChatTokenizer, GenerateOptions, Llama, LoadedModel, SMOLLM2_FILE, VocabularyMatch, load_model, smollm2_cache_path,
+    ChatTokenizer, GenerateOptions, Llama, LoadedModel, SMOLLM2_FILE, VocabularyMatch, export_hf, load_model,
+    smollm2_cache_path,
 };
 use burn_distill::model::{
     Fingerprint, FrozenTeacher, SamplingConfig, Teacher, init_seeded, load_weights, save_weights,
@@ -684,6 +685,16 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         .min_by(|a, b| a.1.valid_kl.total_cmp(&b.1.valid_kl))
         .map(|(name, _)| name.clone())
         .unwrap_or_default();
+    // The best distilled student as a Hugging Face directory with the teacher's tokenizer and
+    // chat template: what `serve --model` (and transformers) read.
+    if !best_distilled.is_empty() {
+        let weights = options.run_dir.join(&best_distilled).join("final.bpk");
+        let student = load_weights(ctx.init(first)?, &weights)
+            .map_err(|e| format!("the {best_distilled} student {}: {e}", weights.display()))?;
+        let dir = options.run_dir.join("best-hf");
+        export_hf(&student, &dir)?;
+        tokenizer.save(&dir)?;
+    }
     // The cache holds every sequence padded to the longest.
     let cache_tokens = data.train.len() * max_len(&data.train);
     let summary = Summary {
@@ -717,10 +728,12 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     if options.progress {
         print_table(&summary);
         println!(
-            "wrote {}, {}, {} and a metrics.jsonl per method",
+            "wrote {}, {}, {}, a metrics.jsonl per method, and the best student ({}) in {}",
             options.run_dir.join("summary.json").display(),
             options.run_dir.join("valid-kl.png").display(),
-            options.run_dir.join("samples.md").display()
+            options.run_dir.join("samples.md").display(),
+            summary.best_distilled,
+            options.run_dir.join("best-hf").display()
         );
     }
     Ok(summary)

@@ -944,10 +944,8 @@ fn worker(
     window: Duration,
     stats: &ServerStats,
 ) {
-    let vocab = tokenizer.vocab_size().max(model.config().vocab_size);
-    let bytes: Vec<Vec<u8>> = (0..vocab as u32)
-        .map(|id| tokenizer.token_bytes(id).unwrap_or_default())
-        .collect();
+    // Ids past the tokenizer's (a padded head) have no bytes: empty.
+    let bytes = tokenizer.vocabulary_bytes();
     let mut waiting: Vec<Job> = Vec::new();
     loop {
         if waiting.is_empty() {

@@ -70,10 +70,8 @@ impl TokenMap {
         }
         let mut by_bytes = HashMap::new();
         let mut by_text = HashMap::new();
-        for id in 0..tokenizer.vocab_size() as u32 {
-            let Some(bytes) = tokenizer.token_bytes(id) else {
-                continue;
-            };
+        for (id, bytes) in tokenizer.vocabulary_bytes().into_iter().enumerate() {
+            let id = id as u32;
             for text in text_forms(&bytes) {
                 insert(&mut by_text, text, id);
             }

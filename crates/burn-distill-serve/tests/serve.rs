@@ -187,7 +187,7 @@ fn our_server_answers_what_in_process_generation_gives_with_logprobs_and_streami
                 .zip(logprobs["top_logprobs"].as_array().unwrap())
             {
                 assert!(value.as_f64().unwrap() <= 0.0);
-                assert_eq!(top.as_object().unwrap().len().min(2), top.as_object().unwrap().len());
+                assert!(top.as_object().unwrap().len() <= 2, "{top}");
             }
         }
         assert_eq!(answer["usage"]["completion_tokens"], completion_tokens);

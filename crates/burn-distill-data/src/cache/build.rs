@@ -301,24 +301,7 @@ where
     }
 
     let header = header.expect("at least one batch was written");
-    let mut file = writer
-        .expect("set with the header")
-        .into_inner()
-        .map_err(|error| DataError::io(&partial, error.into_error()))?;
-    let trailer = Trailer {
-        examples: examples as u64,
-        records_hash: hasher.digest128(),
-        header_hash: xxh3_128(&header.encode()),
-    };
-    file.write_all(&trailer.encode())
-        .and_then(|()| file.sync_all())
-        .map_err(|error| DataError::io(&partial, error))?;
-    drop(file);
-    std::fs::rename(&partial, path).map_err(|error| DataError::io(path, error))?;
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        // Make the rename durable; not every platform can open a directory, hence best effort.
-        let _ = File::open(dir).and_then(|dir| dir.sync_all());
-    }
+    seal(writer.expect("set with the header"), &header, &hasher, &partial, path)?;
     bar.finish_and_clear();
     Ok(CacheReport {
         path: path.to_path_buf(),
@@ -417,6 +400,29 @@ fn encode_batch(
         }
     }
     Ok(bytes)
+}
+
+/// Ends a cache file: the trailer (record count, records' and header's hashes), a sync, the
+/// rename from `partial` to `path`, and a best-effort sync of the directory.
+fn seal(writer: BufWriter<File>, header: &CacheHeader, hasher: &Xxh3, partial: &Path, path: &Path) -> Result<()> {
+    let mut file = writer
+        .into_inner()
+        .map_err(|error| DataError::io(partial, error.into_error()))?;
+    let trailer = Trailer {
+        examples: header.examples as u64,
+        records_hash: hasher.digest128(),
+        header_hash: xxh3_128(&header.encode()),
+    };
+    file.write_all(&trailer.encode())
+        .and_then(|()| file.sync_all())
+        .map_err(|error| DataError::io(partial, error))?;
+    drop(file);
+    std::fs::rename(partial, path).map_err(|error| DataError::io(path, error))?;
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        // Make the rename durable; not every platform can open a directory, hence best effort.
+        let _ = File::open(dir).and_then(|dir| dir.sync_all());
+    }
+    Ok(())
 }
 
 struct ResumeState {
@@ -571,23 +577,12 @@ where
                 .write_all(&bytes)
                 .map_err(|error| DataError::io(&partial, error))?;
         }
-        let mut file = writer
-            .into_inner()
-            .map_err(|error| DataError::io(&partial, error.into_error()))?;
-        let trailer = Trailer {
-            examples: examples as u64,
-            records_hash: hasher.digest128(),
-            header_hash: xxh3_128(&header.encode()),
-        };
-        file.write_all(&trailer.encode())
-            .and_then(|()| file.sync_all())
-            .map_err(|error| DataError::io(&partial, error))
+        seal(writer, &header, &hasher, &partial, path)
     };
     if let Err(error) = write() {
         let _ = std::fs::remove_file(&partial);
         return Err(error);
     }
-    std::fs::rename(&partial, path).map_err(|error| DataError::io(path, error))?;
     Ok(CacheReport {
         path: path.to_path_buf(),
         examples,

@@ -475,32 +475,55 @@ impl ChatTokenizer {
     /// tokens (`<|im_end|>`) are their text. `None` for an id outside the vocabulary.
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         let token = self.tokenizer.id_to_token(id)?;
-        if self.tokenizer.get_added_tokens_decoder().contains_key(&id) {
-            return Some(token.into_bytes());
-        }
-        let byte_level = self
-            .tokenizer
+        let added = self.tokenizer.get_added_tokens_decoder().contains_key(&id);
+        Some(spelled_bytes(token, added, self.is_byte_level()))
+    }
+
+    /// [`ChatTokenizer::token_bytes`] of every id, in order (an id without a token is empty):
+    /// the table a server or a token map builds once.
+    pub fn vocabulary_bytes(&self) -> Vec<Vec<u8>> {
+        let added = self.tokenizer.get_added_tokens_decoder();
+        let byte_level = self.is_byte_level();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                self.tokenizer.id_to_token(id).map_or_else(Vec::new, |token| {
+                    spelled_bytes(token, added.contains_key(&id), byte_level)
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the decoder maps characters back to bytes (GPT-2's byte-level BPE).
+    fn is_byte_level(&self) -> bool {
+        self.tokenizer
             .get_decoder()
             .and_then(|decoder| serde_json::to_string(decoder).ok())
-            .is_some_and(|json| json.contains("\"ByteLevel\""));
-        if byte_level {
-            let table = byte_level_table();
-            if let Some(bytes) = token
-                .chars()
-                .map(|c| table.get(&c).copied())
-                .collect::<Option<Vec<u8>>>()
-            {
-                return Some(bytes);
-            }
-        }
-        if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
-            && hex.len() == 2
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            return Some(vec![byte]);
-        }
-        Some(token.replace('\u{2581}', " ").into_bytes())
+            .is_some_and(|json| json.contains("\"ByteLevel\""))
     }
+}
+
+/// The bytes a vocabulary entry stands for (see [`ChatTokenizer::token_bytes`]).
+fn spelled_bytes(token: String, added: bool, byte_level: bool) -> Vec<u8> {
+    if added {
+        return token.into_bytes();
+    }
+    if byte_level {
+        let table = byte_level_table();
+        if let Some(bytes) = token
+            .chars()
+            .map(|c| table.get(&c).copied())
+            .collect::<Option<Vec<u8>>>()
+        {
+            return bytes;
+        }
+    }
+    if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+        && hex.len() == 2
+        && let Ok(byte) = u8::from_str_radix(hex, 16)
+    {
+        return vec![byte];
+    }
+    token.replace('\u{2581}', " ").into_bytes()
 }
 
 /// GPT-2's byte-level alphabet backwards: the character each byte is written as, to the byte.

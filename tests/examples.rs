@@ -741,3 +741,224 @@ fn the_chat_pipeline_distils_from_a_harvested_transfer_set_and_records_its_linea
     assert!(error.to_string().contains("validation or test"), "{error}");
     assert!(!leak_run.join("sft").exists());
 }
+
+/// A teacher hosted by `burn-distill-device-server` in another process, over WebSocket on
+/// loopback: it teaches as the same teacher in this process does, and when its server is
+/// killed in the middle of an epoch the run stops with an error naming the teacher's device,
+/// then resumes from its last checkpoint once the server is back, ending as the run that was
+/// never interrupted.
+mod remote_teacher {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use burn::module::Module;
+    use burn::remote::RemoteHost;
+    use burn::tensor::{Device, Tensor};
+    use burn_distill::data::{ImageBatcher, MnistDataset, MnistSplit, Subset};
+    use burn_distill::model::{
+        FrozenTeacher, Mlp, MlpConfig, ModelError, Teacher, TeacherOn, TeacherOutput, init_seeded,
+    };
+    use burn_distill::train::{DistillConfig, Distiller, FitData, ObjectiveConfig, OptimizerConfig, TrainError};
+
+    /// A device server process; killed when dropped.
+    struct DeviceServer {
+        child: Child,
+        address: String,
+    }
+
+    impl DeviceServer {
+        /// Starts one on `listen` (`127.0.0.1:0`: a free port) and waits for its address.
+        fn start(listen: &str) -> Self {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_burn-distill-device-server"))
+                .args(["--listen", listen, "--devices", "flex"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("the device server starts");
+            let stdout = child.stdout.take().unwrap();
+            let (sender, receiver) = std::sync::mpsc::channel();
+            // The first line is the address; the rest (burn-remote's log) is drained, so that
+            // the server never writes into a closed pipe.
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                let first = lines.next().and_then(|line| line.ok()).unwrap_or_default();
+                let _ = sender.send(first);
+                lines.for_each(drop);
+            });
+            let line = receiver
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the device server says where it listens within a minute");
+            let address = line
+                .strip_prefix("listening on ws://")
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+                .to_string();
+            assert!(address.starts_with("127.0.0.1:"), "{address}");
+            Self { child, address }
+        }
+
+        fn device(&self) -> Device {
+            Device::remote_options(&RemoteHost::websocket(&format!("ws://{}", self.address)))
+                .init()
+                .expect("the device server accepts a session")
+        }
+
+        fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for DeviceServer {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    /// The teacher, killing its server on the `kill_at`-th batch: a machine lost mid-epoch.
+    struct LosesItsServer<'s> {
+        teacher: TeacherOn<FrozenTeacher<Mlp>>,
+        calls: AtomicUsize,
+        kill_at: usize,
+        server: &'s Mutex<DeviceServer>,
+    }
+
+    impl Teacher<Tensor<2>, 2> for LosesItsServer<'_> {
+        fn teach(&self, input: Tensor<2>, taps: &[&str]) -> burn_distill::model::Result<TeacherOutput<2>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.kill_at {
+                self.server.lock().unwrap().kill();
+            }
+            self.teacher.teach(input, taps)
+        }
+
+        fn num_classes(&self) -> usize {
+            10
+        }
+
+        fn fingerprint(&self) -> Option<burn_distill::model::Fingerprint> {
+            Teacher::<Tensor<2>, 2>::fingerprint(&self.teacher)
+        }
+    }
+
+    fn config() -> DistillConfig {
+        let objective = ObjectiveConfig::Hinton(
+            burn_distill::loss::HintonKdLossConfig::new()
+                .with_temperature(4.0)
+                .with_alpha(0.5),
+        );
+        DistillConfig::new(
+            3,
+            OptimizerConfig::Sgd(burn::optim::SgdConfig::new()),
+            burn::optim::lr_scheduler::LrSchedulerConfig::Constant(0.1),
+            objective,
+        )
+        .with_batch_size(64)
+        .with_seed(7)
+    }
+
+    fn probe(student: &Mlp, images: Tensor<2>) -> Vec<f32> {
+        student.valid().forward(images).into_data().iter::<f32>().collect()
+    }
+
+    #[test]
+    fn a_teacher_behind_a_device_server_teaches_as_a_local_one_and_a_lost_server_is_resumed_from() {
+        let _serial = super::serial();
+        let device = Device::flex().autodiff();
+        let train = Subset::new(
+            MnistDataset::load_default(MnistSplit::Train).unwrap(),
+            (0..256).collect(),
+        );
+        let batcher = ImageBatcher::new();
+        let teacher = init_seeded(3, &device, |d| MlpConfig::hinton_teacher().init(d)).valid();
+        let student = || init_seeded(4, &device, |d| MlpConfig::hinton_student().init(d));
+        let images: Tensor<2> = {
+            use burn::data::dataloader::batcher::Batcher;
+            use burn::data::dataset::Dataset;
+            let items = (0..16).map(|i| train.get(i).unwrap()).collect();
+            Batcher::batch(&batcher, items, &Device::flex()).images
+        };
+
+        // The same run with the teacher here and with the teacher in the server process.
+        let local_teacher = FrozenTeacher::new(&teacher);
+        let local = Distiller::new(config(), burn_distill_testing::scratch("remote-local"))
+            .with_teacher(&local_teacher)
+            .fit(student(), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        let server = Mutex::new(DeviceServer::start("127.0.0.1:0"));
+        let address = server.lock().unwrap().address.clone();
+        let remote_device = server.lock().unwrap().device();
+        let remote_teacher = TeacherOn::new(
+            FrozenTeacher::new(&teacher.clone().to_device(&remote_device)),
+            remote_device,
+        );
+        let remote = Distiller::new(config(), burn_distill_testing::scratch("remote-served"))
+            .with_teacher(&remote_teacher)
+            .fit(student(), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        for (here, there) in local.records.iter().zip(&remote.records) {
+            assert!(
+                (here.train.loss - there.train.loss).abs() <= 1e-6 * here.train.loss.abs().max(1.0),
+                "epoch {}: local {} vs remote {}",
+                here.epoch,
+                here.train.loss,
+                there.train.loss
+            );
+        }
+        assert_eq!(remote.records.len(), 3);
+        let expected = probe(&local.student, images.clone());
+
+        // The server dies on the 6th batch: epoch 2 (4 batches an epoch), its 2nd step.
+        let run_dir = burn_distill_testing::scratch("remote-killed");
+        let remote_device = server.lock().unwrap().device();
+        let dying = LosesItsServer {
+            teacher: TeacherOn::new(
+                FrozenTeacher::new(&teacher.clone().to_device(&remote_device)),
+                remote_device,
+            ),
+            calls: AtomicUsize::new(0),
+            kill_at: 6,
+            server: &server,
+        };
+        let error = Distiller::new(config(), &run_dir)
+            .with_teacher(&dying)
+            .fit(student(), FitData::new(&train, &batcher), &device)
+            .unwrap_err();
+        match &error {
+            TrainError::Model(ModelError::TeacherDevice { .. }) => {}
+            other => panic!("expected the teacher's device to fail, got {other:?}"),
+        }
+        assert!(error.to_string().contains("the teacher's device"), "{error}");
+        assert!(
+            run_dir.join("checkpoints").join("epoch-0001").is_dir(),
+            "epoch 1 was checkpointed"
+        );
+        assert!(!run_dir.join("checkpoints").join("epoch-0002").exists());
+
+        // The server comes back; the run resumes from epoch 1 and ends as the uninterrupted
+        // one. burn-remote keeps a process's session to an address for the life of the
+        // process, dead or not, so within this test the server comes back on another port; a
+        // user's new training process reaches it at the old one.
+        let back = DeviceServer::start("127.0.0.1:0");
+        assert_ne!(back.address, address);
+        let device_back = back.device();
+        let teacher_back = TeacherOn::new(
+            FrozenTeacher::new(&teacher.clone().to_device(&device_back)),
+            device_back,
+        );
+        let resumed = Distiller::resume(&run_dir)
+            .unwrap()
+            .with_teacher(&teacher_back)
+            .fit(student(), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        assert_eq!(resumed.records.len(), 3);
+        let gap = probe(&resumed.student, images)
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(gap < 1e-5, "the resumed run drifted by {gap}");
+    }
+}

@@ -1,10 +1,10 @@
 //! The `Teacher` and `Student` traits and the adapters that turn burn modules into them.
 
 use burn::module::Module;
-use burn::tensor::Tensor;
 use burn::tensor::kind::Autodiff;
+use burn::tensor::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::fingerprint::Fingerprint;
 use crate::output::{Features, StudentHidden, StudentOutput, TeacherOutput, select_taps};
 
@@ -144,17 +144,138 @@ where
 pub trait TeacherInput {
     /// The same input without autodiff.
     fn without_autodiff(self) -> Self;
+
+    /// The same input on `device` (a [`TeacherOn`] moves its inputs to the teacher's device).
+    fn to_device(self, device: &Device) -> Self;
+
+    /// The device the input lives on.
+    fn device(&self) -> Device;
 }
 
 impl<const D: usize, K: Autodiff> TeacherInput for Tensor<D, K> {
     fn without_autodiff(self) -> Self {
         Tensor::without_autodiff(self)
     }
+
+    fn to_device(self, device: &Device) -> Self {
+        Tensor::to_device(self, device)
+    }
+
+    fn device(&self) -> Device {
+        Tensor::device(self)
+    }
 }
 
 impl<A: TeacherInput, B: TeacherInput> TeacherInput for (A, B) {
     fn without_autodiff(self) -> Self {
         (self.0.without_autodiff(), self.1.without_autodiff())
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        (self.0.to_device(device), self.1.to_device(device))
+    }
+
+    fn device(&self) -> Device {
+        self.0.device()
+    }
+}
+
+/// A teacher that lives on a device of its own: another GPU, or a device hosted by a
+/// burn-remote server in another process or on another machine
+/// (`Device::remote_options(&RemoteHost::websocket("ws://gpu:3000")).init()`).
+///
+/// Each call moves the input (without autodiff) to the teacher's device and the outputs back
+/// to the input's device, so the student and its loss stay where they are. A failure on the
+/// teacher's device (a remote server that went away, a lost GPU) is returned as
+/// [`ModelError::TeacherDevice`], naming the device, instead of unwinding through the training
+/// loop: the loop stops with that error and its last checkpoint, from which the run resumes.
+///
+/// ```no_run
+/// # use burn::tensor::Device;
+/// # use burn_distill_model::{FrozenTeacher, Mlp, MlpConfig, TeacherOn};
+/// let teacher_device = Device::flex(); // or a remote device
+/// let teacher = MlpConfig::new(784, vec![1200, 1200], 10).init(&teacher_device);
+/// let teacher = TeacherOn::new(FrozenTeacher::new(&teacher), teacher_device);
+/// ```
+#[derive(Debug, Clone)]
+pub struct TeacherOn<T> {
+    teacher: T,
+    device: Device,
+}
+
+impl<T> TeacherOn<T> {
+    /// `teacher`, whose weights live on `device`.
+    pub fn new(teacher: T, device: Device) -> Self {
+        Self { teacher, device }
+    }
+
+    /// The teacher's device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The wrapped teacher.
+    pub fn inner(&self) -> &T {
+        &self.teacher
+    }
+
+    fn run<I: TeacherInput, const D: usize>(
+        &self,
+        input: I,
+        teach: impl FnOnce(I) -> Result<TeacherOutput<D>>,
+    ) -> Result<TeacherOutput<D>> {
+        let home = input.device();
+        let device = self.device.clone();
+        // A remote device whose server is gone panics inside burn; the panic stops at this
+        // boundary and becomes an error that names the device.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let output = teach(input.without_autodiff().to_device(&device))?;
+            let output = output.to_device(&home);
+            // Reading the logits here surfaces a failed transfer now, inside this boundary,
+            // rather than at the loss's first read.
+            home.sync().map_err(|err| ModelError::TeacherDevice {
+                device: format!("{device:?}"),
+                message: err.to_string(),
+            })?;
+            Ok(output)
+        }));
+        outcome.unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the teacher's device failed".to_string());
+            Err(ModelError::TeacherDevice {
+                device: format!("{:?}", self.device),
+                message,
+            })
+        })
+    }
+}
+
+impl<T, I, const D: usize> Teacher<I, D> for TeacherOn<T>
+where
+    T: Teacher<I, D>,
+    I: TeacherInput,
+{
+    fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>> {
+        self.run(input, |input| self.teacher.teach(input, taps))
+    }
+
+    fn teach_examples(&self, input: I, indices: &[usize], taps: &[&str]) -> Result<TeacherOutput<D>> {
+        self.run(input, |input| self.teacher.teach_examples(input, indices, taps))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.teacher.num_classes()
+    }
+
+    fn needs_indices(&self) -> bool {
+        self.teacher.needs_indices()
+    }
+
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        self.teacher.fingerprint()
     }
 }
 

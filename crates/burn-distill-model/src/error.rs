@@ -27,6 +27,15 @@ pub enum ModelError {
         /// What is wrong.
         reason: String,
     },
+    /// A teacher placed on a device of its own ([`TeacherOn`](crate::TeacherOn)) failed there:
+    /// a remote server that went away, a lost GPU.
+    #[error("the teacher's device {device} failed: {message}")]
+    TeacherDevice {
+        /// The device, as burn names it.
+        device: String,
+        /// What burn reported.
+        message: String,
+    },
     /// A feature has a shape the connector cannot take.
     #[error("{what}: expected {expected}, got shape {actual:?}")]
     FeatureShape {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::{ModelError, Result};
 
@@ -41,6 +41,15 @@ impl Feature {
             Feature::Vector(t) => Feature::Vector(t.without_autodiff()),
             Feature::Sequence(t) => Feature::Sequence(t.without_autodiff()),
             Feature::Map(t) => Feature::Map(t.without_autodiff()),
+        }
+    }
+
+    /// The same feature on `device`.
+    pub fn to_device(self, device: &Device) -> Self {
+        match self {
+            Feature::Vector(t) => Feature::Vector(t.to_device(device)),
+            Feature::Sequence(t) => Feature::Sequence(t.to_device(device)),
+            Feature::Map(t) => Feature::Map(t.to_device(device)),
         }
     }
 }
@@ -117,6 +126,21 @@ impl<const D: usize> TeacherOutput<D> {
     /// The requested features.
     pub fn features(&self) -> &Features {
         &self.features
+    }
+
+    /// The same output on `device`.
+    pub fn to_device(self, device: &Device) -> Self {
+        Self {
+            logits: self.logits.to_device(device),
+            features: self
+                .features
+                .into_iter()
+                .map(|(name, feature)| (name, feature.to_device(device)))
+                .collect(),
+            top_k: self
+                .top_k
+                .map(|(indices, values)| (indices.to_device(device), values.to_device(device))),
+        }
     }
 
     /// Logits and features, by value.

@@ -17,9 +17,10 @@ use crate::checkpoint::{Checkpointer, Session};
 use crate::config::DistillConfig;
 use crate::constraint::apply_max_norm;
 use crate::error::{Result, TrainError};
-use crate::metrics::{EvalMetrics, evaluate, flatten_indices, flatten_logits};
-use crate::objective::{BuiltinObjective, Objective, ObjectiveInput, TeacherLogits, feature_loss, valid_positions};
+use crate::metrics::{EvalMetrics, evaluate};
+use crate::objective::{BuiltinObjective, Objective, valid_positions};
 use crate::run::{CheckpointState, EpochRecord, RunDir, RunStatus, RunSummary, TrainStats, read_json, write_json};
+use crate::step::{LossTerms, StepCounts, batch_loss};
 use crate::stopping::EarlyStopping;
 
 /// The student with the connectors of its feature terms: what the optimizer trains and a
@@ -113,35 +114,10 @@ impl<'d, S, V, Bt> FitData<'d, S, V, Bt> {
     }
 }
 
-/// The objective and the taps a run's steps read, fixed for the run.
+/// The objective and the feature terms, fixed for the run.
 struct Terms<'o> {
     objective: &'o dyn Objective,
-    teacher_taps: Vec<&'o str>,
-    student_taps: Vec<&'o str>,
-    /// For each feature term, the index of its connector (terms without one have `None`).
-    connector_of: Vec<Option<usize>>,
-}
-
-impl<'o> Terms<'o> {
-    fn new(config: &'o DistillConfig, objective: &'o dyn Objective) -> Self {
-        let mut next = 0;
-        let connector_of = config
-            .features
-            .iter()
-            .map(|term| {
-                term.connector.as_ref().map(|_| {
-                    next += 1;
-                    next - 1
-                })
-            })
-            .collect();
-        Self {
-            objective,
-            teacher_taps: config.features.iter().map(|term| term.teacher_tap.as_str()).collect(),
-            student_taps: config.features.iter().map(|term| term.student_tap.as_str()).collect(),
-            connector_of,
-        }
-    }
+    loss: LossTerms,
 }
 
 /// One micro-batch, its mask of valid targets and their count.
@@ -149,13 +125,6 @@ struct MicroBatch<B> {
     batch: B,
     mask: Option<Tensor<1, Bool>>,
     valid: usize,
-}
-
-/// What a step's terms are normalised by: its valid positions and examples.
-#[derive(Clone, Copy)]
-struct StepCounts {
-    positions: usize,
-    examples: usize,
 }
 
 /// The running epoch: its number, micro-steps so far, totals and progress bar.
@@ -359,7 +328,10 @@ where
         let _flush_denormals = self.flush_denormals.then(crate::FlushDenormals::enable_with_pool);
         let checkpointer = Checkpointer::new(&self.dir, config.keep_checkpoints);
         let mut session = self.start(student, data.train.fingerprint(), &checkpointer, device)?;
-        let terms = Terms::new(config, objective);
+        let terms = Terms {
+            objective,
+            loss: LossTerms::new(config),
+        };
         let stopping = EarlyStopping::new(config);
         let mut status = RunStatus::Completed;
         for epoch in session.state.epoch + 1..=config.epochs {
@@ -585,84 +557,19 @@ where
         B: Batch<Input = I>,
     {
         let MicroBatch { batch, mask, valid } = micro;
-        let input = batch.input();
-        let teacher_output = match self.teacher {
-            Some(teacher) => {
-                let start = Instant::now();
-                let output = teacher.teach_examples(input.clone(), batch.indices(), &terms.teacher_taps)?;
-                epoch.totals.teacher_seconds += start.elapsed().as_secs_f64();
-                Some(output)
-            }
-            None => None,
-        };
-        // Objectives that take a head get the hidden states of students that give them: the
-        // loss then runs chunk by chunk, without the [positions, vocab] logits.
-        let hidden = if terms.objective.takes_head() {
-            session.trainee.student.learn_hidden(input.clone(), &terms.student_taps)
-        } else {
-            None
-        };
-        let (student_rows, student_dims, head, student_features) = match hidden {
-            Some(hidden) => {
-                let hidden = hidden?;
-                let dims = hidden.hidden.dims();
-                (flatten_logits(hidden.hidden), dims, Some(hidden.head), hidden.features)
-            }
-            None => {
-                let output = session.trainee.student.learn(input, &terms.student_taps)?;
-                let dims = output.logits.dims();
-                (flatten_logits(output.logits), dims, None, output.features)
-            }
-        };
-        // A cache of sequences holds them padded to its longest; a batch is padded to its own
-        // longest, which may be shorter: the teacher's positions past the batch's are padding.
-        let fit = |tensor_dims: [usize; D]| (D == 3 && tensor_dims[1] > student_dims[1]).then_some(student_dims[1]);
-        let (teacher_logits, teacher_features) = match teacher_output {
-            Some(output) => {
-                let top_k = output.top_k().map(|(indices, values)| {
-                    let (indices, values) = match fit(values.dims()) {
-                        Some(length) => (
-                            indices.clone().narrow(1, 0, length),
-                            values.clone().narrow(1, 0, length),
-                        ),
-                        None => (indices.clone(), values.clone()),
-                    };
-                    (flatten_indices(indices), flatten_logits(values))
-                });
-                let (logits, features) = output.into_parts();
-                let logits = match fit(logits.dims()) {
-                    Some(length) => logits.narrow(1, 0, length),
-                    None => logits,
-                };
-                let logits = TeacherLogits {
-                    dense: flatten_logits(logits),
-                    top_k,
-                };
-                (Some(logits), features)
-            }
-            None => (None, Default::default()),
-        };
-        let logit_loss = terms.objective.loss(ObjectiveInput {
-            student: student_rows,
-            head,
-            teacher: teacher_logits,
-            targets: batch.targets(),
+        let loss = batch_loss(
+            &session.trainee,
+            self.teacher,
+            terms.objective,
+            &terms.loss,
+            &batch,
             mask,
-            normaliser: step.positions,
-            check_inputs: session.state.global_step == 0 && epoch.micro_step == 0,
-        })?;
-        let features = feature_loss(
-            &self.config.features,
-            &session.trainee.connectors,
-            &terms.connector_of,
-            &student_features,
-            &teacher_features,
-            step.examples,
+            step,
+            session.state.global_step == 0 && epoch.micro_step == 0,
+            false,
         )?;
-        let total = match &features {
-            Some(features) => logit_loss.total.clone() + features.clone(),
-            None => logit_loss.total.clone(),
-        };
+        epoch.totals.teacher_seconds += loss.teacher_seconds;
+        let total = loss.total;
         let value = scalar(&total);
         if !value.is_finite() {
             epoch.bar.abandon();
@@ -677,9 +584,9 @@ where
         let weighted = |term: &Option<Tensor<1>>| term.as_ref().map(|t| scalar(t) * step.positions as f64);
         let totals = &mut epoch.totals;
         totals.loss += value * step.positions as f64;
-        totals.hard += weighted(&logit_loss.hard);
-        totals.soft += weighted(&logit_loss.soft);
-        totals.features += weighted(&features);
+        totals.hard += weighted(&loss.hard);
+        totals.soft += weighted(&loss.soft);
+        totals.features += weighted(&loss.features);
         totals.positions += valid;
         totals.examples += batch.size();
         Ok(total)

@@ -31,6 +31,23 @@
 //! `TranscriptTeacher`). A teacher with a larger vocabulary is handled by the loss's
 //! `VocabPolicy`.
 //!
+//! # Two drivers, one loss
+//!
+//! The same loss (objective, feature terms, normalisation) runs under two drivers:
+//!
+//! - **burn-train's Learner**, through [`DistillModel`] (`TrainStep` + `InferenceStep`): for
+//!   burn users who want what the Learner has: its metrics and TUI dashboard, its
+//!   checkpointer, early stopping, gradient accumulation, and scale-out (`MultiDevice` over
+//!   several local devices; DDP with collective all-reduce on CUDA).
+//! - **Our [`Distiller`]**: for what the Learner does not do: on-policy rollouts
+//!   ([`Distiller::fit_on_policy`]), bit-exact resume on CPU devices, data order fixed by
+//!   `(seed, epoch)`, teacher-output caches checked against the dataset's fingerprint, the
+//!   evaluation metrics of [`EvalMetrics`] (teacher agreement, KL, calibration) and a run
+//!   directory the examples' reports read.
+//!
+//! A teacher on another device, or in another process or machine behind a burn-remote server,
+//! is a [`TeacherOn`](burn_distill_model::TeacherOn) under either driver.
+//!
 //! # Supported Rust versions
 //!
 //! Rust 1.95 or newer.
@@ -43,10 +60,12 @@ mod constraint;
 mod denormals;
 mod distiller;
 mod error;
+mod learner;
 mod metrics;
 mod objective;
 mod on_policy;
 mod run;
+mod step;
 mod stopping;
 
 pub use chrf::{ChrfStats, chrf, corpus_chrf};
@@ -58,6 +77,7 @@ pub use constraint::{MaxNormConfig, apply_max_norm};
 pub use denormals::FlushDenormals;
 pub use distiller::{Distiller, EvalSet, FitData, RunOutcome, Trainee};
 pub use error::{Result, TrainError};
+pub use learner::{DistillMetric, DistillModel, DistillModelBuilder, DistillOutput, SharedObjective, SharedTeacher};
 pub use metrics::{ECE_BINS, EvalMetrics, evaluate};
 pub use objective::{BuiltinObjective, Objective, ObjectiveInput, ObjectiveLoss, TeacherLogits};
 pub use on_policy::roll_out;

@@ -2264,3 +2264,181 @@ fn the_sampled_reverse_kl_is_the_per_token_estimate_with_its_policy_gradient() {
         assert!((f64::from(*a) - b).abs() < 1e-5, "gradient[{i}] {a} vs {b}");
     }
 }
+
+// --- burn-train's Learner -------------------------------------------------------------------
+
+mod learner {
+    use std::sync::Arc;
+
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+    use burn::data::dataset::InMemDataset;
+    use burn::module::Module;
+    use burn::optim::lr_scheduler::constant::ConstantLr;
+    use burn::train::metric::LossMetric;
+    use burn::train::{ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, SupervisedTraining, TrainStep};
+    use burn_distill_data::ImageBatch;
+
+    use super::*;
+
+    type Model = DistillModel<Mlp, ImageBatch, 2>;
+
+    fn model(device: &Device, summed_batches: usize) -> Model {
+        DistillModel::builder(student(5, 0.0, device))
+            .objective(&hinton())
+            .unwrap()
+            .teacher(oracle(device))
+            .summed_batches(summed_batches)
+            .build()
+            .unwrap()
+    }
+
+    fn loader(items: Vec<MnistItem>, batch_size: usize) -> Arc<dyn DataLoader<ImageBatch>> {
+        DataLoaderBuilder::new(ImageBatcher::new())
+            .batch_size(batch_size)
+            .build(InMemDataset::new(items))
+    }
+
+    fn learner(model: Model) -> Learner<Model> {
+        let (optimizer, _) = sgd(0.5, false);
+        Learner::new(model, optimizer.init(), ConstantLr::new(0.5))
+    }
+
+    #[test]
+    fn a_learner_step_computes_the_distillers_loss_and_grads_reach_only_the_student() {
+        let _serial = serial();
+        let device = Device::flex().autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(32, 1, &oracle, &device);
+        // The Distiller's first epoch with one batch of all 32 examples: its loss is the loss at
+        // the initial weights.
+        let (optimizer, schedule) = sgd(0.5, false);
+        let config = DistillConfig::new(1, optimizer, schedule, hinton()).with_batch_size(32);
+        let batcher = ImageBatcher::new();
+        let run = Distiller::new(config, scratch("learner-step"))
+            .with_teacher(&oracle)
+            .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        let ordered: Vec<MnistItem> = (0..32).map(|index| train.get(index).unwrap()).collect();
+        let batch = batcher.batch(ordered, &device);
+        let output = TrainStep::step(&model(&device, 1), batch.clone());
+        let loss = output.item.loss.clone().into_scalar::<f64>();
+        let recorded = run.records[0].train.loss;
+        assert!((loss - recorded).abs() < 1e-6, "Learner {loss} vs Distiller {recorded}");
+        let soft = output.item.soft.clone().unwrap().into_scalar::<f64>();
+        assert!((soft - run.records[0].train.soft_loss.unwrap()).abs() < 1e-6);
+        // Two weights and two biases: the student's, and nothing of the teacher's.
+        assert_eq!(output.grads.len(), 4);
+        // Validation compares with the same live teacher: the same loss, without gradients.
+        let valid = InferenceStep::step(&model(&device, 1).valid(), batch.clone());
+        assert!((valid.loss.into_scalar::<f64>() - loss).abs() < 1e-5);
+        // Twice as many summed batches halve the gradient, not the reported loss.
+        let halved = TrainStep::step(&model(&device, 2), batch);
+        assert!((halved.item.loss.into_scalar::<f64>() - loss).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_learner_distils_checkpoints_only_the_student_and_two_devices_match_one() {
+        let _serial = serial();
+        let device = Device::flex().autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        let valid = Synthetic::new(32, 2, &oracle, &device);
+        let items = |data: &Synthetic| (0..data.len()).map(|i| data.get(i).unwrap()).collect::<Vec<_>>();
+
+        let train_run =
+            |strategy: ExecutionStrategy, model: Model, batch_size: usize, order: Vec<MnistItem>, name: &str| {
+                let dir = scratch(name);
+                let result = SupervisedTraining::new(&dir, loader(order, batch_size), loader(items(&valid), 16))
+                    .num_epochs(2)
+                    .with_default_checkpointers()
+                    .metric_train_numeric(LossMetric::new())
+                    .metric_valid_numeric(LossMetric::new())
+                    .metric_train_numeric(DistillMetric::soft())
+                    .metric_valid_numeric(DistillMetric::accuracy())
+                    .with_application_logger(None)
+                    .with_training_strategy(strategy.into())
+                    .launch(learner(model));
+                assert!(result.error.is_none(), "{name}: {:?}", result.error);
+                (dir, result.model)
+            };
+
+        // One device, batches of 16: examples 0-7 and 32-39, then 8-15 and 40-47, … which is
+        // what two devices with batches of 8 see together (burn-train gives each device one
+        // contiguous half of the data).
+        let all = items(&train);
+        let interleaved: Vec<MnistItem> = (0..4)
+            .flat_map(|step| {
+                all[8 * step..8 * step + 8]
+                    .iter()
+                    .chain(&all[32 + 8 * step..32 + 8 * step + 8])
+            })
+            .cloned()
+            .collect();
+        let (one_dir, one) = train_run(
+            ExecutionStrategy::single(device.clone()),
+            model(&device, 1),
+            16,
+            interleaved,
+            "learner-one",
+        );
+        let two_devices = vec![device.clone(), device.clone()];
+        let multi = || ExecutionStrategy::multi(two_devices.clone(), MultiDeviceOptim::OptimMainDevice);
+        let (_, two) = train_run(multi(), model(&device, 2), 8, all.clone(), "learner-two");
+        let (_, unscaled) = train_run(multi(), model(&device, 1), 8, all, "learner-two-unscaled");
+
+        let probe_of = |model: &Model| probe(model.student(), &Device::flex());
+        let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let (one_probe, two_probe) = (probe_of(&one), probe_of(&two));
+        assert!(
+            gap(&one_probe, &two_probe) < 1e-5,
+            "two devices drift: {}",
+            gap(&one_probe, &two_probe)
+        );
+        // Without `summed_batches`, burn-train's sum of the two devices' gradients doubles the
+        // step: the correction is what makes them equal.
+        assert!(gap(&one_probe, &probe_of(&unscaled)) > 1e-3);
+        // Same weights, same validation loss.
+        let batch = ImageBatcher::new().batch(items(&valid), &Device::flex());
+        let valid_loss = |model: &Model| InferenceStep::step(model, batch.clone()).loss.into_scalar::<f64>();
+        assert!((valid_loss(&one) - valid_loss(&two)).abs() < 1e-5);
+        // It learned: the trained student is closer to its teacher than the initial one.
+        assert!(valid_loss(&one) < valid_loss(&model(&Device::flex(), 1)));
+
+        // Checkpoints hold the student alone: 676 parameters, not the teacher's as well.
+        let checkpoint = one_dir.join("checkpoint").join("model-2.bpk");
+        let bytes = std::fs::metadata(&checkpoint).unwrap().len();
+        let student_bytes = (one.student().num_params() * 4) as u64;
+        assert!(
+            bytes >= student_bytes && bytes < 2 * student_bytes,
+            "{} bytes for {} of weights",
+            bytes,
+            student_bytes
+        );
+    }
+
+    #[test]
+    fn a_distill_model_refuses_a_missing_objective_or_teacher_before_training() {
+        let device = Device::flex().autodiff();
+        let error = Model::builder(student(5, 0.0, &device)).build().unwrap_err();
+        assert!(error.to_string().contains("objective"), "{error}");
+        let error = Model::builder(student(5, 0.0, &device))
+            .objective(&hinton())
+            .unwrap()
+            .build()
+            .unwrap_err();
+        assert!(matches!(error, TrainError::MissingTeacher { .. }), "{error}");
+        let error = model_with_zero_batches(&device);
+        assert!(error.to_string().contains("summed_batches"), "{error}");
+    }
+
+    fn model_with_zero_batches(device: &Device) -> TrainError {
+        Model::builder(student(5, 0.0, device))
+            .objective(&hinton())
+            .unwrap()
+            .teacher(oracle(device))
+            .summed_batches(0)
+            .build()
+            .unwrap_err()
+    }
+}

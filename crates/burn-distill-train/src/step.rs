@@ -1,0 +1,183 @@
+//! One batch's loss: the teacher's outputs, the student's, the objective and the feature terms.
+//! Both drivers call it: the [`Distiller`](crate::Distiller) and burn-train's Learner through
+//! [`DistillModel`](crate::DistillModel), so the two cannot compute different losses.
+
+use std::time::Instant;
+
+use burn::tensor::{Bool, Tensor};
+use burn_distill_data::Batch;
+use burn_distill_model::{Features, Student, Teacher};
+
+use crate::config::{DistillConfig, FeatureTermConfig};
+use crate::distiller::Trainee;
+use crate::error::Result;
+use crate::metrics::{flatten_indices, flatten_logits};
+use crate::objective::{Objective, ObjectiveInput, TeacherLogits, feature_loss};
+
+/// The feature terms and the taps a run's steps read, fixed for the run.
+#[derive(Debug, Clone)]
+pub(crate) struct LossTerms {
+    pub(crate) features: Vec<FeatureTermConfig>,
+    teacher_taps: Vec<String>,
+    student_taps: Vec<String>,
+    /// For each feature term, the index of its connector (terms without one have `None`).
+    connector_of: Vec<Option<usize>>,
+}
+
+impl LossTerms {
+    pub(crate) fn new(config: &DistillConfig) -> Self {
+        Self::from_features(&config.features)
+    }
+
+    pub(crate) fn from_features(features: &[FeatureTermConfig]) -> Self {
+        let mut next = 0;
+        let connector_of = features
+            .iter()
+            .map(|term| {
+                term.connector.as_ref().map(|_| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        Self {
+            features: features.to_vec(),
+            teacher_taps: features.iter().map(|term| term.teacher_tap.clone()).collect(),
+            student_taps: features.iter().map(|term| term.student_tap.clone()).collect(),
+            connector_of,
+        }
+    }
+}
+
+/// What a batch's terms are normalised by: the valid positions and examples of the whole
+/// optimizer step (all its micro-batches), so accumulated gradients are the big batch's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepCounts {
+    pub(crate) positions: usize,
+    pub(crate) examples: usize,
+}
+
+/// One batch's loss and its parts.
+pub(crate) struct BatchLoss {
+    /// Objective plus feature terms: what is differentiated.
+    pub(crate) total: Tensor<1>,
+    pub(crate) hard: Option<Tensor<1>>,
+    pub(crate) soft: Option<Tensor<1>>,
+    pub(crate) features: Option<Tensor<1>>,
+    /// The student's logits `[positions, classes]`, when it gave logits rather than hidden
+    /// states (for metrics that need them).
+    pub(crate) logits: Option<Tensor<2>>,
+    pub(crate) teacher_seconds: f64,
+}
+
+/// The loss of `batch` for `trainee`, against `teacher` when there is one; with
+/// `keep_logits`, the student's logits too.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_loss<M, B, const D: usize>(
+    trainee: &Trainee<M>,
+    teacher: Option<&dyn Teacher<B::Input, D>>,
+    objective: &dyn Objective,
+    terms: &LossTerms,
+    batch: &B,
+    mask: Option<Tensor<1, Bool>>,
+    counts: StepCounts,
+    check_inputs: bool,
+    keep_logits: bool,
+) -> Result<BatchLoss>
+where
+    M: Student<B::Input, D>,
+    B: Batch,
+{
+    let input = batch.input();
+    let teacher_taps: Vec<&str> = terms.teacher_taps.iter().map(String::as_str).collect();
+    let student_taps: Vec<&str> = terms.student_taps.iter().map(String::as_str).collect();
+    let mut teacher_seconds = 0.0;
+    let teacher_output = match teacher {
+        Some(teacher) => {
+            let start = Instant::now();
+            let output = teacher.teach_examples(input.clone(), batch.indices(), &teacher_taps)?;
+            teacher_seconds = start.elapsed().as_secs_f64();
+            Some(output)
+        }
+        None => None,
+    };
+    // Objectives that take a head get the hidden states of students that give them: the
+    // loss then runs chunk by chunk, without the [positions, vocab] logits.
+    let hidden = if objective.takes_head() {
+        trainee.student.learn_hidden(input.clone(), &student_taps)
+    } else {
+        None
+    };
+    let (student_rows, student_dims, head, student_features): (Tensor<2>, [usize; D], _, Features) = match hidden {
+        Some(hidden) => {
+            let hidden = hidden?;
+            let dims = hidden.hidden.dims();
+            (flatten_logits(hidden.hidden), dims, Some(hidden.head), hidden.features)
+        }
+        None => {
+            let output = trainee.student.learn(input, &student_taps)?;
+            let dims = output.logits.dims();
+            (flatten_logits(output.logits), dims, None, output.features)
+        }
+    };
+    // A cache of sequences holds them padded to its longest; a batch is padded to its own
+    // longest, which may be shorter: the teacher's positions past the batch's are padding.
+    let fit = |tensor_dims: [usize; D]| (D == 3 && tensor_dims[1] > student_dims[1]).then_some(student_dims[1]);
+    let (teacher_logits, teacher_features) = match teacher_output {
+        Some(output) => {
+            let top_k = output.top_k().map(|(indices, values)| {
+                let (indices, values) = match fit(values.dims()) {
+                    Some(length) => (
+                        indices.clone().narrow(1, 0, length),
+                        values.clone().narrow(1, 0, length),
+                    ),
+                    None => (indices.clone(), values.clone()),
+                };
+                (flatten_indices(indices), flatten_logits(values))
+            });
+            let (logits, features) = output.into_parts();
+            let logits = match fit(logits.dims()) {
+                Some(length) => logits.narrow(1, 0, length),
+                None => logits,
+            };
+            let logits = TeacherLogits {
+                dense: flatten_logits(logits),
+                top_k,
+            };
+            (Some(logits), features)
+        }
+        None => (None, Default::default()),
+    };
+    // Kept only when asked: a second handle on the logits stops the loss from reusing their
+    // buffer in place.
+    let logits = (keep_logits && head.is_none()).then(|| student_rows.clone());
+    let logit_loss = objective.loss(ObjectiveInput {
+        student: student_rows,
+        head,
+        teacher: teacher_logits,
+        targets: batch.targets(),
+        mask,
+        normaliser: counts.positions,
+        check_inputs,
+    })?;
+    let features = feature_loss(
+        &terms.features,
+        &trainee.connectors,
+        &terms.connector_of,
+        &student_features,
+        &teacher_features,
+        counts.examples,
+    )?;
+    let total = match &features {
+        Some(features) => logit_loss.total.clone() + features.clone(),
+        None => logit_loss.total.clone(),
+    };
+    Ok(BatchLoss {
+        total,
+        hard: logit_loss.hard,
+        soft: logit_loss.soft,
+        features,
+        logits,
+        teacher_seconds,
+    })
+}

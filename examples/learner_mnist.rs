@@ -30,13 +30,12 @@ use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{ModuleOptimizer, SgdConfig};
-use burn::remote::RemoteHost;
 use burn::tensor::Device;
 use burn::tensor::distributed::{DistributedConfig, ReduceOperation};
 use burn::train::metric::LossMetric;
 use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
 use burn_distill::data::{ImageBatch, ImageBatcher, MnistDataset, MnistSplit, Subset};
-use burn_distill::loss::{HintonKdLossConfig, device_by_name};
+use burn_distill::loss::HintonKdLossConfig;
 use burn_distill::model::{FrozenTeacher, Mlp, MlpConfig, TeacherOn, init_seeded, load_weights, save_weights};
 use burn_distill::train::{DistillMetric, DistillModel, ObjectiveConfig, evaluate};
 use clap::Parser;
@@ -98,28 +97,7 @@ fn main() {
 
 /// A device by name (`cuda:1` picks a GPU), or a device of a burn-remote server.
 fn open_device(spec: &str) -> Result<Device, String> {
-    if let Some(rest) = spec.strip_prefix("ws://") {
-        let (address, index) = match rest.rsplit_once('/') {
-            Some((address, index)) => (
-                address,
-                index
-                    .parse::<usize>()
-                    .map_err(|_| format!("{spec}: the device index must be a number"))?,
-            ),
-            None => (rest, 0),
-        };
-        let host = RemoteHost::websocket(&format!("ws://{address}"));
-        return Device::remote_options(&host)
-            .device_index(index)
-            .init()
-            .map_err(|err| format!("cannot connect the device server at {spec}: {err}"));
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(index) = spec.strip_prefix("cuda:") {
-        let index = index.parse::<usize>().map_err(|_| format!("{spec}: not a GPU index"))?;
-        return Ok(Device::cuda(index));
-    }
-    device_by_name(spec).ok_or_else(|| format!("no device {spec:?} in this build"))
+    burn_distill::open_device(spec).map_err(|err| err.to_string())
 }
 
 fn sgd(lr: f64, epochs: usize, steps: usize) -> Result<(ModuleOptimizer, ModuleLrScheduler), String> {

@@ -29,6 +29,10 @@
 //! ```
 #![warn(missing_docs)]
 
+mod device;
+
+pub use device::{DeviceError, open_device};
+
 pub use burn_distill_data as data;
 pub use burn_distill_loss as loss;
 pub use burn_distill_model as model;

@@ -961,4 +961,70 @@ mod remote_teacher {
             .fold(0.0, f32::max);
         assert!(gap < 1e-5, "the resumed run drifted by {gap}");
     }
+
+    /// The chat pipeline (a Llama-family GGUF teacher: its answers, its top-k cache, its live
+    /// scoring of on-policy rollouts, its test figures) with the teacher in a device server
+    /// process gives what it gives with the teacher in process.
+    #[test]
+    fn the_chat_pipeline_distils_from_a_llama_teacher_behind_a_device_server() {
+        use super::chat_pipeline::{Method, Options, run};
+        let _serial = super::serial();
+        let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tiny-q8_0.gguf");
+        let options = |name: &str, teacher_device: Option<String>| Options {
+            device: "flex".into(),
+            model: Some(fixture.clone()),
+            teacher_device,
+            run_dir: burn_distill_testing::scratch(name),
+            train_prompts: 8,
+            valid_prompts: 4,
+            test_prompts: 4,
+            answer_tokens: 6,
+            answer_batch: 4,
+            depth: 1,
+            methods: vec![Method::TopK, Method::Gkd],
+            random_methods: Vec::new(),
+            after_sft: Vec::new(),
+            epochs: 1,
+            batch_size: 4,
+            learning_rate: 1e-2,
+            top_k: 8,
+            progress: false,
+            ..Options::quick()
+        };
+        let local = run(&options("chat-local-teacher", None)).unwrap();
+        let server = DeviceServer::start("127.0.0.1:0");
+        let remote = run(&options(
+            "chat-remote-teacher",
+            Some(format!("ws://{}", server.address)),
+        ))
+        .unwrap();
+        assert_eq!(
+            local.train_answer_tokens, remote.train_answer_tokens,
+            "the same answers"
+        );
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
+        assert!(
+            close(local.teacher.perplexity, remote.teacher.perplexity),
+            "{} vs {}",
+            local.teacher.perplexity,
+            remote.teacher.perplexity
+        );
+        assert_eq!(
+            local.methods.keys().collect::<Vec<_>>(),
+            remote.methods.keys().collect::<Vec<_>>()
+        );
+        for (name, here) in &local.methods {
+            let there = &remote.methods[name];
+            assert!(here.kl_to_teacher.is_finite(), "{name}");
+            assert!(
+                close(here.kl_to_teacher, there.kl_to_teacher),
+                "{name}: KL {} here, {} with the teacher in the server",
+                here.kl_to_teacher,
+                there.kl_to_teacher
+            );
+        }
+        // A server that is not there is refused before any work.
+        let error = run(&options("chat-no-server", Some("ws://127.0.0.1:1".into()))).unwrap_err();
+        assert!(error.to_string().contains("--teacher-device"), "{error}");
+    }
 }

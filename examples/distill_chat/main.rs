@@ -59,6 +59,10 @@ struct Args {
     /// cache; the lineage goes into the run directory.
     #[arg(long, value_name = "DIR")]
     transfer_set: Option<PathBuf>,
+    /// Where the teacher runs: a device name, or ws://HOST:PORT[/INDEX] for a device of a
+    /// burn-distill-device-server (another process or machine) [default: --device].
+    #[arg(long, value_name = "DEVICE")]
+    teacher_device: Option<String>,
     /// A JSONL file of chat prompts, one {"id": ..., "messages": [{"role": ..., "content": ...}]}
     /// per line [default: one per head word of the Jargon File].
     #[arg(long, value_name = "PATH")]
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
     options.prompts = args.prompts.clone();
     options.student = args.student.clone();
     options.transfer_set = args.transfer_set.clone();
+    options.teacher_device = args.teacher_device.clone();
     if let Some(name) = &args.vocab_policy {
         match pipeline::VocabPolicy::parse(name) {
             Ok(policy) => options.vocab_policy = Some(policy),

@@ -25,7 +25,7 @@ use burn_distill::model::llm::{
     smollm2_cache_path,
 };
 use burn_distill::model::{
-    Fingerprint, FrozenTeacher, SamplingConfig, Teacher, init_seeded, load_weights, save_weights,
+    Fingerprint, FrozenTeacher, SamplingConfig, Teacher, TeacherOn, init_seeded, load_weights, save_weights,
 };
 use burn_distill::serve::{Lineage, SparseTeacher, TransferSet, chat_transcripts};
 use burn_distill::train::{
@@ -38,6 +38,9 @@ use super::runs::{Chart, SavedRun, adam_warm_up_cosine, write_atomic};
 
 type Error = Box<dyn std::error::Error>;
 type LlmTeacher<'a> = &'a dyn Teacher<Tensor<2, Int>, 3>;
+
+/// The teacher on its own device.
+type LlmTeacherOn = TeacherOn<FrozenTeacher<Llama>>;
 
 /// How a student learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +125,11 @@ pub struct Options {
     /// The teacher: a GGUF file or a Hugging Face directory (default: the SmolLM2 file that
     /// `scripts/fetch_smollm2.sh` caches).
     pub model: Option<PathBuf>,
+    /// Where the teacher runs: a device name, or `ws://HOST:PORT[/INDEX]` for a device of a
+    /// `burn-distill-device-server` in another process or on another machine (`None`: the
+    /// training device). The students train on `device` either way.
+    #[serde(default)]
+    pub teacher_device: Option<String>,
     /// A JSONL file of chat prompts (default: one per head word of the Jargon File).
     pub prompts: Option<PathBuf>,
     /// The student to start from: a GGUF file or a Hugging Face directory (default: a subset
@@ -198,6 +206,7 @@ impl Options {
         Self {
             device: "flex".into(),
             model: None,
+            teacher_device: None,
             prompts: None,
             student: None,
             vocab_policy: None,
@@ -390,6 +399,10 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let device =
         device_by_name(&options.device).ok_or_else(|| format!("--device {}: not in this build", options.device))?;
     let training = device.clone().autodiff();
+    let teacher_device = match &options.teacher_device {
+        Some(spec) => burn_distill::open_device(spec).map_err(|err| format!("--teacher-device: {err}"))?,
+        None => device.clone(),
+    };
     let model_path = match &options.model {
         Some(path) => path.clone(),
         None => {
@@ -411,7 +424,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     let LoadedModel {
         model: teacher_model,
         tokenizer,
-    } = load_model(&model_path, &device).map_err(|e| format!("--model {}: {e}", model_path.display()))?;
+    } = load_model(&model_path, &teacher_device).map_err(|e| format!("--model {}: {e}", model_path.display()))?;
     let vocab = teacher_model.config().vocab_size;
     if tokenizer.vocab_size() > vocab {
         return Err(format!(
@@ -610,7 +623,8 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
     };
 
     // 3. The offline top-k cache of the teacher's log-probabilities on the training answers.
-    let teacher = FrozenTeacher::new(&teacher_model);
+    // On its own device (a device server's, say): batches go there and logits come back.
+    let teacher = TeacherOn::new(FrozenTeacher::new(&teacher_model), teacher_device.clone());
     let fingerprint = Teacher::<Tensor<2, Int>, 3>::fingerprint(&teacher).ok_or("the teacher has no fingerprint")?;
     let cache_path = match &served {
         Some(served) => options.run_dir.join(format!(
@@ -639,7 +653,7 @@ pub fn run(options: &Options) -> Result<Summary, Error> {
         &teacher_model,
         &tokenizer,
         &data,
-        &device,
+        &teacher_device,
         answer_seconds,
     )?;
 
@@ -1072,7 +1086,7 @@ fn served_cache(
 fn open_or_build_cache(
     options: &Options,
     path: &Path,
-    teacher: &FrozenTeacher<Llama>,
+    teacher: &LlmTeacherOn,
     fingerprint: Fingerprint,
     train: &TranscriptDataset,
     device: &Device,
@@ -1114,7 +1128,7 @@ struct Context<'a> {
     given: Option<&'a Llama>,
     device: &'a Device,
     infer: &'a Device,
-    teacher: &'a FrozenTeacher<Llama>,
+    teacher: &'a LlmTeacherOn,
     teacher_blocks: &'a Llama,
     tokenizer: &'a ChatTokenizer,
     data: &'a Data,

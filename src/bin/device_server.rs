@@ -27,7 +27,7 @@ struct Args {
     /// trusted network.
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: String,
-    /// Devices to host, comma-separated, of one backend (`flex`, `wgpu`, `cuda`); a client
+    /// Devices to host, comma-separated, of one backend (`flex`, `wgpu`, `cuda`, `cuda:N`); a client
     /// picks one by its position.
     #[arg(long, value_delimiter = ',', default_value = "flex")]
     devices: Vec<String>,
@@ -47,11 +47,9 @@ fn run(args: Args) -> Result<(), String> {
     let devices = args
         .devices
         .iter()
-        .map(|name| {
-            burn_distill::loss::device_by_name(name).ok_or_else(|| {
-                let known: Vec<_> = burn_distill::loss::available_devices().iter().map(|d| d.name).collect();
-                format!("--devices: no device {name:?} in this build (it has {known:?})")
-            })
+        .map(|name| match name.starts_with("ws://") {
+            true => Err(format!("--devices {name}: a device server hosts local devices")),
+            false => burn_distill::open_device(name).map_err(|err| format!("--devices: {err}")),
         })
         .collect::<Result<Vec<_>, _>>()?;
     if devices.is_empty() {

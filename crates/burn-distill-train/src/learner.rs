@@ -208,8 +208,12 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
 
     /// How many batches' gradients burn-train adds into one optimizer step: the number of
     /// devices of a `MultiDevice` strategy times `grads_accumulation` (1 for one device, and
-    /// for DDP with a mean all-reduce). Each batch's loss is divided by it, so the step's
-    /// gradient is the mean over all of them.
+    /// for DDP with a mean all-reduce). Each batch's loss (a mean over its valid positions) is
+    /// divided by it, so the step's gradient is the mean of the batches' means: the global
+    /// batch's mean when the batches have equal numbers of valid positions (classification with
+    /// full batches). Language-model batches with different numbers of target tokens weigh
+    /// equally rather than by their tokens; the [`Distiller`](crate::Distiller)'s
+    /// accumulation normalises by the step's global token count.
     pub fn summed_batches(mut self, batches: usize) -> Self {
         self.summed_batches = batches;
         self

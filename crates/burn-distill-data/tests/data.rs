@@ -923,3 +923,94 @@ fn a_transfer_set_of_chat_answers_resumes_and_refuses_another_teacher() {
         Err(DataError::Invalid { .. })
     ));
 }
+
+// --- Hostile input -------------------------------------------------------------------------
+
+/// Every reader of the data crate against thousands of damaged versions of a valid file
+/// (`burn_distill_testing::hostile`): an `Ok` or an error naming the file, never a panic or a
+/// hang.
+mod hostile {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use burn_distill_testing::hostile::check_reader;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_idx_reader_survives_hostile_raw_and_gzipped_files() {
+        let pixels: Vec<u8> = (0..5 * 4 * 4).map(|i| (i * 7) as u8).collect();
+        let raw = encode_idx(&[5, 4, 4], &pixels);
+        let report = check_reader("images-idx3-ubyte", raw.clone(), 16, TIMEOUT, |path| read_idx(path));
+        assert!(report.refused > 0 && report.accepted > 0, "{report:?}");
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&raw).unwrap();
+        let gzipped = gzip.finish().unwrap();
+        let report = check_reader("images-idx3-ubyte.gz", gzipped, 32, TIMEOUT, |path| read_idx(path));
+        assert!(report.refused > 0, "{report:?}");
+    }
+
+    fn valid_cache(mode: CacheMode, name: &str) -> Vec<u8> {
+        let device = cpu();
+        let dataset = mnist_subset(12);
+        let teacher = FrozenTeacher::new(&small_mlp(1, &device));
+        let path = scratch(name).join("cache.bdkd");
+        build(&path, &teacher, &dataset, &device, &CacheBuildOptions::new(mode).with_batch_size(4)).unwrap();
+        std::fs::read(path).unwrap()
+    }
+
+    /// Opens a cache and, when it opens, reads every value: a header that lies about sizes must
+    /// be refused at open, not found out by an out-of-bounds read.
+    fn read_cache(path: &Path, verify: bool) -> Result<usize> {
+        let cache = if verify {
+            TeacherCache::open(path)?
+        } else {
+            TeacherCache::open_unverified(path)?
+        };
+        let all: Vec<usize> = (0..cache.len()).collect();
+        let values = match cache.top_k_values(&all) {
+            Ok((classes, log_probs)) => classes.len() + log_probs.len(),
+            Err(_) => cache.logits_values(&all, TailPolicy::Renormalize)?.len(),
+        };
+        Ok(values)
+    }
+
+    #[test]
+    fn the_teacher_cache_survives_hostile_files_verified_or_not() {
+        for (mode, name) in [(CacheMode::DenseF16, "dense"), (CacheMode::TopK { k: 3 }, "top3")] {
+            let valid = valid_cache(mode, &format!("hostile-cache-{name}"));
+            let report = check_reader(&format!("{name}.bdkd"), valid.clone(), 160, TIMEOUT, |path| read_cache(path, true));
+            assert!(report.refused > 0, "{report:?}");
+            check_reader(&format!("{name}-unverified.bdkd"), valid, 160, TIMEOUT, |path| read_cache(path, false));
+        }
+    }
+
+    #[test]
+    fn the_chat_prompt_reader_survives_hostile_jsonl() {
+        let path = scratch("hostile-prompts").join("valid.jsonl");
+        let lines = [
+            r#"{"id": "a", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a hack?"}]}"#,
+            r#"{"id": "b", "messages": [{"role": "user", "content": "Define \"kludge\" \u00e9."}]}"#,
+            r#"{"id": "c", "messages": [{"role": "user", "content": "And a foo?"}]}"#,
+        ];
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        assert_eq!(read_chat_prompts(&path).unwrap().len(), 3);
+        let valid = std::fs::read(&path).unwrap();
+        let report = check_reader("prompts.jsonl", valid, 128, TIMEOUT, |path| read_chat_prompts(path));
+        assert!(report.refused > 0, "{report:?}");
+    }
+
+    #[test]
+    fn the_transcript_reader_survives_hostile_jsonl() {
+        let path = scratch("hostile-transcripts").join("valid.jsonl");
+        let transcripts: Vec<Transcript> = (0..6u32)
+            .map(|i| Transcript::from_tokens(&[i, i + 1, 2], &[7, 8 + i, 9]))
+            .collect();
+        write_transcripts(&path, &transcripts).unwrap();
+        let valid = std::fs::read(&path).unwrap();
+        let report = check_reader("transcripts.jsonl", valid, 64, TIMEOUT, |path| read_transcripts(path));
+        assert!(report.refused > 0, "{report:?}");
+    }
+}

@@ -10,6 +10,9 @@ use burn_distill_testing::{devices_for_tests, serial};
 #[path = "model/llama.rs"]
 mod llama;
 
+#[path = "model/hostile.rs"]
+mod hostile;
+
 fn devices() -> Vec<NamedDevice> {
     devices_for_tests()
 }

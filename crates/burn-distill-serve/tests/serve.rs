@@ -941,3 +941,140 @@ fn a_harvest_from_llama_cpp_survives_its_server_killed_and_maps_its_tokens_to_ou
         }
     }
 }
+
+/// Thousands of damaged chat-completion bodies (`burn_distill_testing::hostile`): every one is
+/// answered (no dropped connection) with a 200 or an OpenAI-style 4xx error, never a 5xx, and
+/// the server still answers a good request afterwards.
+#[test]
+fn hostile_request_bodies_get_answers_or_openai_errors_and_never_a_server_error() {
+    let mut options = ServeOptions::new(MODEL_ID);
+    options.max_tokens_limit = 4;
+    options.default_max_tokens = 2;
+    options.max_n = 2;
+    options.max_body_bytes = 2048;
+    let handle = server(options);
+    let url = format!("{}/chat/completions", handle.base_url());
+    let good = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "max_tokens": 2, "temperature": 0.7, "top_p": 0.9, "n": 2, "seed": 3,
+        "logprobs": true, "top_logprobs": 2, "stop": ["\n"]
+    });
+    let valid = serde_json::to_vec(&good).unwrap();
+    let runtime = runtime();
+    let client = reqwest::Client::new();
+    let tried = burn_distill_testing::hostile::check_bytes("chat request body", valid, 256, |body| {
+        runtime.block_on(async {
+            let response = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .map_err(|e| format!("no answer: {e}"))?;
+            let status = response.status().as_u16();
+            let text = response.text().await.map_err(|e| format!("cut answer: {e}"))?;
+            match status {
+                200 => Ok(()),
+                400..=499 => {
+                    let value: Value = serde_json::from_str(&text).map_err(|_| format!("{status} without JSON: {text}"))?;
+                    match value["error"]["message"].as_str() {
+                        Some(message) if !message.is_empty() => Ok(()),
+                        _ => Err(format!("{status} without an OpenAI error: {text}")),
+                    }
+                }
+                _ => Err(format!("status {status}: {text}")),
+            }
+        })
+    });
+    assert!(tried > 0);
+
+    // Well-formed JSON with hostile values: one to three fields of the good request replaced by
+    // any JSON value (wrong types, extreme numbers, long strings, nesting).
+    use burn_distill_testing::hostile::proptest::prelude::*;
+    use burn_distill_testing::hostile::proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        prop::sample::select(vec![i64::MIN, -1, 0, 1, 2, 3, 5, 17, 4096, i64::MAX]).prop_map(Value::from),
+        prop::sample::select(vec![-1e308, -1.0, 0.0, 0.5, 1.0, 2.0, 1e-300, 1e308]).prop_map(Value::from),
+        "[a-z \\n\"\u{1F600}]{0,40}".prop_map(Value::from),
+        (0usize..3000).prop_map(|n| Value::from("x".repeat(n))),
+    ];
+    let value = leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map("[a-z_]{1,12}", inner, 0..4)
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+        ]
+    });
+    let fields = vec![
+        "model", "messages", "max_tokens", "temperature", "top_p", "n", "seed", "logprobs", "top_logprobs", "stop",
+        "stream", "user",
+    ];
+    let edits = prop::collection::vec((prop::sample::select(fields), value), 1..4);
+    let mut runner = TestRunner::new(Config {
+        cases: burn_distill_testing::hostile::cases() / 4,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let statuses = std::cell::RefCell::new(std::collections::BTreeMap::<u16, u32>::new());
+    runner
+        .run(&edits, |edits| {
+            let mut body = good.clone();
+            for (field, value) in edits {
+                body[field] = value;
+            }
+            runtime.block_on(async {
+                let response = client
+                    .post(&url)
+                    .json(&body)
+                    .timeout(Duration::from_secs(20))
+                    .send()
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("no answer to {body}: {e}")))?;
+                let status = response.status().as_u16();
+                *statuses.borrow_mut().entry(status).or_default() += 1;
+                let text = response.text().await.unwrap_or_default();
+                if !(status == 200 || (400..500).contains(&status)) {
+                    return Err(TestCaseError::fail(format!("status {status} for {body}: {text}")));
+                }
+                Ok(())
+            })
+        })
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    let statuses = statuses.into_inner();
+    eprintln!("hostile chat request values: statuses {statuses:?}");
+    assert!(statuses.contains_key(&200) && statuses.keys().any(|s| (400..500).contains(s)), "{statuses:?}");
+    runtime.block_on(async {
+        let (status, body) = post(&url, None, &good).await;
+        assert_eq!(status, 200, "{body}");
+    });
+}
+
+/// A harvested transfer set with its card or its records damaged thousands of ways
+/// (`burn_distill_testing::hostile`): opening it is `Ok` or an error naming the file, never a
+/// panic.
+#[test]
+fn a_hostile_transfer_set_card_or_records_file_is_refused_naming_the_file() {
+    use burn_distill_serve::{CARD_FILE, RECORDS_FILE};
+    let handle = server(ServeOptions::new(MODEL_ID));
+    let mut options = options_for(&handle.base_url());
+    options.top_logprobs = Some(2);
+    let valid_dir = scratch("hostile-set").join("set");
+    runtime().block_on(harvest(&prompts(3), None, &valid_dir, &options)).unwrap();
+    drop(handle);
+    for (file, other) in [(CARD_FILE, RECORDS_FILE), (RECORDS_FILE, CARD_FILE)] {
+        let valid = std::fs::read(valid_dir.join(file)).unwrap();
+        let sibling = valid_dir.join(other);
+        let report = burn_distill_testing::hostile::check_reader(file, valid, 256, Duration::from_secs(10), move |path| {
+            let dir = path.parent().unwrap();
+            if !dir.join(other).exists() {
+                std::fs::copy(&sibling, dir.join(other)).unwrap();
+            }
+            TransferSet::open(dir).map(|set| set.records.len())
+        });
+        assert!(report.refused > 0, "{file}: {report:?}");
+    }
+}

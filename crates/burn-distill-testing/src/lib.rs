@@ -2,6 +2,8 @@
 //! the lock that keeps the CPU backends' process-wide random streams to one test at a time, and
 //! scratch directories.
 
+pub mod hostile;
+
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

@@ -2442,3 +2442,27 @@ mod learner {
             .unwrap_err()
     }
 }
+
+/// A run directory's `config.json`, damaged thousands of ways
+/// (`burn_distill_testing::hostile`): resuming from it and checking the config gives `Ok` or an
+/// error naming the file, never a panic.
+#[test]
+fn a_hostile_config_json_is_refused_by_resume_naming_the_file() {
+    let (optimizer, schedule) = sgd(0.1, true);
+    let config = DistillConfig::new(3, optimizer, schedule, hinton())
+        .with_batch_size(16)
+        .with_early_stopping(Some(EarlyStoppingConfig::new(Metric::Loss, 2)));
+    let valid = serde_json::to_vec_pretty(&config).unwrap();
+    let report = burn_distill_testing::hostile::check_reader(
+        "config.json",
+        valid,
+        512,
+        std::time::Duration::from_secs(10),
+        |path| {
+            Distiller::<Tensor<2>, 2>::resume(path.parent().unwrap())
+                .and_then(|distiller| distiller.config().validate())
+                .map(|_| ())
+        },
+    );
+    assert!(report.refused > 0, "{report:?}");
+}

@@ -84,10 +84,13 @@ pub enum LlmError {
         tensor: String,
     },
     /// A tensor's shape disagrees with the model's config.
-    #[error("{path}: tensor {tensor:?} has shape {found:?}, the config implies {expected:?}")]
+    #[error("{path}: tensor {tensor:?} has shape {found:?}, {config} implies {expected:?}")]
     TensorShape {
         /// The file.
         path: PathBuf,
+        /// Where the config came from: the GGUF file's metadata, or a Hugging Face
+        /// directory's `config.json` (named, since either file can be the damaged one).
+        config: String,
         /// The tensor.
         tensor: String,
         /// The shape the config implies.

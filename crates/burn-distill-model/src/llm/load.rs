@@ -256,6 +256,7 @@ pub fn load_gguf_file(gguf: Arc<GgufFile>, device: &Device) -> LlmResult<Llama> 
         if &info.shape() != shape {
             return Err(LlmError::TensorShape {
                 path: gguf.path().to_path_buf(),
+                config: "its metadata".into(),
                 tensor: info.name.clone(),
                 expected: shape.iter().rev().copied().collect(),
                 found: info.dims.iter().map(|&d| d as usize).collect(),
@@ -300,7 +301,7 @@ pub fn load_gguf_file(gguf: Arc<GgufFile>, device: &Device) -> LlmResult<Llama> 
     }
     let mut model = config.init(device)?;
     let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), true);
-    check_applied(gguf.path(), &result, &expected.keys().cloned().collect())?;
+    check_applied(gguf.path(), "its metadata", &result, &expected.keys().cloned().collect())?;
     Ok(model)
 }
 
@@ -330,7 +331,7 @@ fn hf_tensor_to_gguf(hf: &str) -> String {
     }
 }
 
-fn check_applied(path: &Path, result: &ApplyResult, expected: &BTreeSet<String>) -> LlmResult<()> {
+fn check_applied(path: &Path, config: &str, result: &ApplyResult, expected: &BTreeSet<String>) -> LlmResult<()> {
     if let Some(error) = result.errors.first() {
         return Err(match error {
             ApplyError::ShapeMismatch {
@@ -339,6 +340,7 @@ fn check_applied(path: &Path, result: &ApplyResult, expected: &BTreeSet<String>)
                 found,
             } => LlmError::TensorShape {
                 path: path.to_path_buf(),
+                config: config.to_string(),
                 tensor: key.clone(),
                 expected: expected.to_vec(),
                 found: found.to_vec(),
@@ -462,7 +464,8 @@ pub fn load_hf(dir: impl AsRef<Path>, device: &Device) -> LlmResult<Llama> {
         applied.applied.extend(result.applied);
         applied.errors.extend(result.errors);
     }
-    check_applied(files.first().map_or(dir, |f| f.as_path()), &applied, &expected)?;
+    let config_file = dir.join("config.json").display().to_string();
+    check_applied(files.first().map_or(dir, |f| f.as_path()), &config_file, &applied, &expected)?;
     Ok(model)
 }
 

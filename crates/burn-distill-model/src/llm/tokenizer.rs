@@ -200,10 +200,11 @@ impl ChatTokenizer {
                 "vocab": vocab, "merges": merges},
         });
         let source = format!("{} (GGUF metadata)", gguf.path().display());
-        let tokenizer: Tokenizer = serde_json::from_value(document).map_err(|e| LlmError::Tokenizer {
-            source_name: source.clone(),
-            reason: e.to_string(),
-        })?;
+        let tokenizer: Tokenizer = unpanicked(|| serde_json::from_value(document).map_err(|e| e.to_string()))
+            .map_err(|reason| LlmError::Tokenizer {
+                source_name: source.clone(),
+                reason,
+            })?;
         let special = |key: &str| {
             gguf.metadata()
                 .get(key)
@@ -253,12 +254,13 @@ impl ChatTokenizer {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| LlmError::io(&path, e))?;
         let source = path.display().to_string();
+        // `tokenizers` 0.22 panics ("Helper") on some malformed decoder sections instead of
+        // returning its error: the panic stops here and is reported as the file's error.
         let tokenizer: Tokenizer =
-            text.parse()
-                .map_err(|e: Box<dyn std::error::Error + Send + Sync>| LlmError::Tokenizer {
-                    source_name: source.clone(),
-                    reason: e.to_string(),
-                })?;
+            unpanicked(|| text.parse::<Tokenizer>().map_err(|e| e.to_string())).map_err(|reason| LlmError::Tokenizer {
+                source_name: source.clone(),
+                reason,
+            })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
             Ok(text) => serde_json::from_str(&text)
@@ -608,4 +610,17 @@ impl ModelSource {
             ModelSource::Gguf(path.to_path_buf())
         })
     }
+}
+
+/// Runs a `tokenizers` deserialisation, turning a panic into an error: `tokenizers` 0.22 panics
+/// ("Helper") on some malformed sections of a `tokenizer.json` instead of returning its error.
+fn unpanicked<T>(parse: impl FnOnce() -> std::result::Result<T, String>) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(format!("the tokenizers library could not read it (it panicked: {message})"))
+    })
 }

@@ -83,7 +83,21 @@ fn the_mnist_pipeline_runs_end_to_end_and_writes_its_outputs() {
     assert!(
         summary.seconds.teacher > 0.0 && summary.seconds.student_alone > 0.0 && summary.seconds.student_distilled > 0.0
     );
+    // A damaged cache is rebuilt, and that is said on stderr and logged in the run's
+    // warnings.log.
+    let cache = run_dir.join("teacher-outputs-without-3.bdkd");
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&cache, bytes).unwrap();
+    assert!(!run_dir.join("warnings.log").exists());
     let again = pipeline::run(&options).unwrap();
+    let log = std::fs::read_to_string(run_dir.join("warnings.log")).unwrap();
+    assert!(
+        log.contains("rebuilt the teacher cache") && log.contains("teacher-outputs-without-3.bdkd"),
+        "{log}"
+    );
+    burn_distill::data::TeacherCache::open(&cache).unwrap();
     // The phase times are the recorded ones (a retrained phase would not repeat them exactly).
     assert_eq!(
         (

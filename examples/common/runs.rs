@@ -185,3 +185,24 @@ impl Chart<'_> {
         )
     }
 }
+
+/// Says `message` on stderr as a warning (even when the run is quiet) and appends it, with the
+/// time in seconds since the Unix epoch, to `RUN_DIR/warnings.log`, the run's log of what went
+/// differently than asked (a damaged cache rebuilt, say). A log that cannot be written is said
+/// too, and does not stop the run.
+pub fn warn(run_dir: &Path, message: &str) {
+    use std::io::Write;
+    eprintln!("warning: {message}");
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let path = run_dir.join("warnings.log");
+    let written = std::fs::create_dir_all(run_dir).and_then(|()| {
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(file, "{seconds} {message}")
+    });
+    if let Err(error) = written {
+        eprintln!("warning: could not write {}: {error}", path.display());
+    }
+}

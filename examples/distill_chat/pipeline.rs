@@ -1097,11 +1097,11 @@ fn open_or_build_cache(
             Ok(cached) if cached.cache().header().mode == (CacheMode::TopK { k }) => {
                 return Ok(cached.with_tail(TailPolicy::UniformTail));
             }
-            Ok(_) => eprintln!(
-                "warning: rebuilding {}: it holds another mode than the top {k}",
-                path.display()
+            Ok(_) => super::runs::warn(
+                &options.run_dir,
+                &format!("rebuilding {}: it holds another mode than the top {k}", path.display()),
             ),
-            Err(error) => eprintln!("warning: rebuilding {}: {error}", path.display()),
+            Err(error) => super::runs::warn(&options.run_dir, &format!("rebuilding {}: {error}", path.display())),
         }
         std::fs::remove_file(path)?;
     }

@@ -658,15 +658,21 @@ fn open_or_build_cache(
             // Said even with --quiet: an hour-long rebuild should not be a surprise.
             Ok(cached) => {
                 let mode = cached.cache().header().mode;
-                eprintln!(
-                    "warning: rebuilding the teacher cache {}: it holds {mode:?}, not the top {k}",
-                    path.display()
+                super::runs::warn(
+                    &options.run_dir,
+                    &format!(
+                        "rebuilding the teacher cache {}: it holds {mode:?}, not the top {k}",
+                        path.display()
+                    ),
                 );
                 drop(cached);
                 std::fs::remove_file(path)?;
             }
             Err(error) => {
-                eprintln!("warning: rebuilding the teacher cache {}: {error}", path.display());
+                super::runs::warn(
+                    &options.run_dir,
+                    &format!("rebuilding the teacher cache {}: {error}", path.display()),
+                );
                 std::fs::remove_file(path)?;
             }
         }

@@ -471,8 +471,11 @@ pub fn run(options: &Options) -> Result<Summary, Box<dyn std::error::Error>> {
             &CacheBuildOptions::new(CacheMode::DenseF32).with_progress(options.progress),
         )?;
         if let Some(reason) = &report.replaced {
-            // Said even with --quiet: the rebuild took the teacher's pass over the data.
-            eprintln!("warning: rebuilt the teacher cache {}: {reason}", path.display());
+            // Said even with --quiet, and logged: the rebuild took the teacher's pass over the data.
+            super::runs::warn(
+                &options.run_dir,
+                &format!("rebuilt the teacher cache {}: {reason}", path.display()),
+            );
         }
         say(
             options,

@@ -957,7 +957,14 @@ mod hostile {
         let dataset = mnist_subset(12);
         let teacher = FrozenTeacher::new(&small_mlp(1, &device));
         let path = scratch(name).join("cache.bdkd");
-        build(&path, &teacher, &dataset, &device, &CacheBuildOptions::new(mode).with_batch_size(4)).unwrap();
+        build(
+            &path,
+            &teacher,
+            &dataset,
+            &device,
+            &CacheBuildOptions::new(mode).with_batch_size(4),
+        )
+        .unwrap();
         std::fs::read(path).unwrap()
     }
 
@@ -981,9 +988,13 @@ mod hostile {
     fn the_teacher_cache_survives_hostile_files_verified_or_not() {
         for (mode, name) in [(CacheMode::DenseF16, "dense"), (CacheMode::TopK { k: 3 }, "top3")] {
             let valid = valid_cache(mode, &format!("hostile-cache-{name}"));
-            let report = check_reader(&format!("{name}.bdkd"), valid.clone(), 160, TIMEOUT, |path| read_cache(path, true));
+            let report = check_reader(&format!("{name}.bdkd"), valid.clone(), 160, TIMEOUT, |path| {
+                read_cache(path, true)
+            });
             assert!(report.refused > 0, "{report:?}");
-            check_reader(&format!("{name}-unverified.bdkd"), valid, 160, TIMEOUT, |path| read_cache(path, false));
+            check_reader(&format!("{name}-unverified.bdkd"), valid, 160, TIMEOUT, |path| {
+                read_cache(path, false)
+            });
         }
     }
 

@@ -978,7 +978,8 @@ fn hostile_request_bodies_get_answers_or_openai_errors_and_never_a_server_error(
             match status {
                 200 => Ok(()),
                 400..=499 => {
-                    let value: Value = serde_json::from_str(&text).map_err(|_| format!("{status} without JSON: {text}"))?;
+                    let value: Value =
+                        serde_json::from_str(&text).map_err(|_| format!("{status} without JSON: {text}"))?;
                     match value["error"]["message"].as_str() {
                         Some(message) if !message.is_empty() => Ok(()),
                         _ => Err(format!("{status} without an OpenAI error: {text}")),
@@ -1010,8 +1011,18 @@ fn hostile_request_bodies_get_answers_or_openai_errors_and_never_a_server_error(
         ]
     });
     let fields = vec![
-        "model", "messages", "max_tokens", "temperature", "top_p", "n", "seed", "logprobs", "top_logprobs", "stop",
-        "stream", "user",
+        "model",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "stop",
+        "stream",
+        "user",
     ];
     let edits = prop::collection::vec((prop::sample::select(fields), value), 1..4);
     let mut runner = TestRunner::new(Config {
@@ -1046,7 +1057,10 @@ fn hostile_request_bodies_get_answers_or_openai_errors_and_never_a_server_error(
         .unwrap_or_else(|failure| panic!("{failure}"));
     let statuses = statuses.into_inner();
     eprintln!("hostile chat request values: statuses {statuses:?}");
-    assert!(statuses.contains_key(&200) && statuses.keys().any(|s| (400..500).contains(s)), "{statuses:?}");
+    assert!(
+        statuses.contains_key(&200) && statuses.keys().any(|s| (400..500).contains(s)),
+        "{statuses:?}"
+    );
     runtime.block_on(async {
         let (status, body) = post(&url, None, &good).await;
         assert_eq!(status, 200, "{body}");
@@ -1063,18 +1077,21 @@ fn a_hostile_transfer_set_card_or_records_file_is_refused_naming_the_file() {
     let mut options = options_for(&handle.base_url());
     options.top_logprobs = Some(2);
     let valid_dir = scratch("hostile-set").join("set");
-    runtime().block_on(harvest(&prompts(3), None, &valid_dir, &options)).unwrap();
+    runtime()
+        .block_on(harvest(&prompts(3), None, &valid_dir, &options))
+        .unwrap();
     drop(handle);
     for (file, other) in [(CARD_FILE, RECORDS_FILE), (RECORDS_FILE, CARD_FILE)] {
         let valid = std::fs::read(valid_dir.join(file)).unwrap();
         let sibling = valid_dir.join(other);
-        let report = burn_distill_testing::hostile::check_reader(file, valid, 256, Duration::from_secs(10), move |path| {
-            let dir = path.parent().unwrap();
-            if !dir.join(other).exists() {
-                std::fs::copy(&sibling, dir.join(other)).unwrap();
-            }
-            TransferSet::open(dir).map(|set| set.records.len())
-        });
+        let report =
+            burn_distill_testing::hostile::check_reader(file, valid, 256, Duration::from_secs(10), move |path| {
+                let dir = path.parent().unwrap();
+                if !dir.join(other).exists() {
+                    std::fs::copy(&sibling, dir.join(other)).unwrap();
+                }
+                TransferSet::open(dir).map(|set| set.records.len())
+            });
         assert!(report.refused > 0, "{file}: {report:?}");
     }
 }

@@ -156,11 +156,22 @@ fn mutation(len: usize, header: usize) -> impl Strategy<Value = Mutation> {
     let at = prop_oneof![3 => 0..header, 2 => 0..len];
     prop_oneof![
         (at.clone(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
-        (at.clone(), proptest::collection::vec(any::<u8>(), 1..16)).prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
+        (at.clone(), proptest::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
         (at.clone(), 1usize..64).prop_map(|(at, len)| Mutation::Delete { at, len }),
         (0..len + 1).prop_map(|at| Mutation::Truncate { at }),
-        (at.clone(), prop::sample::select(LIES.to_vec()), any::<bool>(), any::<bool>())
-            .prop_map(|(at, value, wide, big_endian)| Mutation::Lie { at, value, wide, big_endian }),
+        (
+            at.clone(),
+            prop::sample::select(LIES.to_vec()),
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(at, value, wide, big_endian)| Mutation::Lie {
+                at,
+                value,
+                wide,
+                big_endian
+            }),
         (at, any::<u8>()).prop_map(|(at, byte)| Mutation::Set { at, byte }),
     ]
 }
@@ -231,7 +242,10 @@ where
             let _ = sender.send(outcome);
         });
         let outcome = receiver.recv_timeout(timeout).map_err(|_| {
-            TestCaseError::fail(format!("{name}: the reader did not return within {timeout:?} ({} bytes)", bytes.len()))
+            TestCaseError::fail(format!(
+                "{name}: the reader did not return within {timeout:?} ({} bytes)",
+                bytes.len()
+            ))
         })?;
         let mut report = report.lock().unwrap();
         report.cases += 1;

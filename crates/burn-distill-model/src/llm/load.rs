@@ -301,7 +301,12 @@ pub fn load_gguf_file(gguf: Arc<GgufFile>, device: &Device) -> LlmResult<Llama> 
     }
     let mut model = config.init(device)?;
     let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), true);
-    check_applied(gguf.path(), "its metadata", &result, &expected.keys().cloned().collect())?;
+    check_applied(
+        gguf.path(),
+        "its metadata",
+        &result,
+        &expected.keys().cloned().collect(),
+    )?;
     Ok(model)
 }
 
@@ -465,7 +470,12 @@ pub fn load_hf(dir: impl AsRef<Path>, device: &Device) -> LlmResult<Llama> {
         applied.errors.extend(result.errors);
     }
     let config_file = dir.join("config.json").display().to_string();
-    check_applied(files.first().map_or(dir, |f| f.as_path()), &config_file, &applied, &expected)?;
+    check_applied(
+        files.first().map_or(dir, |f| f.as_path()),
+        &config_file,
+        &applied,
+        &expected,
+    )?;
     Ok(model)
 }
 

@@ -200,10 +200,12 @@ impl ChatTokenizer {
                 "vocab": vocab, "merges": merges},
         });
         let source = format!("{} (GGUF metadata)", gguf.path().display());
-        let tokenizer: Tokenizer = unpanicked(|| serde_json::from_value(document).map_err(|e| e.to_string()))
-            .map_err(|reason| LlmError::Tokenizer {
-                source_name: source.clone(),
-                reason,
+        let tokenizer: Tokenizer =
+            unpanicked(|| serde_json::from_value(document).map_err(|e| e.to_string())).map_err(|reason| {
+                LlmError::Tokenizer {
+                    source_name: source.clone(),
+                    reason,
+                }
             })?;
         let special = |key: &str| {
             gguf.metadata()
@@ -257,9 +259,11 @@ impl ChatTokenizer {
         // `tokenizers` 0.22 panics ("Helper") on some malformed decoder sections instead of
         // returning its error: the panic stops here and is reported as the file's error.
         let tokenizer: Tokenizer =
-            unpanicked(|| text.parse::<Tokenizer>().map_err(|e| e.to_string())).map_err(|reason| LlmError::Tokenizer {
-                source_name: source.clone(),
-                reason,
+            unpanicked(|| text.parse::<Tokenizer>().map_err(|e| e.to_string())).map_err(|reason| {
+                LlmError::Tokenizer {
+                    source_name: source.clone(),
+                    reason,
+                }
             })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
@@ -621,6 +625,8 @@ fn unpanicked<T>(parse: impl FnOnce() -> std::result::Result<T, String>) -> std:
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        Err(format!("the tokenizers library could not read it (it panicked: {message})"))
+        Err(format!(
+            "the tokenizers library could not read it (it panicked: {message})"
+        ))
     })
 }

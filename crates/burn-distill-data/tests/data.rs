@@ -943,12 +943,12 @@ mod hostile {
     fn the_idx_reader_survives_hostile_raw_and_gzipped_files() {
         let pixels: Vec<u8> = (0..5 * 4 * 4).map(|i| (i * 7) as u8).collect();
         let raw = encode_idx(&[5, 4, 4], &pixels);
-        let report = check_reader("images-idx3-ubyte", raw.clone(), 16, TIMEOUT, |path| read_idx(path));
+        let report = check_reader("images-idx3-ubyte", raw.clone(), 16, TIMEOUT, read_idx);
         assert!(report.refused > 0 && report.accepted > 0, "{report:?}");
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gzip.write_all(&raw).unwrap();
         let gzipped = gzip.finish().unwrap();
-        let report = check_reader("images-idx3-ubyte.gz", gzipped, 32, TIMEOUT, |path| read_idx(path));
+        let report = check_reader("images-idx3-ubyte.gz", gzipped, 32, TIMEOUT, read_idx);
         assert!(report.refused > 0, "{report:?}");
     }
 
@@ -1009,7 +1009,7 @@ mod hostile {
         std::fs::write(&path, lines.join("\n") + "\n").unwrap();
         assert_eq!(read_chat_prompts(&path).unwrap().len(), 3);
         let valid = std::fs::read(&path).unwrap();
-        let report = check_reader("prompts.jsonl", valid, 128, TIMEOUT, |path| read_chat_prompts(path));
+        let report = check_reader("prompts.jsonl", valid, 128, TIMEOUT, read_chat_prompts);
         assert!(report.refused > 0, "{report:?}");
     }
 
@@ -1021,7 +1021,7 @@ mod hostile {
             .collect();
         write_transcripts(&path, &transcripts).unwrap();
         let valid = std::fs::read(&path).unwrap();
-        let report = check_reader("transcripts.jsonl", valid, 64, TIMEOUT, |path| read_transcripts(path));
+        let report = check_reader("transcripts.jsonl", valid, 64, TIMEOUT, read_transcripts);
         assert!(report.refused > 0, "{report:?}");
     }
 }

@@ -84,13 +84,12 @@ pub enum LlmError {
         tensor: String,
     },
     /// A tensor's shape disagrees with the model's config.
-    #[error("{path}: tensor {tensor:?} has shape {found:?}, {config} implies {expected:?}")]
+    /// The message names where the config came from (the GGUF file's metadata, or the
+    /// `config.json` beside a Hugging Face weight file), since either file can be the damaged one.
+    #[error("{path}: tensor {tensor:?} has shape {found:?}, {} implies {expected:?}", config_source(.path))]
     TensorShape {
-        /// The file.
+        /// The weight file.
         path: PathBuf,
-        /// Where the config came from: the GGUF file's metadata, or a Hugging Face
-        /// directory's `config.json` (named, since either file can be the damaged one).
-        config: String,
         /// The tensor.
         tensor: String,
         /// The shape the config implies.
@@ -164,3 +163,15 @@ impl LlmError {
 
 /// The result type of the language-model stack.
 pub type LlmResult<T> = core::result::Result<T, LlmError>;
+
+/// Where the config of the weights in `path` came from, in words.
+fn config_source(path: &std::path::Path) -> String {
+    if path.extension().is_some_and(|ext| ext == "gguf") {
+        "its metadata".to_string()
+    } else {
+        match path.parent() {
+            Some(dir) => format!("{}", dir.join("config.json").display()),
+            None => "config.json".to_string(),
+        }
+    }
+}

@@ -256,7 +256,6 @@ pub fn load_gguf_file(gguf: Arc<GgufFile>, device: &Device) -> LlmResult<Llama> 
         if &info.shape() != shape {
             return Err(LlmError::TensorShape {
                 path: gguf.path().to_path_buf(),
-                config: "its metadata".into(),
                 tensor: info.name.clone(),
                 expected: shape.iter().rev().copied().collect(),
                 found: info.dims.iter().map(|&d| d as usize).collect(),
@@ -301,12 +300,7 @@ pub fn load_gguf_file(gguf: Arc<GgufFile>, device: &Device) -> LlmResult<Llama> 
     }
     let mut model = config.init(device)?;
     let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), true);
-    check_applied(
-        gguf.path(),
-        "its metadata",
-        &result,
-        &expected.keys().cloned().collect(),
-    )?;
+    check_applied(gguf.path(), &result, &expected.keys().cloned().collect())?;
     Ok(model)
 }
 
@@ -336,7 +330,7 @@ fn hf_tensor_to_gguf(hf: &str) -> String {
     }
 }
 
-fn check_applied(path: &Path, config: &str, result: &ApplyResult, expected: &BTreeSet<String>) -> LlmResult<()> {
+fn check_applied(path: &Path, result: &ApplyResult, expected: &BTreeSet<String>) -> LlmResult<()> {
     if let Some(error) = result.errors.first() {
         return Err(match error {
             ApplyError::ShapeMismatch {
@@ -345,7 +339,6 @@ fn check_applied(path: &Path, config: &str, result: &ApplyResult, expected: &BTr
                 found,
             } => LlmError::TensorShape {
                 path: path.to_path_buf(),
-                config: config.to_string(),
                 tensor: key.clone(),
                 expected: expected.to_vec(),
                 found: found.to_vec(),
@@ -469,13 +462,7 @@ pub fn load_hf(dir: impl AsRef<Path>, device: &Device) -> LlmResult<Llama> {
         applied.applied.extend(result.applied);
         applied.errors.extend(result.errors);
     }
-    let config_file = dir.join("config.json").display().to_string();
-    check_applied(
-        files.first().map_or(dir, |f| f.as_path()),
-        &config_file,
-        &applied,
-        &expected,
-    )?;
+    check_applied(files.first().map_or(dir, |f| f.as_path()), &applied, &expected)?;
     Ok(model)
 }
 

@@ -215,7 +215,8 @@ impl TransferSet {
             return Err(ServeError::corrupt(
                 dir.join(RECORDS_FILE),
                 format!(
-                    "the card says complete with {} prompts × {} samples, the file has {} records",
+                    "the card ({}) says complete with {} prompts × {} samples, the file has {} records",
+                    dir.join(CARD_FILE).display(),
                     card.prompts.count,
                     card.request.samples,
                     records.len()

@@ -994,7 +994,9 @@ fn hostile_request_bodies_get_answers_or_openai_errors_and_never_a_server_error(
     // Well-formed JSON with hostile values: one to three fields of the good request replaced by
     // any JSON value (wrong types, extreme numbers, long strings, nesting).
     use burn_distill_testing::hostile::proptest::prelude::*;
-    use burn_distill_testing::hostile::proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use burn_distill_testing::hostile::proptest::test_runner::{
+        Config, RngAlgorithm, TestCaseError, TestRng, TestRunner,
+    };
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
@@ -1025,11 +1027,17 @@ fn hostile_request_bodies_get_answers_or_openai_errors_and_never_a_server_error(
         "user",
     ];
     let edits = prop::collection::vec((prop::sample::select(fields), value), 1..4);
-    let mut runner = TestRunner::new(Config {
-        cases: burn_distill_testing::hostile::cases() / 4,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: burn_distill_testing::hostile::cases() / 4,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(
+            RngAlgorithm::ChaCha,
+            &[burn_distill_testing::hostile::seed() as u8 + 1; 32],
+        ),
+    );
     let statuses = std::cell::RefCell::new(std::collections::BTreeMap::<u16, u32>::new());
     runner
         .run(&edits, |edits| {

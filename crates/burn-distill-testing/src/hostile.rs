@@ -5,6 +5,8 @@
 //! The number of cases per reader is [`cases`]: 2 000 unless `BURN_DISTILL_HOSTILE_CASES` says
 //! otherwise, and each suite stops early after [`budget`] (60 s unless
 //! `BURN_DISTILL_HOSTILE_SECONDS` says otherwise), so that CI stays bounded on slow machines.
+//! The cases follow [`seed`] (`BURN_DISTILL_HOSTILE_SEED`, 0 by default): reproducible in CI,
+//! and other seeds find other cases.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use proptest;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 /// Cases per reader: `BURN_DISTILL_HOSTILE_CASES`, or 2 000.
 pub fn cases() -> u32 {
@@ -21,6 +23,28 @@ pub fn cases() -> u32 {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(2_000)
+}
+
+/// The seed of the cases: `BURN_DISTILL_HOSTILE_SEED`, or 0, so that a CI run is reproducible;
+/// other seeds explore other cases.
+pub fn seed() -> u64 {
+    std::env::var("BURN_DISTILL_HOSTILE_SEED")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+fn runner() -> TestRunner {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed().to_le_bytes());
+    TestRunner::new_with_rng(
+        Config {
+            cases: cases(),
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &key),
+    )
 }
 
 /// The time one suite may take: `BURN_DISTILL_HOSTILE_SECONDS`, or 60 s.
@@ -221,11 +245,7 @@ where
     let dir = crate::scratch("hostile");
     let path: PathBuf = dir.join(name);
     let deadline = Instant::now() + budget();
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner();
     let report = std::sync::Mutex::new(Report::default());
     let result = runner.run(&hostile(valid, header), |bytes| {
         if Instant::now() > deadline {
@@ -292,11 +312,7 @@ where
 /// On the first case `check` fails, after proptest has shrunk it.
 pub fn check_bytes(name: &str, valid: Vec<u8>, header: usize, check: impl Fn(&[u8]) -> Result<(), String>) -> u32 {
     let deadline = Instant::now() + budget();
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner();
     let tried = std::cell::Cell::new(0u32);
     let result = runner.run(&hostile(valid, header), |bytes| {
         if Instant::now() > deadline {

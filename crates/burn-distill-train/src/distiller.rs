@@ -192,6 +192,12 @@ where
             dir: dir.root.clone(),
             reason: error.to_string(),
         })?;
+        // A config that reads but holds values no run takes (a damaged or hand-edited file) is
+        // refused here, naming the file, rather than when the run starts.
+        config.validate().map_err(|error| TrainError::Resume {
+            dir: dir.root.clone(),
+            reason: format!("{}: {error}", dir.config().display()),
+        })?;
         Ok(Self {
             config,
             dir,

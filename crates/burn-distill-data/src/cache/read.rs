@@ -233,6 +233,7 @@ impl TeacherCache {
                 ),
                 CacheMode::TopK { k } => {
                     let (classes, log_probs) = split_top_k(payload, self.header.positions * k);
+                    self.check_classes(index, &classes)?;
                     for position in 0..self.header.positions {
                         let span = position * k..(position + 1) * k;
                         values.extend(dense_from_top_k(
@@ -261,10 +262,26 @@ impl TeacherCache {
         let mut all_log_probs = Vec::with_capacity(indices.len() * per_example);
         for &index in indices {
             let (classes, log_probs) = split_top_k(self.payload(index)?, per_example);
+            self.check_classes(index, &classes)?;
             all_classes.extend(classes);
             all_log_probs.extend(log_probs);
         }
         Ok((all_classes, all_log_probs))
+    }
+
+    /// Refuses a top-k record naming a class the cache does not have: only checksums catch a
+    /// damaged class id, and an unverified open reads none.
+    fn check_classes(&self, index: usize, classes: &[u32]) -> Result<()> {
+        match classes.iter().find(|&&class| class as usize >= self.header.classes) {
+            Some(class) => Err(DataError::corrupt(
+                &self.path,
+                format!(
+                    "example {index} names class {class}, the cache has {} (a damaged record)",
+                    self.header.classes
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The logits of the examples `indices` as a `[batch, classes]` (`D = 2`) or
@@ -353,7 +370,7 @@ pub fn dense_from_top_k(classes: &[u32], log_probs: &[f32], num_classes: usize, 
         TailPolicy::UniformTail => {
             let kept: f64 = log_probs.iter().map(|&lp| f64::from(lp).exp()).sum();
             let missing = 1.0 - kept;
-            let others = num_classes - classes.len();
+            let others = num_classes.saturating_sub(classes.len());
             if missing > 0.0 && others > 0 {
                 (missing / others as f64).ln() as f32
             } else {
@@ -363,7 +380,10 @@ pub fn dense_from_top_k(classes: &[u32], log_probs: &[f32], num_classes: usize, 
     };
     let mut dense = vec![fill; num_classes];
     for (&class, &log_prob) in classes.iter().zip(log_probs) {
-        dense[class as usize] = log_prob;
+        // Classes outside `num_classes` are not there to fill (a cache refuses them first).
+        if let Some(slot) = dense.get_mut(class as usize) {
+            *slot = log_prob;
+        }
     }
     dense
 }

@@ -76,7 +76,7 @@ pub enum LlmError {
         key: String,
     },
     /// A tensor the model needs is absent from the weights.
-    #[error("{path}: no tensor {tensor:?}")]
+    #[error("{path}: no tensor {tensor:?}, which {} implies", config_source(.path))]
     MissingTensor {
         /// The file.
         path: PathBuf,

@@ -313,7 +313,7 @@ where
             objective.as_ref(),
             &plan.terms,
             batch,
-            mask.clone(),
+            mask,
             counts,
             false,
             true,
@@ -321,20 +321,12 @@ where
         .unwrap_or_else(|err| panic!("distillation step failed: {err}"));
         let scale = summed as f64;
         let unscale = |term: &Option<Tensor<1>>| term.as_ref().map(|t| t.clone().mul_scalar(scale));
-        let correct = loss.logits.as_ref().map(|logits| {
-            let hits = logits.clone().argmax(1).reshape([-1]).equal(targets.clone());
-            let hits = match &mask {
-                Some(mask) => hits.bool_and(mask.clone()),
-                None => hits,
-            };
-            hits.int().sum()
-        });
         let output = DistillOutput {
             loss: loss.total.clone().mul_scalar(scale),
             hard: unscale(&loss.hard),
             soft: unscale(&loss.soft),
             features: unscale(&loss.features),
-            correct,
+            correct: loss.correct.clone(),
             positions: valid,
         };
         (loss, output)

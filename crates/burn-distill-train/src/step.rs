@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 use burn_distill_data::Batch;
 use burn_distill_model::{Features, Student, Teacher};
 
@@ -64,14 +64,14 @@ pub(crate) struct BatchLoss {
     pub(crate) hard: Option<Tensor<1>>,
     pub(crate) soft: Option<Tensor<1>>,
     pub(crate) features: Option<Tensor<1>>,
-    /// The student's logits `[positions, classes]`, when it gave logits rather than hidden
-    /// states (for metrics that need them).
-    pub(crate) logits: Option<Tensor<2>>,
+    /// How many valid positions the student's argmax gets right, when asked for and the
+    /// student gave logits rather than hidden states.
+    pub(crate) correct: Option<Tensor<1, Int>>,
     pub(crate) teacher_seconds: f64,
 }
 
 /// The loss of `batch` for `trainee`, against `teacher` when there is one; with
-/// `keep_logits`, the student's logits too.
+/// `count_correct`, the number of valid positions whose argmax is the target too.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batch_loss<M, B, const D: usize>(
     trainee: &Trainee<M>,
@@ -82,7 +82,7 @@ pub(crate) fn batch_loss<M, B, const D: usize>(
     mask: Option<Tensor<1, Bool>>,
     counts: StepCounts,
     check_inputs: bool,
-    keep_logits: bool,
+    count_correct: bool,
 ) -> Result<BatchLoss>
 where
     M: Student<B::Input, D>,
@@ -148,14 +148,22 @@ where
         }
         None => (None, Default::default()),
     };
-    // Kept only when asked: a second handle on the logits stops the loss from reusing their
-    // buffer in place.
-    let logits = (keep_logits && head.is_none()).then(|| student_rows.clone());
+    // Counted before the loss, so that no second handle on the logits is held while it runs
+    // (one would stop the loss from reusing their buffer in place).
+    let targets = batch.targets();
+    let correct = (count_correct && head.is_none()).then(|| {
+        let hits = student_rows.clone().argmax(1).reshape([-1]).equal(targets.clone());
+        let hits = match &mask {
+            Some(mask) => hits.bool_and(mask.clone()),
+            None => hits,
+        };
+        hits.int().sum()
+    });
     let logit_loss = objective.loss(ObjectiveInput {
         student: student_rows,
         head,
         teacher: teacher_logits,
-        targets: batch.targets(),
+        targets,
         mask,
         normaliser: counts.positions,
         check_inputs,
@@ -177,7 +185,7 @@ where
         hard: logit_loss.hard,
         soft: logit_loss.soft,
         features,
-        logits,
+        correct,
         teacher_seconds,
     })
 }

@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release --features flex --example fused_profile -- forward_kl 20
+//! cargo run --release --features flex --example fused_profile -- forward_kl 20 --dtype bf16
 //! perf record -g ./target/release/examples/fused_profile hinton 30
 //! ```
 //!
@@ -11,7 +12,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use burn_distill::loss::{Divergence, DivergenceLossConfig, HintonKdLossConfig, Implementation, Reduction};
 
 const ROWS: usize = 2048;
@@ -40,10 +41,13 @@ struct Args {
     /// Calls.
     #[arg(default_value_t = 20)]
     calls: usize,
+    /// The logits' precision (both inputs; the gradient comes back in it).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
 }
 
 fn main() {
-    let Args { loss, calls } = <Args as clap::Parser>::parse();
+    let Args { loss, calls, dtype } = <Args as clap::Parser>::parse();
     let divergence = match loss.as_str() {
         "forward_kl" => Some(Divergence::ForwardKl),
         "reverse_kl" => Some(Divergence::ReverseKl),
@@ -51,7 +55,12 @@ fn main() {
         _ => None,
     };
     let device = Device::flex().autodiff();
-    let (student, teacher) = (logits(1, &device), logits(2, &device));
+    let precision = match dtype.as_str() {
+        "f16" => FloatDType::F16,
+        "bf16" => FloatDType::BF16,
+        _ => FloatDType::F32,
+    };
+    let (student, teacher) = (logits(1, &device).cast(precision), logits(2, &device).cast(precision));
     let labels: Vec<i64> = (0..ROWS).map(|i| ((i * 7919) % CLASSES) as i64).collect();
     let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [ROWS]), &device);
     let start = Instant::now();
@@ -78,5 +87,5 @@ fn main() {
         std::hint::black_box((value.into_scalar::<f32>(), grad));
     }
     let per_call = start.elapsed().as_secs_f64() * 1e3 / calls as f64;
-    println!("{loss} at {ROWS} x {CLASSES} on flex, fused: {per_call:.1} ms per call ({calls} calls)");
+    println!("{loss} at {ROWS} x {CLASSES} on flex, {dtype}, fused: {per_call:.1} ms per call ({calls} calls)");
 }

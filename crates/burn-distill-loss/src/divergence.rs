@@ -148,7 +148,7 @@ impl DivergenceLoss {
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
         if self.fused(&student_logits, &teacher_logits)? {
-            let (student, teacher, _) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+            let (student, teacher, _) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false, false)?;
             let [positions, classes] = student.dims();
             let weights = reduction_weights(None, positions, classes, reduction)?;
             return self.run_fused(student, teacher, weights, true);
@@ -178,7 +178,8 @@ impl DivergenceLoss {
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
         if self.fused(&student_logits, &teacher_logits)? {
-            let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+            let (student, teacher, lead) =
+                flatten_pair(student_logits, teacher_logits, self.vocab_policy, false, false)?;
             let [positions, classes] = student.dims();
             let valid = read_bools(flatten_positions(mask, &lead, "mask")?);
             let weights = reduction_weights(Some(&valid), positions, classes, reduction)?;
@@ -204,7 +205,8 @@ impl DivergenceLoss {
         teacher_logits: Tensor<D>,
     ) -> crate::Result<Tensor<D>> {
         if self.fused(&student_logits, &teacher_logits)? {
-            let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+            let (student, teacher, lead) =
+                flatten_pair(student_logits, teacher_logits, self.vocab_policy, false, false)?;
             let positions = student.dims()[0];
             let per_position = self.run_fused(student, teacher, vec![1.0; positions], false)?;
             return Ok(unflatten(per_position, &lead));
@@ -250,8 +252,13 @@ impl DivergenceLoss {
         student_logits: Tensor<D>,
         teacher_logits: Tensor<D>,
     ) -> crate::Result<(Tensor<1>, usize, Vec<usize>)> {
-        let (student, teacher, lead) =
-            flatten_pair(student_logits, teacher_logits, self.vocab_policy, self.check_inputs)?;
+        let (student, teacher, lead) = flatten_pair(
+            student_logits,
+            teacher_logits,
+            self.vocab_policy,
+            self.check_inputs,
+            true,
+        )?;
         let classes = student.dims()[1];
         let student_log_probs = scaled_log_softmax(student, self.temperature);
         let teacher_log_probs = scaled_log_softmax(teacher.detach(), self.temperature);

@@ -74,7 +74,7 @@ pub enum LossError {
     /// [`Implementation::Fused`](crate::Implementation::Fused) was asked for where the fused
     /// kernel does not run.
     #[error(
-        "the fused loss kernel runs on f32 tensors on the ndarray, flex, wgpu and cuda devices, not on {device} with {dtype}; \
+        "the fused loss kernel runs on f32 tensors on the ndarray, flex, wgpu and cuda devices (f16 and bf16 on flex), not on {device} with {dtype}; \
          use Implementation::Auto or Implementation::Composed"
     )]
     FusedUnavailable {

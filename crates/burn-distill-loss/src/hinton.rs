@@ -220,7 +220,7 @@ impl HintonKdLoss {
         labels: Tensor<L, Int>,
         reduction: Option<Reduction>,
     ) -> crate::Result<Tensor<1>> {
-        let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false)?;
+        let (student, teacher, lead) = flatten_pair(student_logits, teacher_logits, self.vocab_policy, false, false)?;
         let [positions, classes] = student.dims();
         // The labels are read in any case: the kernel indexes the row with them.
         let labels = read_ints(flatten_positions(labels, &lead, "labels")?.into_data());

@@ -1,6 +1,6 @@
 //! Shape checks, flattening and input validation shared by every loss.
 
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::error::{LossError, Result};
 use crate::vocab::VocabPolicy;
@@ -26,12 +26,15 @@ pub(crate) fn flatten<const D: usize>(tensor: Tensor<D>, name: &'static str) -> 
 }
 
 /// Flattens student and teacher logits, checks that their leading dimensions agree and applies
-/// the vocabulary policy. Returns `(student, teacher, leading shape)`.
+/// the vocabulary policy. Returns `(student, teacher, leading shape)`; with `widen`, half-
+/// precision rows are cast to f32 (the composed paths: softmaxes, logs and sums in f16 or
+/// bf16 lose the small divergences, and can even come out negative).
 pub(crate) fn flatten_pair<const D: usize>(
     student: Tensor<D>,
     teacher: Tensor<D>,
     policy: VocabPolicy,
     check: bool,
+    widen: bool,
 ) -> Result<(Tensor<2>, Tensor<2>, Vec<usize>)> {
     let student = flatten(student, "student logits")?;
     let teacher = flatten(teacher, "teacher logits")?;
@@ -49,7 +52,19 @@ pub(crate) fn flatten_pair<const D: usize>(
         check_logits(&teacher.rows, "teacher logits")?;
     }
     let (student_rows, teacher_rows) = policy.align(student.rows, teacher.rows)?;
+    if widen {
+        return Ok((widen_f32(student_rows), widen_f32(teacher_rows), student.lead));
+    }
     Ok((student_rows, teacher_rows, student.lead))
+}
+
+/// `tensor` in f32 when it is in a half precision (f16, bf16, flex32); as it is otherwise.
+/// The cast is differentiable: the gradient comes back in the tensor's own precision.
+pub(crate) fn widen_f32<const D: usize>(tensor: Tensor<D>) -> Tensor<D> {
+    match tensor.dtype() {
+        DType::F16 | DType::BF16 | DType::Flex32 => tensor.cast(FloatDType::F32),
+        _ => tensor,
+    }
 }
 
 /// Flattens a per-position tensor (labels, mask, top-k) whose leading shape must be `lead`.
@@ -160,7 +175,7 @@ pub(crate) fn flatten_labelled<const D: usize, const L: usize>(
     check: bool,
     ignore_index: i64,
 ) -> Result<Labelled> {
-    let (student, teacher, lead) = flatten_pair(student, teacher, policy, check)?;
+    let (student, teacher, lead) = flatten_pair(student, teacher, policy, check, true)?;
     let labels = flatten_positions(labels, &lead, "labels")?;
     if check {
         check_indices(&labels, student.dims()[1], Some(ignore_index), "labels")?;

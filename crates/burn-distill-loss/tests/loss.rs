@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 #[path = "loss/fused.rs"]
 mod fused;
+#[path = "loss/half.rs"]
+mod half;
 
 // ---------------------------------------------------------------------------------------------
 // Devices

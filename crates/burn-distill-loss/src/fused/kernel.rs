@@ -7,10 +7,19 @@
 //! every later step reads them from cache. That is the memory traffic of an online softmax
 //! (one read of each input, one write of the gradient) with one exponential per element
 //! instead of two: an online softmax rescales its running sum, so it has to recompute the
-//! exponentials after it. Rows run in parallel on rayon's pool; the inner loops are plain
-//! arrays of [`LANES`] that LLVM vectorises, compiled twice (baseline and AVX2 + FMA, picked
-//! at run time).
+//! exponentials after it. Each sum is taken block by block right after the block's
+//! exponentials are written (still in L1), and forward KL's value is summed in the teacher's
+//! exponential pass: a row is swept from L2 three times (exponentials of each side, the
+//! gradient), not five. Rows run in parallel on rayon's pool; the inner loops are plain
+//! arrays of [`LANES`] that LLVM vectorises, compiled three times (baseline, AVX2 + FMA and
+//! AVX-512, picked at run time).
+//!
+//! Half-precision logits (f16, bf16) are read as they are: the maxima sweep widens each row
+//! to f32 into a scratch row held in cache, all arithmetic is f32 (sums in f64), and the
+//! gradient row is rounded to the student's precision as it is written. The memory traffic is
+//! then 6 bytes per element instead of 12.
 
+use burn::tensor::{DType, bf16, f16};
 use rayon::prelude::*;
 
 use crate::spec::{Divergence, RowSpec};
@@ -20,14 +29,84 @@ const LANES: usize = 8;
 /// Rows per rayon task: enough work per task to amortise scheduling at small vocabularies.
 const MIN_ELEMENTS_PER_TASK: usize = 1 << 16;
 
+/// Row-major `[positions, classes]` logits as the host kernel reads them, in their own
+/// precision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum HostLogits<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> HostLogits<'a> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            HostLogits::F32(values) => values.len(),
+            HostLogits::F16(values) => values.len(),
+            HostLogits::Bf16(values) => values.len(),
+        }
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            HostLogits::F32(_) => DType::F32,
+            HostLogits::F16(_) => DType::F16,
+            HostLogits::Bf16(_) => DType::BF16,
+        }
+    }
+
+    fn span(self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            HostLogits::F32(values) => HostLogits::F32(&values[range]),
+            HostLogits::F16(values) => HostLogits::F16(&values[range]),
+            HostLogits::Bf16(values) => HostLogits::Bf16(&values[range]),
+        }
+    }
+
+    /// Row `range` in f32: the slice itself, or widened into `scratch`.
+    #[inline(always)]
+    fn row<'b>(self, range: std::ops::Range<usize>, scratch: &'b mut [f32], simd: Simd) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match self {
+            HostLogits::F32(values) => &values[range],
+            HostLogits::F16(values) => {
+                simd.widen_f16(&values[range], scratch);
+                scratch
+            }
+            HostLogits::Bf16(values) => {
+                widen_bf16(&values[range], scratch);
+                scratch
+            }
+        }
+    }
+}
+
+/// The gradient w.r.t. the student logits, in the student's precision.
+#[derive(Debug)]
+pub(crate) enum HostGrad {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+/// One task's rows of a [`HostGrad`].
+enum GradRows<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    Bf16(&'a mut [bf16]),
+}
+
 /// The result of [`fused_rows`].
 #[derive(Debug)]
 pub(crate) struct RowsOut {
     /// `soft_weight · D + hard_weight · CE` per row; 0 for rows of weight 0, NaN for rows with
     /// NaN or +inf logits or no finite logit.
     pub losses: Vec<f32>,
-    /// `weight_i · ∂loss_i/∂student_logits`, `[positions · classes]`, when asked for.
-    pub grad: Option<Vec<f32>>,
+    /// `weight_i · ∂loss_i/∂student_logits`, `[positions · classes]`, when asked for, in the
+    /// student's precision.
+    pub grad: Option<HostGrad>,
 }
 
 /// Runs the fused loss over `positions = student.len() / classes` rows.
@@ -37,8 +116,8 @@ pub(crate) struct RowsOut {
 /// its gradient 0). `None` means weight 1 everywhere.
 pub(crate) fn fused_rows(
     spec: &RowSpec,
-    student: &[f32],
-    teacher: &[f32],
+    student: HostLogits<'_>,
+    teacher: HostLogits<'_>,
     classes: usize,
     labels: Option<&[i64]>,
     weights: Option<&[f32]>,
@@ -49,12 +128,21 @@ pub(crate) fn fused_rows(
     let rows_per_task = (MIN_ELEMENTS_PER_TASK / classes).max(1);
     let mut losses = vec![0.0f32; positions];
     let simd = Simd::detect();
-    let task = |index: usize, losses: &mut [f32], grad: Option<&mut [f32]>, scratch: &mut Scratch| {
+    let layout = ScratchLayout {
+        classes,
+        // The student's exponentials go straight into an f32 gradient row; otherwise (no
+        // gradient, or one in half precision) into a scratch row.
+        own_student_row: !want_grad || student.dtype() != DType::F32,
+        widen_student: student.dtype() != DType::F32,
+        widen_teacher: teacher.dtype() != DType::F32,
+    };
+    let task = |index: usize, losses: &mut [f32], grad: Option<GradRows<'_>>, scratch: &mut Scratch| {
         let first = index * rows_per_task;
+        let span = first * classes..(first + losses.len()) * classes;
         let block = Block {
             spec,
-            student: &student[first * classes..(first + losses.len()) * classes],
-            teacher: &teacher[first * classes..(first + losses.len()) * classes],
+            student: student.span(span.clone()),
+            teacher: teacher.span(span),
             classes,
             labels: labels.map(|labels| &labels[first..first + losses.len()]),
             weights: weights.map(|weights| &weights[first..first + losses.len()]),
@@ -65,31 +153,78 @@ pub(crate) fn fused_rows(
     // `for_each_init` initialiser once per split, and fresh 128 KiB rows would each cost page
     // faults.
     let grad = if want_grad {
-        let mut grad = vec![0.0f32; student.len()];
-        advise_huge_pages(&mut grad);
-        losses
-            .par_chunks_mut(rows_per_task)
-            .zip(grad.par_chunks_mut(rows_per_task * classes))
-            .enumerate()
-            .for_each(|(index, (losses, grad))| {
-                with_scratch(classes, false, |scratch| task(index, losses, Some(grad), scratch))
-            });
-        Some(grad)
+        Some(match student.dtype() {
+            DType::F16 => HostGrad::F16(sweep(
+                &mut losses,
+                rows_per_task,
+                layout,
+                zeroed_half(classes * positions),
+                |grad: &mut [f16]| GradRows::F16(grad),
+                &task,
+            )),
+            DType::BF16 => HostGrad::Bf16(sweep(
+                &mut losses,
+                rows_per_task,
+                layout,
+                zeroed_half(classes * positions),
+                |grad: &mut [bf16]| GradRows::Bf16(grad),
+                &task,
+            )),
+            _ => HostGrad::F32(sweep(
+                &mut losses,
+                rows_per_task,
+                layout,
+                vec![0.0; classes * positions],
+                |grad: &mut [f32]| GradRows::F32(grad),
+                &task,
+            )),
+        })
     } else {
         losses
             .par_chunks_mut(rows_per_task)
             .enumerate()
-            .for_each(|(index, losses)| with_scratch(classes, true, |scratch| task(index, losses, None, scratch)));
+            .for_each(|(index, losses)| with_scratch(layout, |scratch| task(index, losses, None, scratch)));
         None
     };
     RowsOut { losses, grad }
+}
+
+/// A zeroed buffer of 16-bit floats from `calloc` (pages the OS zeroes as they are first
+/// written, not a pass of its own).
+fn zeroed_half<H: bytemuck::Pod>(elements: usize) -> Vec<H> {
+    bytemuck::allocation::cast_vec(vec![0u16; elements])
+}
+
+/// The parallel sweep that writes the gradient `grad`, `rows_per_task` rows per task.
+fn sweep<G, Task>(
+    losses: &mut [f32],
+    rows_per_task: usize,
+    layout: ScratchLayout,
+    mut grad: Vec<G>,
+    wrap: fn(&mut [G]) -> GradRows<'_>,
+    task: &Task,
+) -> Vec<G>
+where
+    G: Send,
+    Task: Fn(usize, &mut [f32], Option<GradRows<'_>>, &mut Scratch) + Sync,
+{
+    let classes = grad.len() / losses.len().max(1);
+    advise_huge_pages(&mut grad);
+    losses
+        .par_chunks_mut(rows_per_task)
+        .zip(grad.par_chunks_mut(rows_per_task * classes))
+        .enumerate()
+        .for_each(|(index, (losses, grad))| {
+            with_scratch(layout, |scratch| task(index, losses, Some(wrap(grad)), scratch))
+        });
+    grad
 }
 
 /// Asks Linux to back `buffer` with transparent huge pages where it is allowed to (`madvise`
 /// mode, the common default). A fresh gradient of hundreds of megabytes is otherwise faulted
 /// in 4 KiB at a time by the sweep that writes it: 64 000 faults at 2048 × 32000, a quarter of
 /// the call. Best effort: nothing changes where the kernel refuses.
-fn advise_huge_pages(buffer: &mut [f32]) {
+fn advise_huge_pages<G>(buffer: &mut [G]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE_PAGE: usize = 2 << 20;
@@ -115,29 +250,45 @@ fn advise_huge_pages(buffer: &mut [f32]) {
 /// A contiguous block of rows handed to one task.
 struct Block<'a> {
     spec: &'a RowSpec,
-    student: &'a [f32],
-    teacher: &'a [f32],
+    student: HostLogits<'a>,
+    teacher: HostLogits<'a>,
     classes: usize,
     labels: Option<&'a [i64]>,
     weights: Option<&'a [f32]>,
 }
 
+/// Which scratch rows a call needs.
+#[derive(Debug, Clone, Copy)]
+struct ScratchLayout {
+    classes: usize,
+    own_student_row: bool,
+    widen_student: bool,
+    widen_teacher: bool,
+}
+
 /// Per-task rows: teacher exponentials, and `q · ∂D/∂q` for the divergences that need it
-/// (and the student exponentials when no gradient row is written).
+/// (and the student exponentials when no f32 gradient row is written; the inputs widened to
+/// f32 when they are in half precision).
 struct Scratch {
     teacher_exp: Vec<f32>,
     student_term: Vec<f64>,
     student_exp: Vec<f32>,
     /// `exp(s − max s)` (the hard term's softmax at T = 1).
     hard_exp: Vec<f32>,
+    student_row: Vec<f32>,
+    teacher_row: Vec<f32>,
 }
 
 impl Scratch {
-    fn fit(&mut self, classes: usize, own_student_row: bool) {
+    fn fit(&mut self, layout: ScratchLayout) {
+        let classes = layout.classes;
+        let sized = |on: bool| if on { classes } else { 0 };
         self.teacher_exp.resize(classes, 0.0);
         self.student_term.resize(classes, 0.0);
         self.hard_exp.resize(classes, 0.0);
-        self.student_exp.resize(if own_student_row { classes } else { 0 }, 0.0);
+        self.student_exp.resize(sized(layout.own_student_row), 0.0);
+        self.student_row.resize(sized(layout.widen_student), 0.0);
+        self.teacher_row.resize(sized(layout.widen_teacher), 0.0);
     }
 }
 
@@ -148,57 +299,199 @@ thread_local! {
             student_term: Vec::new(),
             student_exp: Vec::new(),
             hard_exp: Vec::new(),
+            student_row: Vec::new(),
+            teacher_row: Vec::new(),
         })
     };
 }
 
-/// Runs `f` with this thread's scratch rows, sized for `classes`.
-fn with_scratch<R>(classes: usize, own_student_row: bool, f: impl FnOnce(&mut Scratch) -> R) -> R {
+/// Runs `f` with this thread's scratch rows, sized for `layout`.
+fn with_scratch<R>(layout: ScratchLayout, f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        scratch.fit(classes, own_student_row);
+        scratch.fit(layout);
         f(&mut scratch)
     })
 }
 
 /// Which compiled copy of the kernel runs.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Simd {
     Baseline,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Simd {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Simd::Avx2;
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if std::env::var_os("BURN_DISTILL_NO_AVX512").is_none()
+                && avx2
+                && has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+            {
+                return Simd::Avx512;
+            }
+            if avx2 {
+                return Simd::Avx2;
+            }
         }
         Simd::Baseline
     }
 
-    fn run(self, block: &Block<'_>, losses: &mut [f32], grad: Option<&mut [f32]>, scratch: &mut Scratch) {
+    fn run(self, block: &Block<'_>, losses: &mut [f32], grad: Option<GradRows<'_>>, scratch: &mut Scratch) {
         match self {
-            Simd::Baseline => run_block(block, losses, grad, scratch),
+            Simd::Baseline => run_block(self, block, losses, grad, scratch),
+            // SAFETY: `detect` returned `Avx2` / `Avx512` only after checking that this CPU has
+            // the features `run_block_avx2` / `run_block_avx512` are compiled for.
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` returned `Avx2` only after checking that this CPU has AVX2 and
-            // FMA, the features `run_block_avx2` is compiled for.
             #[allow(unsafe_code)]
-            Simd::Avx2 => unsafe { run_block_avx2(block, losses, grad, scratch) },
+            Simd::Avx2 => unsafe { run_block_avx2(self, block, losses, grad, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Simd::Avx512 => unsafe { run_block_avx512(self, block, losses, grad, scratch) },
+        }
+    }
+
+    /// `out = values` widened to f32 (exact).
+    fn widen_f16(self, values: &[f16], out: &mut [f32]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` checked F16C and AVX2 for both of these.
+            #[allow(unsafe_code)]
+            Simd::Avx2 | Simd::Avx512 => unsafe { x86::widen_f16(values, out) },
+            _ => {
+                for (o, &v) in out.iter_mut().zip(values) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+
+    /// `out = values` rounded to f16 (to nearest, ties to even; overflow to ±inf).
+    fn narrow_f16(self, values: &[f32], out: &mut [f16]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `widen_f16`.
+            #[allow(unsafe_code)]
+            Simd::Avx2 | Simd::Avx512 => unsafe { x86::narrow_f16(values, out) },
+            _ => {
+                for (o, &v) in out.iter_mut().zip(values) {
+                    *o = f16::from_f32(v);
+                }
+            }
+        }
+    }
+}
+
+/// bf16 → f32 is the top half of the f32 bits: exact, and a loop LLVM vectorises.
+#[inline(always)]
+fn widen_bf16(values: &[bf16], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = f32::from_bits((v.to_bits() as u32) << 16);
+    }
+}
+
+/// f32 → bf16 rounded to nearest, ties to even (NaN stays NaN), in integer arithmetic that
+/// vectorises.
+#[inline(always)]
+fn narrow_bf16(values: &[f32], out: &mut [bf16]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        let bits = v.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+        let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+        *o = bf16::from_bits(if nan {
+            ((bits >> 16) | 0x40) as u16
+        } else {
+            rounded as u16
+        });
+    }
+}
+
+/// The F16C conversions, eight values per instruction.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::{
+        __m128i, _mm_loadu_si128, _mm_storeu_si128, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
+    };
+
+    use burn::tensor::f16;
+
+    /// # Safety
+    /// The CPU must have AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn widen_f16(values: &[f16], out: &mut [f32]) {
+        let n = values.len().min(out.len());
+        let whole = n / 8 * 8;
+        for start in (0..whole).step_by(8) {
+            // SAFETY: `start + 8 ≤ n` for both slices; unaligned loads and stores.
+            unsafe {
+                let half = _mm_loadu_si128(values.as_ptr().add(start).cast::<__m128i>());
+                _mm256_storeu_ps(out.as_mut_ptr().add(start), _mm256_cvtph_ps(half));
+            }
+        }
+        for j in whole..n {
+            out[j] = values[j].to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn narrow_f16(values: &[f32], out: &mut [f16]) {
+        let n = values.len().min(out.len());
+        let whole = n / 8 * 8;
+        for start in (0..whole).step_by(8) {
+            // SAFETY: as in `widen_f16`; rounding mode 0 is to nearest, ties to even.
+            unsafe {
+                let single = _mm256_loadu_ps(values.as_ptr().add(start));
+                _mm_storeu_si128(
+                    out.as_mut_ptr().add(start).cast::<__m128i>(),
+                    _mm256_cvtps_ph::<0>(single),
+                );
+            }
+        }
+        for j in whole..n {
+            out[j] = f16::from_f32(values[j]);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn run_block_avx2(block: &Block<'_>, losses: &mut [f32], grad: Option<&mut [f32]>, scratch: &mut Scratch) {
-    run_block(block, losses, grad, scratch);
+#[target_feature(enable = "avx2,fma,f16c")]
+fn run_block_avx2(
+    simd: Simd,
+    block: &Block<'_>,
+    losses: &mut [f32],
+    grad: Option<GradRows<'_>>,
+    scratch: &mut Scratch,
+) {
+    run_block(simd, block, losses, grad, scratch);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn run_block_avx512(
+    simd: Simd,
+    block: &Block<'_>,
+    losses: &mut [f32],
+    grad: Option<GradRows<'_>>,
+    scratch: &mut Scratch,
+) {
+    run_block(simd, block, losses, grad, scratch);
 }
 
 #[inline(always)]
-fn run_block(block: &Block<'_>, losses: &mut [f32], mut grad: Option<&mut [f32]>, scratch: &mut Scratch) {
+fn run_block(simd: Simd, block: &Block<'_>, losses: &mut [f32], mut grad: Option<GradRows<'_>>, scratch: &mut Scratch) {
     let classes = block.classes;
+    let write_grad = grad.is_some();
     for (row, loss) in losses.iter_mut().enumerate() {
         let span = row * classes..(row + 1) * classes;
         let weight = block.weights.map_or(1.0, |weights| weights[row]);
@@ -208,25 +501,45 @@ fn run_block(block: &Block<'_>, losses: &mut [f32], mut grad: Option<&mut [f32]>
             student_term,
             student_exp,
             hard_exp,
+            student_row,
+            teacher_row,
         } = scratch;
-        let (student_exp, write_grad) = match grad.as_deref_mut() {
-            Some(grad) => (&mut grad[span.clone()], true),
-            None => (&mut student_exp[..], false),
+        let student = block.student.row(span.clone(), student_row, simd);
+        let teacher = block.teacher.row(span.clone(), teacher_row, simd);
+        // Not a closure: a closure is compiled on its own, without the SIMD features of the
+        // `run_block_*` copy it is called from.
+        macro_rules! row_loss {
+            ($student_exp:expr) => {
+                fused_row(
+                    block.spec,
+                    student,
+                    teacher,
+                    label,
+                    weight,
+                    RowBuffers {
+                        student_exp: $student_exp,
+                        teacher_exp: &mut *teacher_exp,
+                        student_term: &mut *student_term,
+                        hard_exp: &mut *hard_exp,
+                    },
+                    write_grad,
+                )
+            };
+        }
+        *loss = match grad.as_mut() {
+            Some(GradRows::F32(grad)) => row_loss!(&mut grad[span]),
+            Some(GradRows::F16(grad)) => {
+                let loss = row_loss!(&mut *student_exp);
+                simd.narrow_f16(student_exp, &mut grad[span]);
+                loss
+            }
+            Some(GradRows::Bf16(grad)) => {
+                let loss = row_loss!(&mut *student_exp);
+                narrow_bf16(student_exp, &mut grad[span]);
+                loss
+            }
+            None => row_loss!(&mut *student_exp),
         };
-        *loss = fused_row(
-            block.spec,
-            &block.student[span.clone()],
-            &block.teacher[span],
-            label,
-            weight,
-            RowBuffers {
-                student_exp,
-                teacher_exp,
-                student_term,
-                hard_exp,
-            },
-            write_grad,
-        );
     }
 }
 
@@ -269,18 +582,35 @@ fn fused_row(
     // log-sum, in the composed path's order: at logits of 1e4 a rounded `max/T + log Σ` would
     // swallow the log-sum.
     let temperature = spec.temperature;
-    // 1/T is exact for a power of two (a zero mantissa): multiply instead of divide.
-    let divide = temperature.to_bits() & 0x007f_ffff != 0;
-    let (student_sum, teacher_sum) = if divide {
-        (
+    let divide = divides(temperature);
+    let forward = matches!(spec.divergence, Divergence::ForwardKl | Divergence::SoftCrossEntropy);
+    let cross_entropy = spec.divergence == Divergence::SoftCrossEntropy;
+    // Forward KL's `Σ e_p d` is summed while the teacher's exponentials are written.
+    let (student_sum, (teacher_sum, teacher_weighted)) = match (divide, forward, cross_entropy) {
+        (true, true, false) => (
             exp_into::<true>(student, student_max, temperature, student_exp),
-            exp_into::<true>(teacher, teacher_max, temperature, teacher_exp),
-        )
-    } else {
-        (
+            teacher_exp_kl::<true, false>(student, teacher, teacher_max, temperature, teacher_exp),
+        ),
+        (true, true, true) => (
+            exp_into::<true>(student, student_max, temperature, student_exp),
+            teacher_exp_kl::<true, true>(student, teacher, teacher_max, temperature, teacher_exp),
+        ),
+        (false, true, false) => (
             exp_into::<false>(student, student_max, temperature, student_exp),
-            exp_into::<false>(teacher, teacher_max, temperature, teacher_exp),
-        )
+            teacher_exp_kl::<false, false>(student, teacher, teacher_max, temperature, teacher_exp),
+        ),
+        (false, true, true) => (
+            exp_into::<false>(student, student_max, temperature, student_exp),
+            teacher_exp_kl::<false, true>(student, teacher, teacher_max, temperature, teacher_exp),
+        ),
+        (true, false, _) => (
+            exp_into::<true>(student, student_max, temperature, student_exp),
+            (exp_into::<true>(teacher, teacher_max, temperature, teacher_exp), 0.0),
+        ),
+        (false, false, _) => (
+            exp_into::<false>(student, student_max, temperature, student_exp),
+            (exp_into::<false>(teacher, teacher_max, temperature, teacher_exp), 0.0),
+        ),
     };
     let logs = LogShifts {
         temperature,
@@ -300,6 +630,8 @@ fn fused_row(
         let hard_sum = if spec.temperature == 1.0 {
             hard_exp.copy_from_slice(student_exp);
             student_sum
+        } else if let Some(sum) = powers_into(student_exp, spec.temperature, hard_exp) {
+            sum
         } else {
             exp_into::<false>(student, student_max, 1.0, hard_exp)
         };
@@ -320,14 +652,9 @@ fn fused_row(
 
     let soft_scale = weight * spec.soft_weight * inv_t;
     // The forward-KL gradient loop below also writes the hard term's gradient.
-    let forward = matches!(spec.divergence, Divergence::ForwardKl | Divergence::SoftCrossEntropy);
     let divergence = match spec.divergence {
         Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
-            let value = if divide {
-                forward_kl_value::<true>(student, teacher, teacher_exp, &logs, spec.divergence)
-            } else {
-                forward_kl_value::<false>(student, teacher, teacher_exp, &logs, spec.divergence)
-            };
+            let value = forward_kl_from_sums(teacher_sum, teacher_weighted, &logs, cross_entropy);
             if write_grad {
                 // ∂/∂s_j = (q_j − p_j) / T, and the hard term's (q1_j − ε/V) in the same
                 // loop when there is one.
@@ -604,6 +931,13 @@ fn max_and_sum(values: &[f32]) -> (f32, f32) {
     (m, total)
 }
 
+/// Whether `x / T` is a division: 1/T is exact for a power of two (a zero mantissa), and a
+/// multiplication by it then gives the same result.
+#[inline(always)]
+fn divides(temperature: f32) -> bool {
+    temperature.to_bits() & 0x007f_ffff != 0
+}
+
 /// `x / T`, as a multiplication when `1/T` is exact (T a power of two: the same bits), as a
 /// division otherwise (to match the composed path, which divides).
 #[inline(always)]
@@ -626,74 +960,122 @@ fn sum_f64(values: &[f32]) -> f64 {
 fn exp_into<const DIVIDE: bool>(values: &[f32], max: f32, temperature: f32, out: &mut [f32]) -> f64 {
     let inverse = 1.0 / temperature;
     let offset = max / temperature;
-    for (o, &x) in out.iter_mut().zip(values) {
-        *o = fast_exp(scale::<DIVIDE>(x, temperature, inverse) - offset);
+    let mut total = 0.0f64;
+    // Each block is summed while it is still in L1.
+    for (out, values) in out.chunks_mut(BLOCK).zip(values.chunks(BLOCK)) {
+        for (o, &x) in out.iter_mut().zip(values) {
+            *o = fast_exp(scale::<DIVIDE>(x, temperature, inverse) - offset);
+        }
+        total += lane_sum(out) as f64;
     }
-    sum_f64(out)
+    total
 }
 
-/// `Σ p (log p − log q)` (forward KL) or `−Σ p log q` (soft cross-entropy); elements with
-/// `p = 0` count 0. Written as `Σ p d − c Σ p` with `d = (t − s)/T` (or `−s/T`) and the row
-/// constants gathered in `c` in f64: the per-element log-probabilities are never rounded on
-/// their own, which keeps small divergences (high `T`) accurate.
+/// Writes the teacher's `e_j = exp(t_j / T − max / T)` into `out`; returns `(Σ e, Σ e d)`,
+/// `d = (t − s)/T` (forward KL) or `−s/T` (soft cross-entropy), elements with `e = 0` counting
+/// 0. Both sums are taken block by block while the block is in L1: forward KL costs no pass of
+/// its own.
 #[inline(always)]
-fn forward_kl_value<const DIVIDE: bool>(
+fn teacher_exp_kl<const DIVIDE: bool, const CROSS_ENTROPY: bool>(
     student: &[f32],
     teacher: &[f32],
-    teacher_exp: &[f32],
-    logs: &LogShifts,
-    divergence: Divergence,
-) -> f64 {
-    // One loop per case, with no branch in its body: the lanes below then vectorise.
-    if divergence == Divergence::SoftCrossEntropy {
-        forward_kl_sums::<DIVIDE, true>(student, teacher, teacher_exp, logs)
-    } else {
-        forward_kl_sums::<DIVIDE, false>(student, teacher, teacher_exp, logs)
-    }
-}
-
-#[inline(always)]
-fn forward_kl_sums<const DIVIDE: bool, const CROSS_ENTROPY: bool>(
-    student: &[f32],
-    teacher: &[f32],
-    teacher_exp: &[f32],
-    logs: &LogShifts,
-) -> f64 {
-    let (temperature, inverse, inv_sum) = (logs.temperature, 1.0 / logs.temperature, logs.inv_teacher_sum);
-    let (mut weighted, mut mass) = (0.0f64, 0.0f64);
-    // Per block: the products and probabilities are written to two stack rows by a plain
-    // element-wise loop, then summed lane by lane. (One loop doing both, with its lane
-    // accumulators, was left scalar by the vectoriser.)
+    max: f32,
+    temperature: f32,
+    out: &mut [f32],
+) -> (f64, f64) {
+    let inverse = 1.0 / temperature;
+    let offset = max / temperature;
+    let (mut total, mut weighted) = (0.0f64, 0.0f64);
     let mut products = [0.0f32; BLOCK];
-    let mut probabilities = [0.0f32; BLOCK];
-    let blocks = student
-        .chunks(BLOCK)
-        .zip(teacher.chunks(BLOCK))
-        .zip(teacher_exp.chunks(BLOCK));
-    for ((s, t), e) in blocks {
-        let n = s.len();
-        let rows = products[..n].iter_mut().zip(probabilities[..n].iter_mut());
-        for ((pd, pp), ((&s, &t), &e)) in rows.zip(s.iter().zip(t).zip(e)) {
-            let p = e * inv_sum;
+    let blocks = out
+        .chunks_mut(BLOCK)
+        .zip(teacher.chunks(BLOCK).zip(student.chunks(BLOCK)));
+    for (out, (teacher, student)) in blocks {
+        let n = out.len();
+        let rows = out.iter_mut().zip(products[..n].iter_mut());
+        for ((o, pd), (&t, &s)) in rows.zip(teacher.iter().zip(student)) {
+            let e = fast_exp(scale::<DIVIDE>(t, temperature, inverse) - offset);
             let d = if CROSS_ENTROPY {
                 -scale::<DIVIDE>(s, temperature, inverse)
             } else {
                 scale::<DIVIDE>(t - s, temperature, inverse)
             };
-            *pd = if p > 0.0 { p * d } else { 0.0 };
-            *pp = p;
+            *o = e;
+            *pd = if e > 0.0 { e * d } else { 0.0 };
         }
+        total += lane_sum(out) as f64;
         weighted += lane_sum(&products[..n]) as f64;
-        mass += lane_sum(&probabilities[..n]) as f64;
     }
+    (total, weighted)
+}
+
+/// `out = e^T` for the small integer temperatures 2, 3 and 4 (`e = exp((s − max)/T)`, so
+/// `out = exp(s − max)`, the hard term's exponentials, by multiplications instead of an `exp`
+/// each); returns their sum, or `None` for any other `T`.
+#[inline(always)]
+fn powers_into(exps: &[f32], temperature: f32, out: &mut [f32]) -> Option<f64> {
+    let power = match temperature {
+        2.0 => 2,
+        3.0 => 3,
+        4.0 => 4,
+        _ => return None,
+    };
+    let mut total = 0.0f64;
+    for (out, exps) in out.chunks_mut(BLOCK).zip(exps.chunks(BLOCK)) {
+        for (o, &e) in out.iter_mut().zip(exps) {
+            let square = e * e;
+            *o = match power {
+                2 => square,
+                3 => square * e,
+                _ => square * square,
+            };
+        }
+        total += lane_sum(out) as f64;
+    }
+    Some(total)
+}
+
+/// Forward KL (or soft cross-entropy) from the teacher's sums: `Σ p d − c Σ p` with `p = e /
+/// Σ e` and the row constants gathered in `c` in f64. The per-element log-probabilities are
+/// never rounded on their own, which keeps small divergences (high `T`) accurate.
+#[inline(always)]
+fn forward_kl_from_sums(teacher_sum: f64, teacher_weighted: f64, logs: &LogShifts, cross_entropy: bool) -> f64 {
     let student_norm = logs.student_offset as f64 + logs.student_log_sum;
     let teacher_norm = logs.teacher_offset as f64 + logs.teacher_log_sum;
-    let constant = if CROSS_ENTROPY {
+    let constant = if cross_entropy {
         -student_norm
     } else {
         teacher_norm - student_norm
     };
-    weighted - constant * mass
+    teacher_weighted / teacher_sum - constant
+}
+
+/// `(Σ e, Σ e d)` from the teacher's exponentials `e` already written, as
+/// [`teacher_exp_kl`] sums them (block by block, the same operations): GJSD at β = 0 then
+/// equals forward KL to the bit.
+#[inline(always)]
+fn exp_kl_sums<const DIVIDE: bool>(
+    student: &[f32],
+    teacher: &[f32],
+    teacher_exp: &[f32],
+    temperature: f32,
+) -> (f64, f64) {
+    let inverse = 1.0 / temperature;
+    let (mut total, mut weighted) = (0.0f64, 0.0f64);
+    let mut products = [0.0f32; BLOCK];
+    let blocks = teacher_exp
+        .chunks(BLOCK)
+        .zip(teacher.chunks(BLOCK).zip(student.chunks(BLOCK)));
+    for (exps, (teacher, student)) in blocks {
+        let n = exps.len();
+        for ((pd, &e), (&t, &s)) in products[..n].iter_mut().zip(exps).zip(teacher.iter().zip(student)) {
+            let d = scale::<DIVIDE>(t - s, temperature, inverse);
+            *pd = if e > 0.0 { e * d } else { 0.0 };
+        }
+        total += lane_sum(exps) as f64;
+        weighted += lane_sum(&products[..n]) as f64;
+    }
+    (total, weighted)
 }
 
 /// `Σ values` in four f64 partial sums (one AVX2 register).
@@ -899,7 +1281,12 @@ fn end_point(
     for (j, term) in terms.iter_mut().enumerate() {
         *term = (student_exp[j] * logs.inv_student_sum - teacher_exp[j] * logs.inv_teacher_sum) as f64;
     }
-    forward_kl_value::<true>(student, teacher, teacher_exp, logs, Divergence::ForwardKl)
+    let (sum, weighted) = if divides(logs.temperature) {
+        exp_kl_sums::<true>(student, teacher, teacher_exp, logs.temperature)
+    } else {
+        exp_kl_sums::<false>(student, teacher, teacher_exp, logs.temperature)
+    };
+    forward_kl_from_sums(sum, weighted, logs, false)
 }
 
 /// One element of `KL(a ‖ (1 − w) a + w b)`, written as `a · g(x)`, `x = w (b/a − 1)`,

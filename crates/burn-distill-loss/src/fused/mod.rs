@@ -35,7 +35,7 @@ use op::FusedJob;
 ///
 /// | Value | Runs |
 /// |---|---|
-/// | `Auto` (default) | the fused kernel where it exists (f32 logits on an ndarray, flex, wgpu or cuda device, with or without autodiff), the composed tensor ops elsewhere |
+/// | `Auto` (default) | the fused kernel where it exists (f32 logits on an ndarray, flex, wgpu or cuda device, f16 and bf16 logits on flex, with or without autodiff), the composed tensor ops elsewhere (half-precision logits cast to f32 first) |
 /// | `Fused` | the fused kernel, or an error naming the device and dtype where it does not exist |
 /// | `Composed` | burn tensor ops, on every device (the reference the fused kernel is tested against) |
 ///
@@ -86,8 +86,30 @@ pub(crate) fn use_fused<const D: usize>(
     )
 }
 
+/// Whether the fused losses run on `device` for logits of `dtype`: f32 wherever
+/// [`fused_available`]; f16 and bf16 on flex (ndarray holds no half-precision tensors), read
+/// as they are and summed in f32, the gradient written in the student's precision.
+pub fn fused_available_for(device: &Device, dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => fused_available(device),
+        DType::F16 | DType::BF16 => on_flex(device),
+        _ => false,
+    }
+}
+
+/// Whether `device` is a flex device.
+fn on_flex(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    #[allow(unreachable_patterns)] // without flex compiled in, nothing matches
+    match device.as_dispatch().clone().inner() {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        _ => false,
+    }
+}
+
 /// [`use_fused`] for any set of inputs: all on `device` (`others` are their devices), every
-/// dtype f32.
+/// dtype one the kernel reads there ([`fused_available_for`]).
 pub(crate) fn decide(
     implementation: Implementation,
     device: &Device,
@@ -96,7 +118,7 @@ pub(crate) fn decide(
 ) -> Result<bool> {
     let possible = fused_available(device)
         && others.iter().all(|other| other == device)
-        && dtypes.iter().all(|&dtype| dtype == DType::F32);
+        && dtypes.iter().all(|&dtype| fused_available_for(device, dtype));
     match implementation {
         Implementation::Composed => Ok(false),
         Implementation::Auto => Ok(possible),

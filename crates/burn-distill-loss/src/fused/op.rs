@@ -20,7 +20,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::{FloatDType, Shape, Slice, TensorData};
 
-use super::kernel::{RowsOut, fused_rows};
+use super::kernel::{HostGrad, HostLogits, RowsOut, fused_rows};
 use crate::spec::RowSpec;
 
 /// One call of the fused loss: what to compute, on which rows, reduced how.
@@ -45,6 +45,21 @@ pub(crate) trait HostTensor: Backend {
     fn with_values<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> R;
     /// A tensor of `shape` holding `values`, without copying them.
     fn from_values(values: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self>;
+    /// Calls `f` with the tensor's logits in their own precision (f32, f16 or bf16), in
+    /// row-major order (copied only when the tensor is not contiguous).
+    fn with_logits<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(HostLogits<'_>) -> R) -> R {
+        Self::with_values(tensor, |values| f(HostLogits::F32(values)))
+    }
+    /// A tensor of `shape` holding a gradient in its own precision.
+    fn from_grad(grad: HostGrad, shape: Vec<usize>) -> FloatTensor<Self> {
+        match grad {
+            HostGrad::F32(values) => Self::from_values(values, shape),
+            HostGrad::F16(values) => Self::from_data_host(TensorData::new(values, shape)),
+            HostGrad::Bf16(values) => Self::from_data_host(TensorData::new(values, shape)),
+        }
+    }
+    /// A tensor holding `data` in its own dtype.
+    fn from_data_host(data: TensorData) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "ndarray")]
@@ -66,6 +81,10 @@ impl HostTensor for burn::backend::NdArray {
     fn from_values(values: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self> {
         burn::backend::ndarray::NdArrayTensor::from_data(burn::tensor::TensorData::new(values, shape))
     }
+
+    fn from_data_host(data: TensorData) -> FloatTensor<Self> {
+        burn::backend::ndarray::NdArrayTensor::from_data(data)
+    }
 }
 
 #[cfg(feature = "flex")]
@@ -83,6 +102,33 @@ impl HostTensor for burn::backend::Flex {
 
     fn from_values(values: Vec<f32>, shape: Vec<usize>) -> FloatTensor<Self> {
         burn::backend::flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
+    }
+
+    fn from_data_host(data: TensorData) -> FloatTensor<Self> {
+        burn::backend::flex::FlexTensor::from_data(data)
+    }
+
+    fn with_logits<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(HostLogits<'_>) -> R) -> R {
+        use burn::tensor::{DType, bf16, f16};
+        fn typed<'a>(tensor: &'a burn::backend::flex::FlexTensor) -> Option<HostLogits<'a>> {
+            match tensor.dtype() {
+                DType::F32 => tensor.as_slice::<f32>().map(HostLogits::F32),
+                DType::F16 => tensor.as_slice::<f16>().map(HostLogits::F16),
+                DType::BF16 => tensor.as_slice::<bf16>().map(HostLogits::Bf16),
+                _ => None,
+            }
+        }
+        if let Some(logits) = typed(tensor) {
+            return f(logits);
+        }
+        let contiguous = tensor.to_contiguous();
+        match typed(&contiguous) {
+            Some(logits) => f(logits),
+            None => panic!(
+                "the fused losses take f32, f16 or bf16 tensors, got {:?}",
+                tensor.dtype()
+            ),
+        }
     }
 }
 
@@ -162,6 +208,7 @@ pub(crate) trait FusedLossBackend: Backend {
         } else {
             Shape::new([1, 1])
         };
+        let upstream = same_dtype::<Self>(upstream, &grad);
         Self::float_mul(grad, Self::float_reshape(upstream, shape))
     }
 
@@ -208,6 +255,16 @@ pub(crate) trait FusedLossBackend: Backend {
     }
 }
 
+/// `upstream` (the f32 loss's gradient) in `grad`'s dtype: a half-precision student's
+/// gradient stays in its precision.
+fn same_dtype<B: Backend>(upstream: FloatTensor<B>, grad: &FloatTensor<B>) -> FloatTensor<B> {
+    if upstream.dtype() == grad.dtype() {
+        upstream
+    } else {
+        B::float_cast(upstream, grad.dtype().into())
+    }
+}
+
 /// What burn's fusion backend records for the fused operations before they run.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod fusion_meta {
@@ -232,7 +289,7 @@ mod fusion_meta {
     ) -> (TensorSpec, TensorSpec) {
         (
             loss(student, teacher, job),
-            TensorSpec::new(student.shape.clone(), DType::F32),
+            TensorSpec::new(student.shape.clone(), student.dtype),
         )
     }
 }
@@ -335,8 +392,8 @@ fn run<B: HostTensor>(
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let shape = student.shape();
     let classes = shape[1];
-    let RowsOut { losses, grad } = B::with_values(student, |student| {
-        B::with_values(teacher, |teacher| {
+    let RowsOut { losses, grad } = B::with_logits(student, |student| {
+        B::with_logits(teacher, |teacher| {
             fused_rows(
                 &job.spec,
                 student,
@@ -367,7 +424,7 @@ fn run<B: HostTensor>(
             .collect();
         B::from_values(losses, vec![positions])
     };
-    let grad = grad.map(|grad| B::from_values(grad, shape.to_vec()));
+    let grad = grad.map(|grad| B::from_grad(grad, shape.to_vec()));
     (output, grad)
 }
 
@@ -409,6 +466,7 @@ host_impl!(burn::backend::Flex, "flex");
 fn host_scale_grad<B: HostTensor>(grad: FloatTensor<B>, upstream: FloatTensor<B>, per_row: bool) -> FloatTensor<B> {
     if per_row {
         let positions = upstream.shape()[0];
+        let upstream = same_dtype::<B>(upstream, &grad);
         return B::float_mul(grad, B::float_reshape(upstream, Shape::new([positions, 1])));
     }
     let scale = B::with_values(&upstream, |values| values[0]);

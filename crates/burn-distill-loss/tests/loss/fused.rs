@@ -49,7 +49,7 @@ fn assert_same_within(
     assert_close(&format!("{what}: gradient"), &fused.1, &composed.1, rtol, grad_atol);
 }
 
-fn divergences() -> Vec<Divergence> {
+pub(super) fn divergences() -> Vec<Divergence> {
     let mut all = Divergence::ALL.to_vec();
     all.extend([
         Divergence::GeneralizedJsd { beta: 1e-3 },

@@ -5,8 +5,8 @@ use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
 use crate::error::check_temperature;
-use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, use_fused};
-use crate::input::{check_logits, flatten_pair, flatten_positions, read_bools, unflatten};
+use crate::fused::{Implementation, RowSpec, fused_loss, use_fused};
+use crate::input::{flatten_pair, flatten_positions, read_bools, unflatten};
 use crate::math::{cross_entropy_rows, kl_rows, mixture_kl_rows, total_variation_rows};
 use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::temperature::scaled_log_softmax;
@@ -236,15 +236,7 @@ impl DivergenceLoss {
             0.0,
             0.0,
         );
-        let inputs = self.check_inputs.then(|| (student.clone(), teacher.clone()));
-        let output = fused_loss(student, teacher, spec, None, Some(weights), reduced);
-        if let Some((student, teacher)) = inputs
-            && has_nan(&output)
-        {
-            check_logits(&student, "student logits")?;
-            check_logits(&teacher, "teacher logits")?;
-        }
-        Ok(output)
+        fused_loss(student, teacher, spec, None, Some(weights), reduced, self.check_inputs)
     }
 
     fn per_position<const D: usize>(

@@ -5,8 +5,8 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, activation};
 
 use crate::error::{check_range, check_temperature};
-use crate::fused::{Implementation, RowSpec, fused_loss, has_nan, kernel_labels, use_fused};
-use crate::input::{Labelled, check_logits, flatten_labelled, flatten_pair, flatten_positions, read_ints, unflatten};
+use crate::fused::{Implementation, RowSpec, fused_loss, kernel_labels, use_fused};
+use crate::input::{Labelled, flatten_labelled, flatten_pair, flatten_positions, read_ints, unflatten};
 use crate::math::{kl_rows, row_sum};
 use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::temperature::scaled_log_softmax;
@@ -236,15 +236,15 @@ impl HintonKdLoss {
             self.alpha,
             self.label_smoothing,
         );
-        let inputs = self.check_inputs.then(|| (student.clone(), teacher.clone()));
-        let output = fused_loss(student, teacher, spec, Some(labels), Some(weights), reduction.is_some());
-        if let Some((student, teacher)) = inputs
-            && has_nan(&output)
-        {
-            check_logits(&student, "student logits")?;
-            check_logits(&teacher, "teacher logits")?;
-        }
-        Ok(output)
+        fused_loss(
+            student,
+            teacher,
+            spec,
+            Some(labels),
+            Some(weights),
+            reduction.is_some(),
+            self.check_inputs,
+        )
     }
 
     fn per_position<const D: usize, const L: usize>(

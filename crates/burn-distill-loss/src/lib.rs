@@ -95,7 +95,10 @@ pub use divergence::{
 };
 pub use dkd::{DkdLoss, DkdLossConfig, decoupled_kd};
 pub use error::{LossError, Result};
-pub use fused::{CausalMask, Implementation, causal_attention, fused_available, fused_available_for, swiglu};
+pub use fused::{
+    CausalMask, FusedGradStores, Implementation, causal_attention, fused_available, fused_available_for,
+    fused_grad_stores, swiglu,
+};
 pub use fused::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
 pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};

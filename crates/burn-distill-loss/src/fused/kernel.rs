@@ -19,6 +19,8 @@
 //! gradient row is rounded to the student's precision as it is written. The memory traffic is
 //! then 6 bytes per element instead of 12.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use burn::tensor::{DType, bf16, f16};
 use rayon::prelude::*;
 
@@ -83,6 +85,65 @@ impl<'a> HostLogits<'a> {
     }
 }
 
+/// The student's logits, read by the kernel or (when nothing else holds them) read and then
+/// overwritten with the gradient, row by row.
+#[derive(Debug)]
+pub(crate) enum StudentRows<'a> {
+    Read(HostLogits<'a>),
+    /// Each row is copied (or widened) into cache before its gradient is written over it: no
+    /// new `[positions, classes]` buffer, whose fresh pages the OS would zero first.
+    InPlace(GradRows<'a>),
+}
+
+impl StudentRows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            StudentRows::Read(logits) => logits.len(),
+            StudentRows::InPlace(GradRows::F32(values)) => values.len(),
+            StudentRows::InPlace(GradRows::F16(values)) => values.len(),
+            StudentRows::InPlace(GradRows::Bf16(values)) => values.len(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            StudentRows::Read(logits) => logits.dtype(),
+            StudentRows::InPlace(GradRows::F32(_)) => DType::F32,
+            StudentRows::InPlace(GradRows::F16(_)) => DType::F16,
+            StudentRows::InPlace(GradRows::Bf16(_)) => DType::BF16,
+        }
+    }
+}
+
+/// What made a row's loss NaN, as bits of a report (several rows may set several).
+pub(crate) mod bad {
+    pub const STUDENT_NAN: u8 = 1;
+    pub const STUDENT_POS_INF: u8 = 2;
+    pub const STUDENT_EMPTY: u8 = 4;
+    pub const TEACHER_NAN: u8 = 8;
+    pub const TEACHER_POS_INF: u8 = 16;
+    pub const TEACHER_EMPTY: u8 = 32;
+}
+
+/// The [`bad`] bits of one row: NaN, `+inf`, or no value above `-inf`, on each side.
+fn classify(student: &[f32], teacher: &[f32]) -> u8 {
+    let side = |values: &[f32], nan: u8, pos_inf: u8, empty: u8| {
+        let mut bits = 0;
+        if values.iter().any(|v| v.is_nan()) {
+            bits |= nan;
+        }
+        if values.contains(&f32::INFINITY) {
+            bits |= pos_inf;
+        }
+        if values.iter().all(|&v| v == f32::NEG_INFINITY) {
+            bits |= empty;
+        }
+        bits
+    };
+    side(student, bad::STUDENT_NAN, bad::STUDENT_POS_INF, bad::STUDENT_EMPTY)
+        | side(teacher, bad::TEACHER_NAN, bad::TEACHER_POS_INF, bad::TEACHER_EMPTY)
+}
+
 /// The gradient w.r.t. the student logits, in the student's precision.
 #[derive(Debug)]
 pub(crate) enum HostGrad {
@@ -91,8 +152,9 @@ pub(crate) enum HostGrad {
     Bf16(Vec<bf16>),
 }
 
-/// One task's rows of a [`HostGrad`].
-enum GradRows<'a> {
+/// Rows of a gradient (a task's share of a [`HostGrad`], or the student's own buffer).
+#[derive(Debug)]
+pub(crate) enum GradRows<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [f16]),
     Bf16(&'a mut [bf16]),
@@ -113,78 +175,137 @@ pub(crate) struct RowsOut {
 ///
 /// `labels` (one per row, in `0..classes`) are needed when `spec.hard_weight > 0`. `weights`
 /// scale each row's gradient; a row of weight 0 is only checked for bad values (its loss is 0,
-/// its gradient 0). `None` means weight 1 everywhere.
+/// its gradient 0). `None` means weight 1 everywhere. A student given
+/// [`InPlace`](StudentRows::InPlace) holds the gradient afterwards (`RowsOut::grad` is then
+/// `None`). `report` collects the [`bad`] bits of every row whose loss is NaN.
+#[allow(clippy::too_many_arguments)] // the kernel's whole job, spelled out
 pub(crate) fn fused_rows(
     spec: &RowSpec,
-    student: HostLogits<'_>,
+    student: StudentRows<'_>,
     teacher: HostLogits<'_>,
     classes: usize,
     labels: Option<&[i64]>,
     weights: Option<&[f32]>,
     want_grad: bool,
+    report: Option<&AtomicU8>,
 ) -> RowsOut {
     assert!(classes > 0 && student.len() == teacher.len() && student.len().is_multiple_of(classes));
     let positions = student.len() / classes;
     let rows_per_task = (MIN_ELEMENTS_PER_TASK / classes).max(1);
     let mut losses = vec![0.0f32; positions];
     let simd = Simd::detect();
+    let in_place = matches!(student, StudentRows::InPlace(_));
+    let student_dtype = student.dtype();
     let layout = ScratchLayout {
         classes,
         // The student's exponentials go straight into an f32 gradient row; otherwise (no
         // gradient, or one in half precision) into a scratch row.
-        own_student_row: !want_grad || student.dtype() != DType::F32,
-        widen_student: student.dtype() != DType::F32,
+        own_student_row: !want_grad || student_dtype != DType::F32,
+        widen_student: in_place || student_dtype != DType::F32,
         widen_teacher: teacher.dtype() != DType::F32,
+    };
+    let read = match &student {
+        StudentRows::Read(logits) => Some(*logits),
+        StudentRows::InPlace(_) => None,
     };
     let task = |index: usize, losses: &mut [f32], grad: Option<GradRows<'_>>, scratch: &mut Scratch| {
         let first = index * rows_per_task;
         let span = first * classes..(first + losses.len()) * classes;
         let block = Block {
             spec,
-            student: student.span(span.clone()),
+            student: read.map(|student| student.span(span.clone())),
             teacher: teacher.span(span),
             classes,
             labels: labels.map(|labels| &labels[first..first + losses.len()]),
             weights: weights.map(|weights| &weights[first..first + losses.len()]),
+            report,
         };
         simd.run(&block, losses, grad, scratch);
     };
     // Scratch rows live in a thread-local buffer reused across tasks and calls: rayon calls a
     // `for_each_init` initialiser once per split, and fresh 128 KiB rows would each cost page
     // faults.
-    let grad = if want_grad {
-        Some(match student.dtype() {
-            DType::F16 => HostGrad::F16(sweep(
+    let elements = classes * positions;
+    let grad = match student {
+        StudentRows::InPlace(GradRows::F32(grad)) => {
+            sweep(
                 &mut losses,
                 rows_per_task,
                 layout,
-                zeroed_half(classes * positions),
-                |grad: &mut [f16]| GradRows::F16(grad),
-                &task,
-            )),
-            DType::BF16 => HostGrad::Bf16(sweep(
-                &mut losses,
-                rows_per_task,
-                layout,
-                zeroed_half(classes * positions),
-                |grad: &mut [bf16]| GradRows::Bf16(grad),
-                &task,
-            )),
-            _ => HostGrad::F32(sweep(
-                &mut losses,
-                rows_per_task,
-                layout,
-                vec![0.0; classes * positions],
+                grad,
                 |grad: &mut [f32]| GradRows::F32(grad),
                 &task,
-            )),
-        })
-    } else {
-        losses
-            .par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(|(index, losses)| with_scratch(layout, |scratch| task(index, losses, None, scratch)));
-        None
+            );
+            None
+        }
+        StudentRows::InPlace(GradRows::F16(grad)) => {
+            sweep(
+                &mut losses,
+                rows_per_task,
+                layout,
+                grad,
+                |grad: &mut [f16]| GradRows::F16(grad),
+                &task,
+            );
+            None
+        }
+        StudentRows::InPlace(GradRows::Bf16(grad)) => {
+            sweep(
+                &mut losses,
+                rows_per_task,
+                layout,
+                grad,
+                |grad: &mut [bf16]| GradRows::Bf16(grad),
+                &task,
+            );
+            None
+        }
+        StudentRows::Read(_) if want_grad => Some(match student_dtype {
+            DType::F16 => {
+                let mut grad = zeroed_half(elements);
+                sweep(
+                    &mut losses,
+                    rows_per_task,
+                    layout,
+                    &mut grad,
+                    |grad: &mut [f16]| GradRows::F16(grad),
+                    &task,
+                );
+                HostGrad::F16(grad)
+            }
+            DType::BF16 => {
+                let mut grad = zeroed_half(elements);
+                sweep(
+                    &mut losses,
+                    rows_per_task,
+                    layout,
+                    &mut grad,
+                    |grad: &mut [bf16]| GradRows::Bf16(grad),
+                    &task,
+                );
+                HostGrad::Bf16(grad)
+            }
+            _ => {
+                let mut grad = vec![0.0; elements];
+                advise_huge_pages(&mut grad);
+                sweep(
+                    &mut losses,
+                    rows_per_task,
+                    layout,
+                    &mut grad,
+                    |grad: &mut [f32]| GradRows::F32(grad),
+                    &task,
+                );
+                HostGrad::F32(grad)
+            }
+        }),
+        StudentRows::Read(_) => {
+            losses
+                .par_chunks_mut(rows_per_task)
+                .enumerate()
+                .for_each(|(index, losses)| with_scratch(layout, |scratch| task(index, losses, None, scratch)));
+            None
+        }
     };
     RowsOut { losses, grad }
 }
@@ -192,7 +313,9 @@ pub(crate) fn fused_rows(
 /// A zeroed buffer of 16-bit floats from `calloc` (pages the OS zeroes as they are first
 /// written, not a pass of its own).
 fn zeroed_half<H: bytemuck::Pod>(elements: usize) -> Vec<H> {
-    bytemuck::allocation::cast_vec(vec![0u16; elements])
+    let mut buffer = bytemuck::allocation::cast_vec(vec![0u16; elements]);
+    advise_huge_pages(&mut buffer);
+    buffer
 }
 
 /// The parallel sweep that writes the gradient `grad`, `rows_per_task` rows per task.
@@ -200,16 +323,14 @@ fn sweep<G, Task>(
     losses: &mut [f32],
     rows_per_task: usize,
     layout: ScratchLayout,
-    mut grad: Vec<G>,
+    grad: &mut [G],
     wrap: fn(&mut [G]) -> GradRows<'_>,
     task: &Task,
-) -> Vec<G>
-where
+) where
     G: Send,
     Task: Fn(usize, &mut [f32], Option<GradRows<'_>>, &mut Scratch) + Sync,
 {
     let classes = grad.len() / losses.len().max(1);
-    advise_huge_pages(&mut grad);
     losses
         .par_chunks_mut(rows_per_task)
         .zip(grad.par_chunks_mut(rows_per_task * classes))
@@ -217,7 +338,6 @@ where
         .for_each(|(index, (losses, grad))| {
             with_scratch(layout, |scratch| task(index, losses, Some(wrap(grad)), scratch))
         });
-    grad
 }
 
 /// Asks Linux to back `buffer` with transparent huge pages where it is allowed to (`madvise`
@@ -250,11 +370,13 @@ fn advise_huge_pages<G>(buffer: &mut [G]) {
 /// A contiguous block of rows handed to one task.
 struct Block<'a> {
     spec: &'a RowSpec,
-    student: HostLogits<'a>,
+    /// `None`: the student's rows are the gradient rows (in place).
+    student: Option<HostLogits<'a>>,
     teacher: HostLogits<'a>,
     classes: usize,
     labels: Option<&'a [i64]>,
     weights: Option<&'a [f32]>,
+    report: Option<&'a AtomicU8>,
 }
 
 /// Which scratch rows a call needs.
@@ -504,7 +626,22 @@ fn run_block(simd: Simd, block: &Block<'_>, losses: &mut [f32], mut grad: Option
             student_row,
             teacher_row,
         } = scratch;
-        let student = block.student.row(span.clone(), student_row, simd);
+        let student: &[f32] = match (block.student, grad.as_ref()) {
+            (Some(student), _) => student.row(span.clone(), student_row, simd),
+            (None, Some(GradRows::F32(rows))) => {
+                student_row.copy_from_slice(&rows[span.clone()]);
+                student_row
+            }
+            (None, Some(GradRows::F16(rows))) => {
+                simd.widen_f16(&rows[span.clone()], student_row);
+                student_row
+            }
+            (None, Some(GradRows::Bf16(rows))) => {
+                widen_bf16(&rows[span.clone()], student_row);
+                student_row
+            }
+            (None, None) => unreachable!("an in-place student has its rows"),
+        };
         let teacher = block.teacher.row(span.clone(), teacher_row, simd);
         // Not a closure: a closure is compiled on its own, without the SIMD features of the
         // `run_block_*` copy it is called from.
@@ -540,6 +677,11 @@ fn run_block(simd: Simd, block: &Block<'_>, losses: &mut [f32], mut grad: Option
             }
             None => row_loss!(&mut *student_exp),
         };
+        if loss.is_nan()
+            && let Some(report) = block.report
+        {
+            report.fetch_or(classify(student, teacher), Ordering::Relaxed);
+        }
     }
 }
 

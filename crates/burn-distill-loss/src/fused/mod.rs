@@ -17,13 +17,16 @@ mod rows;
 mod swiglu;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
+use crate::input::check_logits;
 pub use attention::{CausalMask, causal_attention};
+pub use op::{FusedGradStores, fused_grad_stores};
 pub(crate) use op::{FusedLossBackend, HeadJob, SparseTeacher};
 pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use swiglu::swiglu;
@@ -131,7 +134,10 @@ pub(crate) fn decide(
 }
 
 /// The fused loss over `[positions, classes]` rows: `[1]` (`Σ w_i loss_i`) when `reduced`, else
-/// `[positions]` (`w_i loss_i`).
+/// `[positions]` (`w_i loss_i`). With `check`, a NaN result (a bad input row) becomes the
+/// error naming the input and what is wrong with it, as the composed path's checks name it:
+/// reported by the host kernel itself (so the inputs need not be kept, and the student's
+/// buffer can take the gradient), found by those checks on the inputs elsewhere.
 pub(crate) fn fused_loss(
     student: Tensor<2>,
     teacher: Tensor<2>,
@@ -139,15 +145,63 @@ pub(crate) fn fused_loss(
     labels: Option<Vec<i64>>,
     weights: Option<Vec<f32>>,
     reduced: bool,
-) -> Tensor<1> {
+    check: bool,
+) -> Result<Tensor<1>> {
+    let report = Arc::new(AtomicU8::new(0));
+    let inputs = (check && !host_kernel(&student.device())).then(|| (student.clone(), teacher.clone()));
     let job = FusedJob {
         spec,
         labels: labels.map(Arc::new),
         weights: weights.map(Arc::new),
         reduced,
+        report: Some(report.clone()),
     };
     let output = <Dispatch as FusedLossBackend>::fused_loss(student.into_dispatch(), teacher.into_dispatch(), job);
-    Tensor::from_dispatch(output)
+    let output = Tensor::from_dispatch(output);
+    if check && has_nan(&output) {
+        if let Some(error) = reported_error(report.load(Ordering::Relaxed)) {
+            return Err(error);
+        }
+        if let Some((student, teacher)) = inputs {
+            check_logits(&student, "student logits")?;
+            check_logits(&teacher, "teacher logits")?;
+        }
+    }
+    Ok(output)
+}
+
+/// The error for a kernel's report, in the order the composed checks find them: the student
+/// before the teacher; NaN, then `+inf`, then a row of `-inf`.
+fn reported_error(bits: u8) -> Option<LossError> {
+    use kernel::bad;
+    let checks = [
+        (bad::STUDENT_NAN, "student logits", Some("NaN")),
+        (bad::STUDENT_POS_INF, "student logits", Some("+inf")),
+        (bad::STUDENT_EMPTY, "student logits", None),
+        (bad::TEACHER_NAN, "teacher logits", Some("NaN")),
+        (bad::TEACHER_POS_INF, "teacher logits", Some("+inf")),
+        (bad::TEACHER_EMPTY, "teacher logits", None),
+    ];
+    checks
+        .into_iter()
+        .find(|(bit, _, _)| bits & bit != 0)
+        .map(|(_, tensor, kind)| match kind {
+            Some(kind) => LossError::NonFinite { tensor, kind },
+            None => LossError::EmptyDistribution { tensor },
+        })
+}
+
+/// Whether the fused losses run the host kernel on `device` (ndarray or flex).
+fn host_kernel(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    #[allow(unreachable_patterns)] // with no host backend compiled in, nothing matches
+    match device.as_dispatch().clone().inner() {
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        _ => false,
+    }
 }
 
 /// Host labels for the kernel: checks each is in `0..classes` or `ignore_index`, and returns

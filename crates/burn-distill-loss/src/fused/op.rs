@@ -9,6 +9,7 @@
 #![allow(deprecated)]
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU8;
 
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::Autodiff;
@@ -20,7 +21,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::{FloatDType, Shape, Slice, TensorData};
 
-use super::kernel::{HostGrad, HostLogits, RowsOut, fused_rows};
+use super::kernel::{GradRows, HostGrad, HostLogits, RowsOut, StudentRows, fused_rows};
 use crate::spec::RowSpec;
 
 /// One call of the fused loss: what to compute, on which rows, reduced how.
@@ -35,6 +36,9 @@ pub(crate) struct FusedJob {
     /// `true`: the output is `[1]`, `Σ_i w_i loss_i`. `false`: the output is `[positions]`,
     /// `w_i loss_i` per row.
     pub reduced: bool,
+    /// Where the host kernel reports what made rows bad ([`bad`](super::kernel::bad) bits):
+    /// the inputs need not be kept to name the problem. The CubeCL kernel leaves it at 0.
+    pub report: Option<Arc<AtomicU8>>,
 }
 
 /// Backends whose float tensors the host kernel can read in place.
@@ -60,6 +64,12 @@ pub(crate) trait HostTensor: Backend {
     }
     /// A tensor holding `data` in its own dtype.
     fn from_data_host(data: TensorData) -> FloatTensor<Self>;
+    /// Calls `f` with the tensor's logits as a mutable buffer when nothing else holds them and
+    /// they are one contiguous block; `None` (and `f` not called) otherwise.
+    fn with_logits_mut<R>(tensor: &mut FloatTensor<Self>, f: impl FnOnce(GradRows<'_>) -> R) -> Option<R> {
+        let _ = (tensor, f);
+        None
+    }
 }
 
 #[cfg(feature = "ndarray")]
@@ -106,6 +116,26 @@ impl HostTensor for burn::backend::Flex {
 
     fn from_data_host(data: TensorData) -> FloatTensor<Self> {
         burn::backend::flex::FlexTensor::from_data(data)
+    }
+
+    fn with_logits_mut<R>(tensor: &mut FloatTensor<Self>, f: impl FnOnce(GradRows<'_>) -> R) -> Option<R> {
+        use burn::tensor::{DType, bf16, f16};
+        let elements = tensor.layout().num_elements();
+        if !tensor.is_unique() || tensor.layout().contiguous_offsets() != Some((0, elements)) {
+            return None;
+        }
+        match tensor.dtype() {
+            DType::F32 => tensor
+                .try_storage_mut::<f32>()
+                .map(|values| f(GradRows::F32(&mut values[..elements]))),
+            DType::F16 => tensor
+                .try_storage_mut::<f16>()
+                .map(|values| f(GradRows::F16(&mut values[..elements]))),
+            DType::BF16 => tensor
+                .try_storage_mut::<bf16>()
+                .map(|values| f(GradRows::Bf16(&mut values[..elements]))),
+            _ => None,
+        }
     }
 
     fn with_logits<R>(tensor: &FloatTensor<Self>, f: impl FnOnce(HostLogits<'_>) -> R) -> R {
@@ -359,6 +389,7 @@ fn run_head<B: FusedLossBackend>(
             labels: job.labels.as_ref().map(|labels| Arc::new(labels[start..end].to_vec())),
             weights: Some(Arc::new(job.weights[start..end].to_vec())),
             reduced: true,
+            report: None,
         };
         let loss = if want_grad {
             let (loss, grad) = B::fused_loss_grad(student, teacher_logits, chunk);
@@ -382,29 +413,62 @@ fn run_head<B: FusedLossBackend>(
     (output, grads)
 }
 
-/// Runs the host kernel on two primitives; returns the output and, when asked, the gradient.
+/// Runs the host kernel on two primitives; returns the output and, when asked, the gradient:
+/// written over the student's own buffer when nothing else holds it, in a new one otherwise.
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 fn run<B: HostTensor>(
-    student: &FloatTensor<B>,
+    mut student: FloatTensor<B>,
     teacher: &FloatTensor<B>,
     job: &FusedJob,
     want_grad: bool,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let shape = student.shape();
     let classes = shape[1];
-    let RowsOut { losses, grad } = B::with_logits(student, |student| {
-        B::with_logits(teacher, |teacher| {
-            fused_rows(
-                &job.spec,
-                student,
-                teacher,
-                classes,
-                job.labels.as_deref().map(Vec::as_slice),
-                job.weights.as_deref().map(Vec::as_slice),
-                want_grad,
-            )
+    let labels = job.labels.as_deref().map(Vec::as_slice);
+    let weights = job.weights.as_deref().map(Vec::as_slice);
+    let report = job.report.as_deref();
+    let in_place = if want_grad && in_place_allowed() {
+        B::with_logits_mut(&mut student, |rows| {
+            B::with_logits(teacher, |teacher| {
+                fused_rows(
+                    &job.spec,
+                    StudentRows::InPlace(rows),
+                    teacher,
+                    classes,
+                    labels,
+                    weights,
+                    true,
+                    report,
+                )
+            })
         })
-    });
+    } else {
+        None
+    };
+    if want_grad {
+        let counter = if in_place.is_some() { &IN_PLACE } else { &NEW_BUFFER };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let (RowsOut { losses, grad }, student) = match in_place {
+        Some(out) => (out, Some(student)),
+        None => (
+            B::with_logits(&student, |student| {
+                B::with_logits(teacher, |teacher| {
+                    fused_rows(
+                        &job.spec,
+                        StudentRows::Read(student),
+                        teacher,
+                        classes,
+                        labels,
+                        weights,
+                        want_grad,
+                        report,
+                    )
+                })
+            }),
+            None,
+        ),
+    };
     let weight = |row: usize| job.weights.as_ref().map_or(1.0, |weights| weights[row]);
     // A bad row (NaN) keeps its NaN even at weight 0, so that checks see it.
     let weighted = |row: usize, loss: f32| if loss.is_nan() { loss } else { loss * weight(row) };
@@ -424,8 +488,45 @@ fn run<B: HostTensor>(
             .collect();
         B::from_values(losses, vec![positions])
     };
-    let grad = grad.map(|grad| B::from_grad(grad, shape.to_vec()));
+    // In place, the student's buffer now holds the gradient.
+    let grad = student.or_else(|| grad.map(|grad| B::from_grad(grad, shape.to_vec())));
     (output, grad)
+}
+
+/// Host-kernel gradients written over the student's logits, and into a new buffer.
+static IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static NEW_BUFFER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How the host kernel's gradients were stored since the process started (all threads).
+///
+/// The fused losses write the gradient w.r.t. the student logits over the logits themselves
+/// when nothing else holds them (a model's output passed straight to the loss): no second
+/// `[positions, classes]` buffer, and no fresh pages for the OS to zero. Any other handle on
+/// the logits (a clone kept for a metric, `check_inputs` on a GPU device) makes the kernel
+/// write a new buffer instead. The counts tell which happened, for memory tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FusedGradStores {
+    /// Gradients written over the student logits.
+    pub in_place: u64,
+    /// Gradients written into a new buffer.
+    pub new_buffer: u64,
+}
+
+/// The counts of [`FusedGradStores`] so far.
+pub fn fused_grad_stores() -> FusedGradStores {
+    use std::sync::atomic::Ordering::Relaxed;
+    FusedGradStores {
+        in_place: IN_PLACE.load(Relaxed),
+        new_buffer: NEW_BUFFER.load(Relaxed),
+    }
+}
+
+/// Whether the host kernel may write the gradient over a student buffer nothing else holds:
+/// yes, unless `BURN_DISTILL_FUSED_IN_PLACE=0` (read once; for side-by-side measurements).
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+fn in_place_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("BURN_DISTILL_FUSED_IN_PLACE").map_or(true, |value| value != "0"))
 }
 
 macro_rules! host_impl {
@@ -434,7 +535,7 @@ macro_rules! host_impl {
         #[allow(deprecated)]
         impl FusedLossBackend for $backend {
             fn fused_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: FusedJob) -> FloatTensor<Self> {
-                run::<Self>(&student, &teacher, &job, false).0
+                run::<Self>(student, &teacher, &job, false).0
             }
 
             fn fused_loss_grad(
@@ -442,7 +543,7 @@ macro_rules! host_impl {
                 teacher: FloatTensor<Self>,
                 job: FusedJob,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-                let (output, grad) = run::<Self>(&student, &teacher, &job, true);
+                let (output, grad) = run::<Self>(student, &teacher, &job, true);
                 (output, grad.expect("the gradient was asked for"))
             }
 

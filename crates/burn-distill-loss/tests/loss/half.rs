@@ -274,3 +274,147 @@ fn composed_path_widens_half_logits_to_f32() {
         }
     }
 }
+
+/// `(loss, ∂loss/∂w)` for student logits `x · w` (`x` untracked): a model's output, held by
+/// nothing but the loss unless `keep_logits` keeps a second handle on it.
+fn head_grad(
+    device: &Device,
+    [rows, width, classes]: [usize; 3],
+    dtype: FloatDType,
+    keep_logits: bool,
+    loss: &dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>,
+) -> (Vec<f64>, Vec<f64>) {
+    let device = device.clone().autodiff();
+    let x = rounded::<2>(&random_logits(&[rows, width], 1.0, 121), &[rows, width], dtype, &device);
+    let w = rounded::<2>(
+        &random_logits(&[width, classes], 1.0, 122),
+        &[width, classes],
+        dtype,
+        &device,
+    )
+    .require_grad();
+    let teacher = rounded::<2>(
+        &random_logits(&[rows, classes], 4.0, 123),
+        &[rows, classes],
+        dtype,
+        &device,
+    );
+    let logits = x.matmul(w.clone());
+    let kept = keep_logits.then(|| logits.clone());
+    let value = loss(logits, teacher);
+    let grads = value.clone().sum().backward();
+    drop(kept);
+    (
+        to_vec(value),
+        to_vec(w.grad(&grads).expect("gradient").cast(FloatDType::F32)),
+    )
+}
+
+#[test]
+fn gradient_written_over_the_student_logits_equals_the_new_buffer_one() {
+    let dims = [24, 16, 700];
+    let labels: Vec<i64> = (0..dims[0]).map(|i| ((i * 13) % dims[2]) as i64).collect();
+    let hinton = HintonKdLossConfig::new().with_alpha(0.3).with_temperature(2.0).init();
+    let losses: Vec<(&str, Box<dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>>)> = vec![
+        (
+            "forward KL",
+            Box::new(|s, t| {
+                DivergenceLossConfig::new(Divergence::ForwardKl)
+                    .init()
+                    .forward(s, t, Reduction::BatchMean)
+                    .unwrap()
+            }),
+        ),
+        (
+            "GJSD per row",
+            Box::new(|s, t| {
+                DivergenceLossConfig::new(Divergence::GeneralizedJsd { beta: 0.3 })
+                    .init()
+                    .forward_no_reduction(s, t)
+                    .unwrap()
+                    .reshape([-1])
+            }),
+        ),
+        (
+            "Hinton",
+            Box::new(move |s: Tensor<2>, t| {
+                let labels = ints::<1>(&labels, &[labels.len()], &s.device());
+                hinton.forward(s, t, labels, Reduction::ElementMean).unwrap()
+            }),
+        ),
+    ];
+    for named in half_devices() {
+        for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
+            for (name, loss) in &losses {
+                let what = format!("{} {dtype:?} {name}", named.name);
+                let before = fused_grad_stores();
+                let in_place = head_grad(&named.device, dims, dtype, false, loss.as_ref());
+                let after = fused_grad_stores();
+                assert!(
+                    after.in_place > before.in_place,
+                    "{what}: the gradient was not written in place"
+                );
+                let new_buffer = head_grad(&named.device, dims, dtype, true, loss.as_ref());
+                assert!(
+                    fused_grad_stores().new_buffer > after.new_buffer,
+                    "{what}: a kept handle must not be written over"
+                );
+                assert_eq!(in_place.0, new_buffer.0, "{what}: loss");
+                assert_eq!(in_place.1, new_buffer.1, "{what}: ∂/∂w");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_logits_are_named_without_keeping_the_inputs() {
+    // With the inputs' own handles gone (the gradient may be written over the student), the
+    // kernel's report still names the tensor and the problem, in the composed checks' order.
+    let shape = [3, 50];
+    let cases: [(&str, usize, f64, bool, &str); 5] = [
+        ("student NaN", 7, f64::NAN, true, "student logits contains NaN values"),
+        (
+            "student +inf",
+            60,
+            f64::INFINITY,
+            true,
+            "student logits contains +inf values",
+        ),
+        ("teacher NaN", 3, f64::NAN, false, "teacher logits contains NaN values"),
+        (
+            "teacher +inf",
+            149,
+            f64::INFINITY,
+            false,
+            "teacher logits contains +inf values",
+        ),
+        (
+            "teacher row of -inf",
+            0,
+            f64::NEG_INFINITY,
+            false,
+            "teacher logits has a row whose logits are all -inf",
+        ),
+    ];
+    for named in half_devices() {
+        for (dtype, _) in [(FloatDType::F32, ()), (FloatDType::BF16, ())] {
+            for (name, index, value, on_student, message) in cases {
+                let (mut student, mut teacher) = (random_logits(&shape, 2.0, 131), random_logits(&shape, 2.0, 132));
+                let target = if on_student { &mut student } else { &mut teacher };
+                if value == f64::NEG_INFINITY {
+                    target[50..100].fill(value);
+                } else {
+                    target[index] = value;
+                }
+                let device = named.device.clone().autodiff();
+                let s = rounded::<2>(&student, &shape, dtype, &device).require_grad();
+                let t = rounded::<2>(&teacher, &shape, dtype, &device);
+                let error = DivergenceLossConfig::new(Divergence::ReverseKl)
+                    .init()
+                    .forward(s, t, Reduction::Sum)
+                    .expect_err(name);
+                assert_eq!(error.to_string(), message, "{} {dtype:?} {name}", named.name);
+            }
+        }
+    }
+}

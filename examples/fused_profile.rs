@@ -1,5 +1,5 @@
-//! Calls one fused loss (forward + backward, gradient read back) in a loop on flex at
-//! 2048 × 32000 and prints the time per call: a steady workload to profile the host kernel.
+//! Calls one fused loss (forward + backward, gradient read back) in a loop on flex (2048 ×
+//! 32000 unless `--rows` / `--classes` say otherwise) and prints the time per call: a steady workload to profile the host kernel.
 //!
 //! ```sh
 //! cargo run --release --features flex --example fused_profile -- forward_kl 20
@@ -15,12 +15,9 @@ use std::time::{Duration, Instant};
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use burn_distill::loss::{Divergence, DivergenceLossConfig, HintonKdLossConfig, Implementation, Reduction};
 
-const ROWS: usize = 2048;
-const CLASSES: usize = 32000;
-
 /// Uniform logits in [-4, 4) from a hash of the index.
-fn logits(seed: u32, device: &Device) -> Tensor<2> {
-    let values: Vec<f32> = (0..ROWS * CLASSES)
+fn logits(seed: u32, [rows, classes]: [usize; 2], device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..rows * classes)
         .map(|i| {
             let x = (i as u32)
                 .wrapping_add(seed.wrapping_mul(1_000_003))
@@ -28,7 +25,7 @@ fn logits(seed: u32, device: &Device) -> Tensor<2> {
             (x >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
         })
         .collect();
-    Tensor::from_data(TensorData::new(values, [ROWS, CLASSES]), device)
+    Tensor::from_data(TensorData::new(values, [rows, classes]), device)
 }
 
 /// One fused loss in a loop, for a profiler.
@@ -41,6 +38,12 @@ struct Args {
     /// Calls.
     #[arg(default_value_t = 20)]
     calls: usize,
+    /// Positions (rows of logits).
+    #[arg(long, default_value_t = 2048)]
+    rows: usize,
+    /// Classes (vocabulary).
+    #[arg(long, default_value_t = 32000)]
+    classes: usize,
     /// The logits' precision (both inputs; the gradient comes back in it).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
@@ -50,15 +53,32 @@ struct Args {
     /// gradient over the logits (`BURN_DISTILL_FUSED_IN_PLACE=0` stops it).
     #[arg(long)]
     fresh: bool,
+    /// Also measure the kernel's two ceilings at this shape (`kernel_bounds`): its
+    /// exponentials alone, and its 12 bytes per element of memory traffic alone.
+    #[arg(long)]
+    bounds: bool,
 }
 
 fn main() {
     let Args {
         loss,
         calls,
+        rows,
+        classes,
         dtype,
         fresh,
+        bounds,
     } = <Args as clap::Parser>::parse();
+    if bounds {
+        let b = burn_distill::loss::kernel_bounds(rows, classes, 5);
+        println!(
+            "bounds at {rows} x {classes}: exponentials {:.1} ms ({:.2} G exp/s), memory {:.1} ms ({:.1} GB/s for 12 B/element)",
+            b.exp_seconds * 1e3,
+            b.exps_per_second / 1e9,
+            b.stream_seconds * 1e3,
+            b.stream_bytes_per_second / 1e9
+        );
+    }
     let divergence = match loss.as_str() {
         "forward_kl" => Some(Divergence::ForwardKl),
         "reverse_kl" => Some(Divergence::ReverseKl),
@@ -71,9 +91,12 @@ fn main() {
         "bf16" => FloatDType::BF16,
         _ => FloatDType::F32,
     };
-    let (student, teacher) = (logits(1, &device).cast(precision), logits(2, &device).cast(precision));
-    let labels: Vec<i64> = (0..ROWS).map(|i| ((i * 7919) % CLASSES) as i64).collect();
-    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [ROWS]), &device);
+    let (student, teacher) = (
+        logits(1, [rows, classes], &device).cast(precision),
+        logits(2, [rows, classes], &device).cast(precision),
+    );
+    let labels: Vec<i64> = (0..rows).map(|i| ((i * 7919) % classes) as i64).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [rows]), &device);
     let loss_of = |student: Tensor<2>| {
         match divergence {
             Some(divergence) => DivergenceLossConfig::new(divergence)
@@ -115,5 +138,5 @@ fn main() {
     }
     let per_call = timed.as_secs_f64() * 1e3 / calls as f64;
     let mode = if fresh { "fresh logits" } else { "shared logits" };
-    println!("{loss} at {ROWS} x {CLASSES} on flex, {dtype}, {mode}, fused: {per_call:.1} ms per call ({calls} calls)");
+    println!("{loss} at {rows} x {classes} on flex, {dtype}, {mode}, fused: {per_call:.1} ms per call ({calls} calls)");
 }

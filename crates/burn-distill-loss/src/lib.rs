@@ -96,8 +96,8 @@ pub use divergence::{
 pub use dkd::{DkdLoss, DkdLossConfig, decoupled_kd};
 pub use error::{LossError, Result};
 pub use fused::{
-    CausalMask, FusedGradStores, Implementation, causal_attention, fused_available, fused_available_for,
-    fused_grad_stores, swiglu,
+    CausalMask, FusedGradStores, Implementation, KernelBounds, causal_attention, fused_available, fused_available_for,
+    fused_grad_stores, kernel_bounds, swiglu,
 };
 pub use fused::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};

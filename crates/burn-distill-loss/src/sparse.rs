@@ -6,7 +6,9 @@ use burn::tensor::{Bool, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, check_temperature};
-use crate::input::{check_finite_or_neg_inf, check_indices, check_logits, flatten, flatten_positions, unflatten};
+use crate::input::{
+    check_finite_or_neg_inf, check_indices, check_logits, flatten, flatten_positions, unflatten, widen_f32,
+};
 use crate::math::{exp_m1, kl_rows, log_sum_exp_rows, row_sum, zero_mass};
 use crate::reduction::{Reduction, reduce};
 use crate::temperature::scaled_log_softmax;
@@ -155,7 +157,9 @@ impl SparseKlLoss {
         teacher_indices: Tensor<D, Int>,
         teacher_log_probs: Tensor<D>,
     ) -> crate::Result<(Tensor<1>, usize, Vec<usize>)> {
-        let student = flatten(student_logits, "student logits")?;
+        let mut student = flatten(student_logits, "student logits")?;
+        // Composed: half-precision logits are widened to f32 first.
+        student.rows = widen_f32(student.rows);
         let index_dims = teacher_indices.dims();
         let value_dims = teacher_log_probs.dims();
         let [positions, classes] = student.rows.dims();

@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::kind::Autodiff;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::fingerprint::Fingerprint;
@@ -78,7 +78,7 @@ pub trait Student<I, const D: usize> {
 /// ```
 /// use burn::module::Module;
 /// use burn::nn::{Linear, LinearConfig};
-/// use burn::tensor::{Device, Tensor};
+/// use burn::tensor::{Device, FloatDType, Tensor};
 /// use burn_distill_model::{Features, FrozenTeacher, Student, TappedForward, Teacher};
 ///
 /// #[derive(Module, Debug)]
@@ -150,9 +150,29 @@ pub trait TeacherInput {
 
     /// The device the input lives on.
     fn device(&self) -> Device;
+
+    /// The same input with its float tensors in `dtype` (integer and boolean tensors, token ids
+    /// and masks, unchanged): what a model whose weights are in `dtype` takes, for a
+    /// mixed-precision forward pass.
+    fn with_float_dtype(self, dtype: FloatDType) -> Self;
 }
 
-impl<const D: usize, K: Autodiff> TeacherInput for Tensor<D, K> {
+impl<const D: usize, K: Autodiff + 'static> TeacherInput for Tensor<D, K> {
+    fn with_float_dtype(self, dtype: FloatDType) -> Self {
+        // Only a float tensor is cast; the kind is generic here, so it is recognised by type.
+        let mut slot = Some(self);
+        if let Some(float) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Tensor<D>>>()
+            && let Some(tensor) = float.take()
+        {
+            *float = Some(if tensor.dtype() == dtype.into() {
+                tensor
+            } else {
+                tensor.cast(dtype)
+            });
+        }
+        slot.expect("the slot is refilled")
+    }
+
     fn without_autodiff(self) -> Self {
         Tensor::without_autodiff(self)
     }
@@ -177,6 +197,10 @@ impl<A: TeacherInput, B: TeacherInput> TeacherInput for (A, B) {
 
     fn device(&self) -> Device {
         self.0.device()
+    }
+
+    fn with_float_dtype(self, dtype: FloatDType) -> Self {
+        (self.0.with_float_dtype(dtype), self.1.with_float_dtype(dtype))
     }
 }
 
@@ -284,12 +308,38 @@ where
 #[derive(Debug, Clone)]
 pub struct FrozenTeacher<M> {
     module: M,
+    /// The precision its weights were cast to (and its float inputs are cast to), if not f32.
+    dtype: Option<FloatDType>,
 }
 
 impl<M: Module> FrozenTeacher<M> {
     /// Freezes a copy of `module` for teaching.
     pub fn new(module: &M) -> Self {
-        Self { module: module.valid() }
+        Self {
+            module: module.valid(),
+            dtype: None,
+        }
+    }
+
+    /// Freezes a copy of `module` with its weights in `dtype` (f16 or bf16: half the memory,
+    /// and half the bytes its logits take to the loss). Its float inputs are cast to `dtype`
+    /// on the way in; its logits and features come out in `dtype` (the fused losses read them
+    /// as they are; the composed losses and the feature terms widen them to f32).
+    pub fn in_precision(module: &M, dtype: FloatDType) -> Self {
+        struct Cast(FloatDType);
+        impl burn::module::ModuleMapper for Cast {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: burn::module::Param<Tensor<D>>,
+            ) -> burn::module::Param<Tensor<D>> {
+                let dtype = self.0;
+                param.map(|tensor| tensor.cast(dtype))
+            }
+        }
+        Self {
+            module: module.valid().map(&mut Cast(dtype)),
+            dtype: Some(dtype),
+        }
     }
 
     /// The frozen module.
@@ -304,7 +354,12 @@ where
     I: TeacherInput,
 {
     fn teach(&self, input: I, taps: &[&str]) -> Result<TeacherOutput<D>> {
-        let (logits, features) = self.module.forward_tapped(input.without_autodiff());
+        let input = input.without_autodiff();
+        let input = match self.dtype {
+            Some(dtype) => input.with_float_dtype(dtype),
+            None => input,
+        };
+        let (logits, features) = self.module.forward_tapped(input);
         Ok(TeacherOutput::new(logits, select_taps(features, taps)?))
     }
 

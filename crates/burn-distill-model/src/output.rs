@@ -44,6 +44,23 @@ impl Feature {
         }
     }
 
+    /// The same feature in `dtype` (differentiable: a gradient comes back in the feature's own
+    /// precision); as it is when it already is in `dtype`.
+    pub fn cast(self, dtype: burn::tensor::FloatDType) -> Self {
+        fn cast<const D: usize>(tensor: Tensor<D>, dtype: burn::tensor::FloatDType) -> Tensor<D> {
+            if tensor.dtype() == dtype.into() {
+                tensor
+            } else {
+                tensor.cast(dtype)
+            }
+        }
+        match self {
+            Feature::Vector(t) => Feature::Vector(cast(t, dtype)),
+            Feature::Sequence(t) => Feature::Sequence(cast(t, dtype)),
+            Feature::Map(t) => Feature::Map(cast(t, dtype)),
+        }
+    }
+
     /// The same feature on `device`.
     pub fn to_device(self, device: &Device) -> Self {
         match self {

@@ -30,6 +30,7 @@ use crate::objective::{BuiltinObjective, Objective};
 /// | `keep_checkpoints` | 2 | epoch checkpoints kept (plus the best) | ≥ 1 |
 /// | `max_norm` | none | after each step, scale each chosen `Linear` unit's incoming weights to an L2 norm ≤ `max_norm` ([`MaxNormConfig`](crate::MaxNormConfig); Srivastava et al. 2014) | |
 /// | `on_policy` | none | GKD: the student writes some of the sequences it is scored on ([`Distiller::fit_on_policy`](crate::Distiller::fit_on_policy)) | |
+/// | `precision` | `F32` | the student's forward and backward pass in f32, or mixed precision in bf16 or f16 (f32 master weights, f32 loss; [`Precision`]) | |
 ///
 /// Targets equal to [`IGNORE_INDEX`] (padding, prompts) are left out of every term and of the
 /// normalisation: losses are means over the valid positions of the step.
@@ -73,9 +74,60 @@ pub struct DistillConfig {
     /// constrained.
     #[config(default = "None")]
     pub max_norm: Option<MaxNormConfig>,
+    /// The precision of the student's forward and backward pass ([`Precision`]).
+    #[config(default = "Precision::F32")]
+    pub precision: Precision,
 }
 
 pub use burn_distill_data::IGNORE_INDEX;
+
+/// The precision a student trains in.
+///
+/// Mixed precision keeps the weights in f32 (the optimizer updates those) and casts them to
+/// the half precision inside each step's graph: the forward and backward passes run in it, the
+/// gradients reach the f32 weights through the casts as f32, and the loss is f32 (the fused
+/// losses read half-precision logits and sum in f32). The batch's float inputs are cast too;
+/// the teacher is untouched (give it a half-precision model for a half-precision teacher).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 forward and backward. bf16 has f32's range: no loss scaling.
+    Bf16,
+    /// f16 forward and backward, with dynamic loss scaling: gradients small enough to flush to
+    /// zero in f16 are kept by scaling the loss before the backward pass and the gradients
+    /// back after it.
+    F16(LossScaleConfig),
+}
+
+/// Dynamic loss scaling for f16 (Micikevicius et al., 2018, "Mixed Precision Training"): the
+/// loss is multiplied by the scale before the backward pass and the f32 gradients divided by
+/// it. A step whose gradients overflow (inf or NaN) is skipped and the scale halved; after
+/// `growth_interval` steps in a row without overflow it doubles. The scale is saved in every
+/// checkpoint, so a resumed run goes on with it.
+#[derive(Config, Debug, PartialEq)]
+pub struct LossScaleConfig {
+    /// The first scale (2^16).
+    #[config(default = 65536.0)]
+    pub initial: f64,
+    /// Steps without overflow before the scale doubles.
+    #[config(default = 2000)]
+    pub growth_interval: usize,
+}
+
+impl Copy for LossScaleConfig {}
+
+impl Precision {
+    /// The half precision the student runs in, `None` for f32.
+    pub fn forward_dtype(&self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+            Precision::F16(_) => Some(burn::tensor::FloatDType::F16),
+        }
+    }
+}
 
 /// Generalised knowledge distillation (Agarwal et al., 2024, "On-Policy Distillation of Language
 /// Models"): for each micro-batch, with probability `lambda`, the batch's sequences are

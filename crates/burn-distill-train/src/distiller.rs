@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::config::Precision;
+use crate::run::LossScale;
+use crate::step::CastParams;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::{Module, ModuleDisplay};
@@ -407,6 +410,14 @@ where
                 epochs_without_improvement: 0,
                 train_data,
                 teacher: self.teacher.and_then(|teacher| teacher.fingerprint()),
+                loss_scale: match self.config.precision {
+                    Precision::F16(scaling) => Some(LossScale {
+                        scale: scaling.initial,
+                        good_steps: 0,
+                        skipped: 0,
+                    }),
+                    _ => None,
+                },
             },
             records: Vec::new(),
         };
@@ -527,19 +538,41 @@ where
             positions: micro_batches.iter().map(|micro| micro.valid).sum(),
             examples: micro_batches.iter().map(|micro| micro.batch.size()).sum(),
         };
+        let forward_dtype = self.config.precision.forward_dtype();
+        let scale = session.state.loss_scale.map(|loss_scale| loss_scale.scale);
         let mut accumulator = GradientsAccumulator::<Trainee<M>>::new();
         for micro in micro_batches {
-            let total = self.micro_batch_loss(&session, micro, step, terms, epoch)?;
+            // Mixed precision: the weights cast inside this micro-batch's graph, so the
+            // backward pass carries the gradients through the casts to the f32 weights.
+            let cast = forward_dtype.map(|dtype| session.trainee.clone().map(&mut CastParams(dtype)));
+            let total = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch)?;
+            let total = match scale {
+                Some(scale) => total.mul_scalar(scale),
+                None => total,
+            };
             let gradients = GradientsParams::from_grads(total.backward(), &session.trainee);
             accumulator.accumulate(&session.trainee, gradients);
             epoch.micro_step += 1;
             epoch.bar.inc(1);
         }
+        let mut grads = accumulator.grads();
+        if let (Some(loss_scale), Precision::F16(scaling)) = (&mut session.state.loss_scale, self.config.precision) {
+            if !unscale_gradients(&session.trainee, &mut grads, 1.0 / loss_scale.scale) {
+                // Overflow: this step is skipped and the scale halved.
+                loss_scale.scale /= 2.0;
+                loss_scale.good_steps = 0;
+                loss_scale.skipped += 1;
+                return Ok(session);
+            }
+            loss_scale.good_steps += 1;
+            if loss_scale.good_steps >= scaling.growth_interval {
+                loss_scale.scale *= 2.0;
+                loss_scale.good_steps = 0;
+            }
+        }
         let learning_rate = session.scheduler.step();
         epoch.totals.learning_rate = learning_rate.base();
-        session.trainee = session
-            .optimizer
-            .step(learning_rate, session.trainee, accumulator.grads());
+        session.trainee = session.optimizer.step(learning_rate, session.trainee, grads);
         if let Some(max_norm) = &self.config.max_norm {
             session.trainee.student = apply_max_norm(session.trainee.student, max_norm);
         }
@@ -553,6 +586,7 @@ where
     fn micro_batch_loss<M, B>(
         &self,
         session: &Session<M>,
+        cast: Option<&Trainee<M>>,
         micro: MicroBatch<B>,
         step: StepCounts,
         terms: &Terms<'_>,
@@ -564,7 +598,8 @@ where
     {
         let MicroBatch { batch, mask, valid } = micro;
         let loss = batch_loss(
-            &session.trainee,
+            cast.unwrap_or(&session.trainee),
+            self.config.precision.forward_dtype(),
             self.teacher,
             terms.objective,
             &terms.loss,
@@ -767,4 +802,39 @@ fn describe_metrics(metrics: &EvalMetrics) -> String {
         text.push_str(&format!(", KL to teacher {kl:.4}"));
     }
     text
+}
+
+/// Multiplies every gradient of `trainee` by `factor` (the loss scale's inverse); `false`
+/// when one holds an inf or NaN (the scaled backward pass overflowed).
+fn unscale_gradients<M: Module + ModuleDisplay>(
+    trainee: &Trainee<M>,
+    grads: &mut GradientsParams,
+    factor: f64,
+) -> bool {
+    struct Unscale<'g> {
+        grads: &'g mut GradientsParams,
+        factor: f64,
+        flags: Vec<Tensor<1, burn::tensor::Int>>,
+    }
+    impl burn::module::ModuleVisitor for Unscale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                let grad = grad.mul_scalar(self.factor);
+                let bad = grad.clone().is_nan().bool_or(grad.clone().is_inf()).any();
+                self.flags.push(bad.int().reshape([1]));
+                self.grads.register::<D>(param.id, grad);
+            }
+        }
+    }
+    let mut visitor = Unscale {
+        grads,
+        factor,
+        flags: Vec::new(),
+    };
+    trainee.visit(&mut visitor);
+    if visitor.flags.is_empty() {
+        return true;
+    }
+    // One host read for all of them.
+    Tensor::cat(visitor.flags, 0).sum().into_scalar::<i64>() == 0
 }

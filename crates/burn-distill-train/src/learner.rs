@@ -17,12 +17,14 @@ use burn::train::metric::{
 };
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use burn_distill_data::Batch;
-use burn_distill_model::{Student, Teacher};
+use burn_distill_model::{Student, Teacher, TeacherInput};
 
+use crate::config::Precision;
 use crate::config::{FeatureTermConfig, ObjectiveConfig};
 use crate::distiller::Trainee;
 use crate::error::{Result, TrainError};
 use crate::objective::{BuiltinObjective, Objective, valid_positions};
+use crate::step::CastParams;
 use crate::step::{BatchLoss, LossTerms, StepCounts, batch_loss};
 
 /// A teacher shared by every replica of a [`DistillModel`].
@@ -84,6 +86,7 @@ struct PlanInner<I, const D: usize> {
     eval_objective: SharedObjective,
     terms: LossTerms,
     summed_batches: usize,
+    precision: Precision,
 }
 
 struct Plan<B: Batch, const D: usize> {
@@ -124,6 +127,7 @@ impl<M, B: Batch, const D: usize> DistillModel<M, B, D> {
             features: Vec::new(),
             device: None,
             summed_batches: 1,
+            precision: Precision::F32,
         }
     }
 
@@ -161,6 +165,7 @@ pub struct DistillModelBuilder<M, B: Batch, const D: usize> {
     features: Vec<FeatureTermConfig>,
     device: Option<Device>,
     summed_batches: usize,
+    precision: Precision,
 }
 
 impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
@@ -219,10 +224,21 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
         self
     }
 
+    /// The precision of the student's training steps ([`Precision`]): `Bf16` runs each
+    /// training step's forward and backward pass in bf16 on f32 weights (burn-train's
+    /// optimizer updates those). `F16` is refused here: its loss scaling needs the optimizer
+    /// step, which burn-train's Learner owns (the [`Distiller`](crate::Distiller) has it).
+    /// Validation runs in f32.
+    pub fn precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
     /// The model.
     ///
     /// # Errors
-    /// [`TrainError::Config`] without an objective, with `summed_batches` 0, or with feature
+    /// [`TrainError::Config`] without an objective, with `summed_batches` 0, with f16
+    /// precision, or with feature
     /// terms but no device for their connectors; [`TrainError::MissingTeacher`] for an objective
     /// that needs a teacher and has none.
     pub fn build(self) -> Result<DistillModel<M, B, D>> {
@@ -236,6 +252,13 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
         }
         if self.summed_batches == 0 {
             return Err(TrainError::Config("summed_batches must be at least 1".into()));
+        }
+        if matches!(self.precision, Precision::F16(_)) {
+            return Err(TrainError::Config(
+                "f16 precision needs loss scaling, which the Learner's optimizer step cannot do; \
+                 use Precision::Bf16 here, or the Distiller for f16"
+                    .into(),
+            ));
         }
         let eval_teacher = self
             .eval_teacher
@@ -273,6 +296,7 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
                     eval_objective,
                     terms: LossTerms::from_features(&self.features),
                     summed_batches: self.summed_batches,
+                    precision: self.precision,
                 }),
                 batch: PhantomData,
             },
@@ -284,8 +308,11 @@ impl<M, B, const D: usize> DistillModel<M, B, D>
 where
     M: Student<B::Input, D>,
     B: Batch,
+    B::Input: TeacherInput,
 {
-    fn loss(&self, batch: &B, training: bool) -> (BatchLoss, DistillOutput) {
+    /// The batch's loss; `cast` is the trainee with its weights cast for a mixed-precision
+    /// training step.
+    fn loss(&self, batch: &B, training: bool, cast: Option<&Trainee<M>>) -> (BatchLoss, DistillOutput) {
         let plan = &self.plan.inner;
         let targets = batch.targets();
         let (mask, valid) = valid_positions(&targets);
@@ -307,8 +334,14 @@ where
         // burn-train's steps cannot return an error: a failure (a teacher whose server went
         // away, a loss refusing its inputs) panics with the error's message, which MultiDevice
         // and DDP report as the worker's failure.
+        let forward_dtype = if cast.is_some() {
+            plan.precision.forward_dtype()
+        } else {
+            None
+        };
         let loss = batch_loss(
-            &self.trainee,
+            cast.unwrap_or(&self.trainee),
+            forward_dtype,
             teacher,
             objective.as_ref(),
             &plan.terms,
@@ -337,12 +370,21 @@ impl<M, B, const D: usize> TrainStep for DistillModel<M, B, D>
 where
     M: Student<B::Input, D> + Module + ModuleDisplay,
     B: Batch + Clone + fmt::Debug + Send + 'static,
+    B::Input: TeacherInput,
 {
     type Input = B;
     type Output = DistillOutput;
 
     fn step(&self, batch: B) -> TrainOutput<DistillOutput> {
-        let (loss, output) = self.loss(&batch, true);
+        // Mixed precision: the weights cast inside this step's graph; the gradients reach
+        // the f32 weights, which burn-train's optimizer updates.
+        let cast = self
+            .plan
+            .inner
+            .precision
+            .forward_dtype()
+            .map(|dtype| self.trainee.clone().map(&mut CastParams(dtype)));
+        let (loss, output) = self.loss(&batch, true, cast.as_ref());
         TrainOutput::new(self, loss.total.backward(), output)
     }
 }
@@ -351,12 +393,13 @@ impl<M, B, const D: usize> InferenceStep for DistillModel<M, B, D>
 where
     M: Student<B::Input, D>,
     B: Batch + Clone + fmt::Debug + Send + 'static,
+    B::Input: TeacherInput,
 {
     type Input = B;
     type Output = DistillOutput;
 
     fn step(&self, batch: B) -> DistillOutput {
-        self.loss(&batch, false).1
+        self.loss(&batch, false, None).1
     }
 }
 

@@ -70,8 +70,8 @@ mod stopping;
 
 pub use chrf::{ChrfStats, chrf, corpus_chrf};
 pub use config::{
-    DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, Metric, ObjectiveConfig, OnPolicyConfig,
-    OptimizerConfig,
+    DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, LossScaleConfig, Metric, ObjectiveConfig,
+    OnPolicyConfig, OptimizerConfig, Precision,
 };
 pub use constraint::{MaxNormConfig, apply_max_norm};
 pub use denormals::FlushDenormals;

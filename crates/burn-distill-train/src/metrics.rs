@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::IGNORE_INDEX;
 use crate::error::{Result, TrainError};
+use crate::step::widen_f32;
 
 /// Bins of the expected calibration error.
 pub const ECE_BINS: usize = 15;
@@ -129,6 +130,8 @@ fn accumulate(
     teacher: Option<Tensor<2>>,
     examples: usize,
 ) {
+    // Half-precision students or teachers are compared in f32.
+    let (logits, teacher) = (widen_f32(logits), teacher.map(widen_f32));
     let host_targets = host_i64(targets.clone());
     let valid: Vec<bool> = host_targets.iter().map(|&target| target != IGNORE_INDEX).collect();
     let targets = targets.clone().mask_fill(targets.equal_elem(IGNORE_INDEX), 0);

@@ -4,7 +4,7 @@
 use burn::tensor::{Bool, Int, Tensor, TensorData, activation};
 use burn_distill_loss::{
     DivergenceLoss, DkdLoss, HeadTeacher, HintonKdLoss, Implementation, LinearHeadKdConfig, Reduction, SparseKlLoss,
-    fused_available,
+    fused_available_for,
 };
 use burn_distill_model::{Connector, Feature, Features, ModelError};
 
@@ -309,14 +309,16 @@ impl Builtin {
                 // The fused kernel gives the loss and its gradient in one sweep, but not the
                 // terms: for the record, the cross-entropy of the detached logits, and the
                 // teacher term from the two (neither is differentiated).
-                let total = loss.forward(input.student.clone(), teacher, input.targets.clone(), reduction)?;
+                // The record's cross-entropy first: the logits then go to the loss with no
+                // other handle on them, and the kernel can write their gradient over them.
                 let hard = cross_entropy(
-                    input.student.detach(),
-                    input.targets,
+                    input.student.clone().detach(),
+                    input.targets.clone(),
                     input.mask,
                     loss.label_smoothing,
                     input.normaliser,
                 );
+                let total = loss.forward(input.student, teacher, input.targets, reduction)?;
                 let soft = (total.clone().detach() - hard.clone().mul_scalar(loss.alpha)).div_scalar(1.0 - loss.alpha);
                 ObjectiveLoss {
                     total,
@@ -516,7 +518,9 @@ fn soft_and_hard(soft: Tensor<1>, weight: f64, hard: impl FnOnce() -> Result<Ten
 /// Whether Hinton KD's loss runs the fused kernel here (and its terms can be recovered from the
 /// loss and the cross-entropy: not at `α = 1`, where the teacher term has no weight).
 fn runs_fused(loss: &HintonKdLoss, student: &Tensor<2>) -> bool {
-    loss.alpha < 1.0 && loss.implementation != Implementation::Composed && fused_available(&student.device())
+    loss.alpha < 1.0
+        && loss.implementation != Implementation::Composed
+        && fused_available_for(&student.device(), student.dtype())
 }
 
 /// `Σ_valid positions [(1 − ε) · (−log q_label) + ε · mean_c(−log q_c)] / normaliser`; positions
@@ -528,6 +532,11 @@ pub(crate) fn cross_entropy(
     smoothing: f64,
     normaliser: usize,
 ) -> Tensor<1> {
+    // Half-precision logits (mixed precision) are summed in f32.
+    let logits = match logits.dtype() {
+        burn::tensor::DType::F16 | burn::tensor::DType::BF16 => logits.cast(burn::tensor::FloatDType::F32),
+        _ => logits,
+    };
     let log_probs = activation::log_softmax(logits, 1);
     let targets = match &mask {
         Some(mask) => targets.mask_fill(mask.clone().bool_not(), 0),

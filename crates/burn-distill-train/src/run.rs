@@ -105,6 +105,18 @@ pub(crate) struct CheckpointState {
     pub epochs_without_improvement: usize,
     pub train_data: Fingerprint,
     pub teacher: Option<Fingerprint>,
+    /// f16 mixed precision: the loss scale, and the steps since it last changed.
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
+}
+
+/// The dynamic loss scale's state (see [`LossScaleConfig`](crate::LossScaleConfig)).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LossScale {
+    pub scale: f64,
+    pub good_steps: usize,
+    /// Steps skipped so far because their gradients overflowed.
+    pub skipped: usize,
 }
 
 /// Every epoch record in a run directory's `metrics.jsonl` (none when it has no such file; a

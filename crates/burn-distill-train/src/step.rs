@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 use burn_distill_data::Batch;
-use burn_distill_model::{Features, Student, Teacher};
+use burn_distill_model::{Features, Student, Teacher, TeacherInput};
 
 use crate::config::{DistillConfig, FeatureTermConfig};
 use crate::distiller::Trainee;
@@ -71,10 +71,14 @@ pub(crate) struct BatchLoss {
 }
 
 /// The loss of `batch` for `trainee`, against `teacher` when there is one; with
-/// `count_correct`, the number of valid positions whose argmax is the target too.
+/// `count_correct`, the number of valid positions whose argmax is the target too. With
+/// `forward_dtype` (mixed precision: `trainee`'s weights already cast to it), the student
+/// gets the batch's float inputs in that precision; its logits go to the objective as they
+/// are (the fused losses read them so), its features are widened to f32, and the total is f32.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batch_loss<M, B, const D: usize>(
     trainee: &Trainee<M>,
+    forward_dtype: Option<FloatDType>,
     teacher: Option<&dyn Teacher<B::Input, D>>,
     objective: &dyn Objective,
     terms: &LossTerms,
@@ -87,6 +91,7 @@ pub(crate) fn batch_loss<M, B, const D: usize>(
 where
     M: Student<B::Input, D>,
     B: Batch,
+    B::Input: TeacherInput,
 {
     let input = batch.input();
     let teacher_taps: Vec<&str> = terms.teacher_taps.iter().map(String::as_str).collect();
@@ -101,10 +106,14 @@ where
         }
         None => None,
     };
+    let student_input = match forward_dtype {
+        Some(dtype) => input.clone().with_float_dtype(dtype),
+        None => input,
+    };
     // Objectives that take a head get the hidden states of students that give them: the
     // loss then runs chunk by chunk, without the [positions, vocab] logits.
     let hidden = if objective.takes_head() {
-        trainee.student.learn_hidden(input.clone(), &student_taps)
+        trainee.student.learn_hidden(student_input.clone(), &student_taps)
     } else {
         None
     };
@@ -115,7 +124,7 @@ where
             (flatten_logits(hidden.hidden), dims, Some(hidden.head), hidden.features)
         }
         None => {
-            let output = trainee.student.learn(input, &student_taps)?;
+            let output = trainee.student.learn(student_input, &student_taps)?;
             let dims = output.logits.dims();
             (flatten_logits(output.logits), dims, None, output.features)
         }
@@ -133,7 +142,7 @@ where
                     ),
                     None => (indices.clone(), values.clone()),
                 };
-                (flatten_indices(indices), flatten_logits(values))
+                (flatten_indices(indices), widen_f32(flatten_logits(values)))
             });
             let (logits, features) = output.into_parts();
             let logits = match fit(logits.dims()) {
@@ -144,6 +153,11 @@ where
                 dense: flatten_logits(logits),
                 top_k,
             };
+            // A half-precision teacher's features meet the student's in f32.
+            let features: Features = features
+                .into_iter()
+                .map(|(name, feature)| (name, feature.cast(FloatDType::F32)))
+                .collect();
             (Some(logits), features)
         }
         None => (None, Default::default()),
@@ -168,6 +182,13 @@ where
         normaliser: counts.positions,
         check_inputs,
     })?;
+    let student_features = match forward_dtype {
+        Some(_) => student_features
+            .into_iter()
+            .map(|(name, feature)| (name, feature.cast(FloatDType::F32)))
+            .collect(),
+        None => student_features,
+    };
     let features = feature_loss(
         &terms.features,
         &trainee.connectors,
@@ -176,16 +197,38 @@ where
         &teacher_features,
         counts.examples,
     )?;
+    let logit_total = widen_f32(logit_loss.total.clone());
     let total = match &features {
-        Some(features) => logit_loss.total.clone() + features.clone(),
-        None => logit_loss.total.clone(),
+        Some(features) => logit_total + features.clone(),
+        None => logit_total,
     };
     Ok(BatchLoss {
         total,
-        hard: logit_loss.hard,
-        soft: logit_loss.soft,
+        hard: logit_loss.hard.map(widen_f32),
+        soft: logit_loss.soft.map(widen_f32),
         features,
         correct,
         teacher_seconds,
     })
+}
+
+/// `tensor` in f32 (a loss term computed in half precision by a composed objective, a
+/// half-precision teacher's top-k log-probabilities).
+pub(crate) fn widen_f32<const N: usize>(tensor: Tensor<N>) -> Tensor<N> {
+    match tensor.dtype() {
+        DType::F32 => tensor,
+        _ => tensor.cast(FloatDType::F32),
+    }
+}
+
+/// Maps every float parameter to `dtype` inside the graph: the mapped module's weights are
+/// casts of the f32 ones (same parameter ids), so a forward and backward pass through it run
+/// in `dtype` and the gradients arrive at the f32 weights as f32.
+pub(crate) struct CastParams(pub(crate) FloatDType);
+
+impl burn::module::ModuleMapper for CastParams {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(|tensor| tensor.cast(dtype))
+    }
 }

@@ -2430,6 +2430,18 @@ mod learner {
         assert!(matches!(error, TrainError::MissingTeacher { .. }), "{error}");
         let error = model_with_zero_batches(&device);
         assert!(error.to_string().contains("summed_batches"), "{error}");
+        // f16 needs loss scaling, which the Learner's optimizer step cannot do.
+        let error = Model::builder(student(5, 0.0, &device))
+            .objective(&hinton())
+            .unwrap()
+            .teacher(oracle(&device))
+            .precision(Precision::F16(LossScaleConfig::new()))
+            .build()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("f16 precision needs loss scaling"),
+            "{error}"
+        );
     }
 
     fn model_with_zero_batches(device: &Device) -> TrainError {
@@ -2465,4 +2477,219 @@ fn a_hostile_config_json_is_refused_by_resume_naming_the_file() {
         },
     );
     assert!(report.refused > 0, "{report:?}");
+}
+
+/// Mixed precision: the student's steps in bf16 or f16 on f32 weights.
+mod mixed_precision {
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::module::Module;
+    use burn::tensor::DType;
+    use burn_distill_data::Batch;
+
+    use super::*;
+
+    /// The device that trains in half precision (flex), under autodiff.
+    fn half_device() -> Device {
+        devices()
+            .into_iter()
+            .map(|named| named.device)
+            .find(|device| device.supports_dtype(DType::BF16) && device.supports_dtype(DType::F16))
+            .expect("flex is compiled into the tests and holds bf16 and f16")
+            .autodiff()
+    }
+
+    /// The loss scale's state saved with the run's last checkpoint.
+    fn saved_loss_scale(run: &std::path::Path) -> serde_json::Value {
+        let checkpoints = run.join("checkpoints");
+        let mut epochs: Vec<_> = std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.join("state.json").is_file())
+            .collect();
+        epochs.sort();
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(epochs.last().unwrap().join("state.json")).unwrap()).unwrap();
+        state["loss_scale"].clone()
+    }
+
+    /// Whether every float parameter of `model` is f32.
+    fn all_f32(model: &Mlp) -> bool {
+        struct Dtypes(Vec<DType>);
+        impl burn::module::ModuleVisitor for Dtypes {
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                self.0.push(param.val().dtype());
+            }
+        }
+        let mut dtypes = Dtypes(Vec::new());
+        model.visit(&mut dtypes);
+        !dtypes.0.is_empty() && dtypes.0.iter().all(|&dtype| dtype == DType::F32)
+    }
+
+    #[test]
+    fn bf16_and_f16_steps_train_f32_weights_to_the_f32_runs_accuracy() {
+        let _serial = serial();
+        let device = half_device();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        let valid = Synthetic::new(2000, 2, &oracle, &device);
+        let evals = [EvalSet {
+            name: "valid",
+            dataset: &valid,
+        }];
+        let batcher = ImageBatcher::new();
+        let run = |precision: Precision, name: &str| {
+            let dir = scratch(name);
+            let outcome = Distiller::new(config(30, hinton(), 0.05).with_precision(precision), &dir)
+                .with_teacher(&oracle)
+                .fit(
+                    student(5, 0.0, &device),
+                    FitData::new(&train, &batcher).with_evals(&evals),
+                    &device,
+                )
+                .unwrap();
+            (outcome, dir)
+        };
+        let (f32_run, _) = run(Precision::F32, "precision-f32");
+        let (bf16_run, _) = run(Precision::Bf16, "precision-bf16");
+        let (f16_run, f16_dir) = run(Precision::F16(LossScaleConfig::new()), "precision-f16");
+        let accuracy = |outcome: &RunOutcome<Mlp>| outcome.summary.last.eval[0].1.accuracy;
+        let loss = |outcome: &RunOutcome<Mlp>| outcome.records.last().unwrap().train.loss;
+        let first_loss = |outcome: &RunOutcome<Mlp>| outcome.records[0].train.loss;
+        for (name, outcome) in [("bf16", &bf16_run), ("f16", &f16_run)] {
+            assert!(all_f32(&outcome.student), "{name}: the trained weights stay f32");
+            assert!(
+                (accuracy(outcome) - accuracy(&f32_run)).abs() <= 0.03,
+                "{name}: accuracy {:.3} vs f32 {:.3} on 2000 held-out examples",
+                accuracy(outcome),
+                accuracy(&f32_run)
+            );
+            assert!(
+                loss(outcome) < 0.5 * first_loss(outcome),
+                "{name}: the loss went from {} to {}",
+                first_loss(outcome),
+                loss(outcome)
+            );
+            assert!(
+                (loss(outcome) / loss(&f32_run) - 1.0).abs() < 0.1,
+                "{name}: final training loss {} vs f32 {}",
+                loss(outcome),
+                loss(&f32_run)
+            );
+            assert_ne!(
+                loss(outcome),
+                loss(&f32_run),
+                "{name}: the steps did run in half precision"
+            );
+        }
+        // 120 steps at a scale of 2^16 (none reaching the 2000 steps of growth): the first
+        // may overflow (here it does, once), the steps that ran are counted in the records.
+        let scale = saved_loss_scale(&f16_dir);
+        let skipped = scale["skipped"].as_u64().unwrap() as usize;
+        assert!(skipped <= 2, "{scale}");
+        assert_eq!(
+            scale["scale"].as_f64().unwrap(),
+            65536.0 / 2f64.powi(skipped as i32),
+            "{scale}"
+        );
+        let applied: usize = f16_run.records.iter().map(|record| record.train.steps).sum();
+        assert_eq!(applied + skipped, 120, "{scale}");
+    }
+
+    #[test]
+    fn f16_loss_scaling_skips_overflowing_steps_halves_and_grows_again() {
+        let _serial = serial();
+        let device = half_device();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        let valid = Synthetic::new(500, 2, &oracle, &device);
+        let evals = [EvalSet {
+            name: "valid",
+            dataset: &valid,
+        }];
+        let batcher = ImageBatcher::new();
+        let dir = scratch("precision-f16-overflow");
+        // 2^40 overflows f16's range (65504) in the backward pass: steps are skipped and the
+        // scale halved until the gradients fit, then it grows back every 4 good steps.
+        let scaling = LossScaleConfig::new()
+            .with_initial(2f64.powi(40))
+            .with_growth_interval(4);
+        let outcome = Distiller::new(config(12, hinton(), 0.05).with_precision(Precision::F16(scaling)), &dir)
+            .with_teacher(&oracle)
+            .fit(
+                student(5, 0.0, &device),
+                FitData::new(&train, &batcher).with_evals(&evals),
+                &device,
+            )
+            .unwrap();
+        let scale = saved_loss_scale(&dir);
+        let skipped = scale["skipped"].as_u64().unwrap();
+        assert!(skipped >= 10, "the first steps overflow: {scale}");
+        assert!(skipped < 48, "some steps ran: {scale}");
+        assert!(scale["scale"].as_f64().unwrap() < 2f64.powi(40), "{scale}");
+        assert!(all_f32(&outcome.student));
+        assert!(
+            outcome.records.last().unwrap().train.loss < outcome.records[0].train.loss,
+            "the steps that ran trained the student"
+        );
+    }
+
+    #[test]
+    fn a_bf16_teacher_answers_in_bf16_and_teaches_a_bf16_student() {
+        let _serial = serial();
+        let device = half_device();
+        let module = oracle_module(&device);
+        let full = FrozenTeacher::new(&module);
+        let half = FrozenTeacher::in_precision(&module, burn::tensor::FloatDType::BF16);
+        let input = Synthetic::new(64, 7, &oracle(&device), &device);
+        let batch = ImageBatcher::new().batch((0..64).map(|i| input.get(i).unwrap()).collect(), &device);
+        let exact = Teacher::<Tensor<2>, 2>::teach(&full, batch.input(), &[])
+            .unwrap()
+            .into_parts()
+            .0;
+        let rounded = Teacher::<Tensor<2>, 2>::teach(&half, batch.input(), &[])
+            .unwrap()
+            .into_parts()
+            .0;
+        assert_eq!(rounded.dtype(), DType::BF16, "the half teacher's logits stay in bf16");
+        let exact: Vec<f32> = exact.into_data().iter::<f32>().collect();
+        let rounded: Vec<f32> = rounded.into_data().iter::<f32>().collect();
+        let scale = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (e, r) in exact.iter().zip(&rounded) {
+            assert!((e - r).abs() <= 0.03 * scale, "bf16 teacher {r} vs f32 teacher {e}");
+        }
+        assert_ne!(exact, rounded, "the weights were cast");
+
+        // A bf16 student learns from it as well as from the f32 teacher.
+        let teacher_of = |teacher: &dyn Teacher<Tensor<2>, 2>, name: &str| {
+            let train = Synthetic::new(64, 1, &oracle(&device), &device);
+            let valid = Synthetic::new(1000, 2, &oracle(&device), &device);
+            let evals = [EvalSet {
+                name: "valid",
+                dataset: &valid,
+            }];
+            let objective = ObjectiveConfig::Hinton(HintonKdLossConfig::new().with_alpha(0.0).with_temperature(2.0));
+            Distiller::new(
+                config(20, objective, 0.05).with_precision(Precision::Bf16),
+                scratch(name),
+            )
+            .with_teacher(teacher)
+            .fit(
+                student(5, 0.0, &device),
+                FitData::new(&train, &ImageBatcher::new()).with_evals(&evals),
+                &device,
+            )
+            .unwrap()
+            .summary
+            .last
+            .eval[0]
+                .1
+                .accuracy
+        };
+        let from_full = teacher_of(&full, "teacher-f32");
+        let from_half = teacher_of(&half, "teacher-bf16");
+        assert!(
+            (from_full - from_half).abs() <= 0.03,
+            "bf16 teacher {from_half:.3} vs f32 teacher {from_full:.3}"
+        );
+    }
 }

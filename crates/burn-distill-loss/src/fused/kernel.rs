@@ -1483,6 +1483,122 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     if x > -87.0 { mantissa * scale } else { 0.0 }
 }
 
+/// The two ceilings of the host kernel on this machine, for a call over `positions ×
+/// classes` f32 logits: what its exponentials alone cost, and what its memory traffic alone
+/// costs. Each is measured on every core, the way the kernel runs.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelBounds {
+    /// Seconds for the call's exponential passes alone (two per element: student and
+    /// teacher), each row's input and output held in cache, as the kernel holds them.
+    pub exp_seconds: f64,
+    /// Exponentials per second on every core.
+    pub exps_per_second: f64,
+    /// Seconds to read two and write one `[positions, classes]` f32 buffers (12 bytes per
+    /// element, the kernel's traffic), pages already mapped.
+    pub stream_seconds: f64,
+    /// Bytes read and written per second by that stream.
+    pub stream_bytes_per_second: f64,
+}
+
+/// Measures [`KernelBounds`] for `positions × classes` (best of `repeats` runs each).
+pub fn kernel_bounds(positions: usize, classes: usize, repeats: usize) -> KernelBounds {
+    use std::time::Instant;
+    let simd = Simd::detect();
+    let rows_per_task = (MIN_ELEMENTS_PER_TASK / classes).max(1);
+    let row: Vec<f32> = (0..classes)
+        .map(|j| ((j * 7919) % 8000) as f32 / 1000.0 - 4.0)
+        .collect();
+    let best = |f: &dyn Fn()| {
+        (0..repeats.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let tasks = positions.div_ceil(rows_per_task);
+    let exp_seconds = best(&|| {
+        let sums: f64 = (0..tasks)
+            .into_par_iter()
+            .map(|task| {
+                let rows = rows_per_task.min(positions - task * rows_per_task);
+                let layout = ScratchLayout {
+                    classes,
+                    own_student_row: true,
+                    widen_student: false,
+                    widen_teacher: false,
+                };
+                with_scratch(layout, |scratch| simd.exp_rows(&row, rows, scratch))
+            })
+            .sum();
+        std::hint::black_box(sums);
+    });
+    let elements = positions * classes;
+    let mut out = vec![0.0f32; elements];
+    let (a, b) = (vec![1.0f32; elements], vec![2.0f32; elements]);
+    let stream = |out: &mut [f32]| {
+        out.par_chunks_mut(rows_per_task * classes)
+            .zip(
+                a.par_chunks(rows_per_task * classes)
+                    .zip(b.par_chunks(rows_per_task * classes)),
+            )
+            .for_each(|(out, (a, b))| {
+                for (o, (&x, &y)) in out.iter_mut().zip(a.iter().zip(b)) {
+                    *o = x - y;
+                }
+            });
+    };
+    stream(&mut out); // maps the pages
+    let cell = std::sync::Mutex::new(out);
+    let stream_seconds = best(&|| stream(&mut cell.lock().expect("not poisoned")));
+    KernelBounds {
+        exp_seconds,
+        exps_per_second: 2.0 * elements as f64 / exp_seconds,
+        stream_seconds,
+        stream_bytes_per_second: 12.0 * elements as f64 / stream_seconds,
+    }
+}
+
+impl Simd {
+    /// `rows` times, the kernel's two exponential passes over `row` (student and teacher),
+    /// into the scratch rows; returns the sums.
+    fn exp_rows(self, row: &[f32], rows: usize, scratch: &mut Scratch) -> f64 {
+        match self {
+            Simd::Baseline => exp_rows(row, rows, scratch),
+            // SAFETY: as in `run`.
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Simd::Avx2 => unsafe { exp_rows_avx2(row, rows, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Simd::Avx512 => unsafe { exp_rows_avx512(row, rows, scratch) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn exp_rows_avx2(row: &[f32], rows: usize, scratch: &mut Scratch) -> f64 {
+    exp_rows(row, rows, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn exp_rows_avx512(row: &[f32], rows: usize, scratch: &mut Scratch) -> f64 {
+    exp_rows(row, rows, scratch)
+}
+
+#[inline(always)]
+fn exp_rows(row: &[f32], rows: usize, scratch: &mut Scratch) -> f64 {
+    let mut total = 0.0;
+    for _ in 0..rows {
+        total += exp_into::<true>(row, 4.0, 2.0, &mut scratch.student_exp);
+        total += exp_into::<true>(row, 4.0, 2.0, &mut scratch.teacher_exp);
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

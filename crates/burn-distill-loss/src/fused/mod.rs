@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{LossError, Result};
 use crate::input::check_logits;
 pub use attention::{CausalMask, causal_attention};
+pub use kernel::{KernelBounds, kernel_bounds};
 pub use op::{FusedGradStores, fused_grad_stores};
 pub(crate) use op::{FusedLossBackend, HeadJob, SparseTeacher};
 pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};

@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release --features flex --example hinton_mnist
 //! cargo run --release --features flex --example hinton_mnist -- --epochs 20 --temperature 20 --run-dir runs/t20
+//! cargo run --release --features flex --example hinton_mnist -- --precision bf16 --run-dir runs/bf16
 //! ```
 //!
 //! With the defaults (2 cores, flex; about 3 minutes a run) the last lines read, for student seed 2
@@ -35,7 +36,8 @@ use burn_distill::data::{ImageBatcher, MnistDataset, MnistSplit, Subset};
 use burn_distill::loss::{HintonKdLossConfig, device_by_name};
 use burn_distill::model::{FrozenTeacher, Mlp, MlpConfig, Teacher, init_seeded};
 use burn_distill::train::{
-    DistillConfig, Distiller, EvalSet, FitData, ObjectiveConfig, OptimizerConfig, RunOutcome, evaluate,
+    DistillConfig, Distiller, EvalSet, FitData, LossScaleConfig, ObjectiveConfig, OptimizerConfig, Precision,
+    RunOutcome, evaluate,
 };
 use clap::Parser;
 
@@ -71,15 +73,21 @@ struct Args {
     /// Seed of both students' weights and batch order (default: seed + 1).
     #[arg(long)]
     student_seed: Option<u64>,
+    /// The precision every run trains in (f32 weights either way): f32, or mixed precision in
+    /// bf16 or f16 (f16 with dynamic loss scaling). The distilling teacher then answers in it
+    /// too.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    precision: String,
 }
 
 /// SGD with momentum 0.9 at a constant learning rate, batches of 128.
-fn config(epochs: usize, objective: ObjectiveConfig, seed: u64) -> DistillConfig {
+fn config(epochs: usize, objective: ObjectiveConfig, seed: u64, precision: Precision) -> DistillConfig {
     let momentum = MomentumConfig::new().with_momentum(0.9).with_dampening(0.0);
     let optimizer = OptimizerConfig::Sgd(SgdConfig::new().with_momentum(Some(momentum)));
     DistillConfig::new(epochs, optimizer, LrSchedulerConfig::Constant(0.05), objective)
         .with_batch_size(128)
         .with_seed(seed)
+        .with_precision(precision)
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -92,11 +100,21 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             .with_temperature(args.temperature)
             .with_alpha(args.alpha),
     );
+    let precision = match args.precision.as_str() {
+        "bf16" => Precision::Bf16,
+        "f16" => Precision::F16(LossScaleConfig::new()),
+        _ => Precision::F32,
+    };
+    if let Some(dtype) = precision.forward_dtype()
+        && !device.supports_dtype(dtype)
+    {
+        return Err(format!("{} does not hold {dtype:?} tensors: use --precision f32", args.device).into());
+    }
     let supervised = ObjectiveConfig::Supervised { label_smoothing: 0.0 };
-    let teacher_config = config(args.teacher_epochs, supervised.clone(), args.seed);
+    let teacher_config = config(args.teacher_epochs, supervised.clone(), args.seed, precision);
     let student_seed = args.student_seed.unwrap_or(args.seed + 1);
-    let alone_config = config(args.epochs, supervised, student_seed);
-    let distilled_config = config(args.epochs, distilled_objective, student_seed);
+    let alone_config = config(args.epochs, supervised, student_seed, precision);
+    let distilled_config = config(args.epochs, distilled_objective, student_seed, precision);
     for config in [&teacher_config, &alone_config, &distilled_config] {
         config.validate()?;
     }
@@ -130,7 +148,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             data,
             &training,
         )?;
-    let frozen = FrozenTeacher::new(&teacher.student);
+    let frozen = match precision.forward_dtype() {
+        Some(dtype) => FrozenTeacher::in_precision(&teacher.student, dtype),
+        None => FrozenTeacher::new(&teacher.student),
+    };
 
     // 2. and 3. The same 784-800-800-10 student, from the same weights, alone and distilled.
     let student = || init_seeded(student_seed, &training, |d| MlpConfig::hinton_student().init(d));

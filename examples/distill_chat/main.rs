@@ -24,6 +24,7 @@ mod report;
 #[path = "../common/runs.rs"]
 mod runs;
 
+use burn_distill::train::{LossScaleConfig, Precision};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -131,6 +132,10 @@ struct Args {
     /// Seed of everything.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
+    /// The precision the students train in (f32 weights either way): f32, or mixed precision
+    /// in bf16 or f16 (f16 with dynamic loss scaling).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    precision: String,
     /// Leave the test prompts unread (test figures NaN, no samples.md): for hyper-parameter
     /// sweeps, which choose on validation.
     #[arg(long)]
@@ -185,6 +190,11 @@ fn main() -> ExitCode {
     options.student = args.student.clone();
     options.transfer_set = args.transfer_set.clone();
     options.teacher_device = args.teacher_device.clone();
+    options.precision = match args.precision.as_str() {
+        "bf16" => Precision::Bf16,
+        "f16" => Precision::F16(LossScaleConfig::new()),
+        _ => Precision::F32,
+    };
     if let Some(name) = &args.vocab_policy {
         match pipeline::VocabPolicy::parse(name) {
             Ok(policy) => options.vocab_policy = Some(policy),

@@ -29,8 +29,8 @@ use burn_distill::model::{
 };
 use burn_distill::serve::{Lineage, SparseTeacher, TransferSet, chat_transcripts};
 use burn_distill::train::{
-    DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, corpus_chrf, evaluate,
-    read_metrics,
+    DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, Precision, corpus_chrf,
+    evaluate, read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +189,8 @@ pub struct Options {
     pub beta: f64,
     /// Seed of sampling, initialisation and data order.
     pub seed: u64,
+    /// The precision the students train in (f32 weights either way).
+    pub precision: Precision,
     /// Measure every model on the test prompts. Off (`--no-test`) for hyper-parameter sweeps:
     /// the test figures are NaN and the test set is not read.
     pub test: bool,
@@ -233,6 +235,7 @@ impl Options {
             lambda: 0.5,
             beta: 0.0,
             seed: 1,
+            precision: Precision::F32,
             test: true,
             progress: true,
         }
@@ -909,6 +912,7 @@ fn config(options: &Options, peak: f64, objective: ObjectiveConfig, examples: us
     adam_warm_up_cosine(options.epochs, examples, options.batch_size, peak, objective)
         .with_eval_batch_size(8)
         .with_seed(options.seed)
+        .with_precision(options.precision)
 }
 
 /// Greedy answers to `prompts` in batches, and the tokens per second they were made at.

@@ -8,6 +8,9 @@ use burn::tensor::{DType, FloatDType};
 
 use super::*;
 
+/// A loss of student and teacher logits.
+type PairLoss = Box<dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>>;
+
 const HALVES: [(FloatDType, DType); 2] = [(FloatDType::F16, DType::F16), (FloatDType::BF16, DType::BF16)];
 
 /// The devices whose fused kernel reads half-precision logits.
@@ -81,7 +84,7 @@ fn half_logits_give_the_f32_kernels_loss_and_its_rounded_gradient() {
                     to_vec(rounded::<2>(values, &shape, dtype, &named.device).cast(FloatDType::F32))
                 };
                 let (student_w, teacher_w) = (widen(&student), widen(&teacher));
-                let mut losses: Vec<(String, Box<dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>>)> = fused::divergences()
+                let mut losses: Vec<(String, PairLoss)> = fused::divergences()
                     .into_iter()
                     .map(|divergence| {
                         let loss = DivergenceLossConfig::new(divergence)
@@ -89,7 +92,7 @@ fn half_logits_give_the_f32_kernels_loss_and_its_rounded_gradient() {
                             .with_scale_by_temperature_squared(true)
                             .with_implementation(Implementation::Fused)
                             .init();
-                        let run: Box<dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>> =
+                        let run: PairLoss =
                             Box::new(move |s, t| loss.forward_no_reduction(s, t).unwrap().reshape([-1]));
                         (format!("{divergence:?}"), run)
                     })
@@ -315,7 +318,7 @@ fn gradient_written_over_the_student_logits_equals_the_new_buffer_one() {
     let dims = [24, 16, 700];
     let labels: Vec<i64> = (0..dims[0]).map(|i| ((i * 13) % dims[2]) as i64).collect();
     let hinton = HintonKdLossConfig::new().with_alpha(0.3).with_temperature(2.0).init();
-    let losses: Vec<(&str, Box<dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<1>>)> = vec![
+    let losses: Vec<(&str, PairLoss)> = vec![
         (
             "forward KL",
             Box::new(|s, t| {

@@ -421,3 +421,54 @@ fn bad_logits_are_named_without_keeping_the_inputs() {
         }
     }
 }
+
+#[test]
+fn linear_head_takes_half_precision_hidden_states_and_weights() {
+    // The chunked head in bf16 / f16: each chunk's logits come out of a half-precision matmul
+    // and go to the kernel as they are; the gradients of hidden states and weight come back
+    // in their precision. Against the head in f32 on the same (rounded) inputs, the loss and
+    // gradients differ only by the rounding of the chunk logits and gradients.
+    let (positions, width, classes) = (40, 16, 300);
+    let hidden = random_logits(&[positions, width], 1.0, 141);
+    let weight = random_logits(&[classes, width], 0.5, 142);
+    let teacher = random_logits(&[positions, classes], 3.0, 143);
+    let config = LinearHeadKdConfig::new().with_temperature(2.0).with_chunk_rows(16);
+    for named in half_devices() {
+        for (dtype, dtype_id) in HALVES {
+            let device = named.device.clone().autodiff();
+            let run = |precision: FloatDType| {
+                let widen = |values: &[f64], shape: &[usize]| {
+                    rounded::<2>(values, shape, dtype, &device)
+                        .cast(precision)
+                        .require_grad()
+                };
+                let (h, w) = (widen(&hidden, &[positions, width]), widen(&weight, &[classes, width]));
+                let t = floats::<2>(&teacher, &[positions, classes], &device);
+                let loss = config
+                    .init()
+                    .forward(h.clone(), w.clone(), HeadTeacher::Logits(t), None, Reduction::BatchMean)
+                    .unwrap();
+                let grads = loss.clone().backward();
+                let (gh, gw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+                let dtypes = (loss.dtype(), gh.dtype(), gw.dtype());
+                (
+                    to_vec(loss),
+                    to_vec(gh.cast(FloatDType::F32)),
+                    to_vec(gw.cast(FloatDType::F32)),
+                    dtypes,
+                )
+            };
+            let what = format!("{} {dtype:?}", named.name);
+            let half = run(dtype);
+            let full = run(FloatDType::F32);
+            assert_eq!(
+                half.3,
+                (DType::F32, dtype_id, dtype_id),
+                "{what}: dtypes of loss and gradients"
+            );
+            assert_close(&format!("{what}: loss"), &half.0, &full.0, 2e-2, 0.0);
+            assert_close(&format!("{what}: ∂/∂hidden"), &half.1, &full.1, 5e-2, 0.0);
+            assert_close(&format!("{what}: ∂/∂weight"), &half.2, &full.2, 5e-2, 0.0);
+        }
+    }
+}

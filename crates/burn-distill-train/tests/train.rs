@@ -2338,6 +2338,71 @@ mod learner {
     }
 
     #[test]
+    fn a_bf16_learner_step_gives_f32_gradients_near_the_f32_step() {
+        let _serial = serial();
+        let device = Device::flex().autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(32, 1, &oracle, &device);
+        let batcher = ImageBatcher::new();
+        let ordered: Vec<MnistItem> = (0..32).map(|index| train.get(index).unwrap()).collect();
+        let batch = batcher.batch(ordered, &device);
+        // One student module for both (the same parameter ids).
+        let weights = student(5, 0.0, &device);
+        let build = |precision: Precision| {
+            DistillModel::builder(weights.clone())
+                .objective(&hinton())
+                .unwrap()
+                .teacher(oracle.clone())
+                .precision(precision)
+                .build()
+                .unwrap()
+        };
+        let bf16: Model = build(Precision::Bf16);
+        let full = TrainStep::step(&build(Precision::F32), batch.clone());
+        let mut half = TrainStep::step(&bf16, batch.clone());
+        let (full_loss, half_loss) = (
+            full.item.loss.clone().into_scalar::<f64>(),
+            half.item.loss.clone().into_scalar::<f64>(),
+        );
+        assert!(
+            (half_loss / full_loss - 1.0).abs() < 2e-2 && half_loss != full_loss,
+            "bf16 step loss {half_loss} vs f32 {full_loss}"
+        );
+        // The gradients are the f32 weights' own, in f32, and point the same way.
+        let mut full = full;
+        assert_eq!(half.grads.len(), 4);
+        let mut cosines = Vec::new();
+        struct Pairs<'g> {
+            full: &'g mut burn::optim::GradientsParams,
+            half: &'g mut burn::optim::GradientsParams,
+            cosines: &'g mut Vec<f64>,
+        }
+        impl burn::module::ModuleVisitor for Pairs<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                let (Some(a), Some(b)) = (self.full.remove::<D>(param.id), self.half.remove::<D>(param.id)) else {
+                    return;
+                };
+                assert_eq!(
+                    b.dtype(),
+                    burn::tensor::DType::F32,
+                    "a bf16 step's gradient reaches the f32 weight as f32"
+                );
+                let dot = (a.clone() * b.clone()).sum().into_scalar::<f64>();
+                let norms = (a.clone() * a).sum().into_scalar::<f64>().sqrt()
+                    * (b.clone() * b).sum().into_scalar::<f64>().sqrt();
+                self.cosines.push(dot / norms);
+            }
+        }
+        bf16.visit(&mut Pairs {
+            full: &mut full.grads,
+            half: &mut half.grads,
+            cosines: &mut cosines,
+        });
+        assert_eq!(cosines.len(), 4, "every student parameter has both gradients");
+        assert!(cosines.iter().all(|&c| c > 0.99), "cosines {cosines:?}");
+    }
+
+    #[test]
     fn the_learner_distils_checkpoints_only_the_student_and_two_devices_match_one() {
         let _serial = serial();
         let device = Device::flex().autodiff();

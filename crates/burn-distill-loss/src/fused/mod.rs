@@ -24,7 +24,7 @@ use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LossError, Result};
-use crate::input::check_logits;
+use crate::input::{check_logits, widen_f32};
 pub use attention::{CausalMask, causal_attention};
 pub use kernel::{KernelBounds, kernel_bounds};
 pub use op::{FusedGradStores, fused_grad_stores};
@@ -39,7 +39,7 @@ use op::FusedJob;
 ///
 /// | Value | Runs |
 /// |---|---|
-/// | `Auto` (default) | the fused kernel where it exists (f32 logits on an ndarray, flex, wgpu or cuda device, f16 and bf16 logits on flex, with or without autodiff), the composed tensor ops elsewhere (half-precision logits cast to f32 first) |
+/// | `Auto` (default) | the fused kernel where it exists (an ndarray, flex, wgpu or cuda device, with or without autodiff; f16 and bf16 logits read as they are on flex, widened to f32 first on the GPU devices), the composed tensor ops elsewhere (half-precision logits widened to f32 first) |
 /// | `Fused` | the fused kernel, or an error naming the device and dtype where it does not exist |
 /// | `Composed` | burn tensor ops, on every device (the reference the fused kernel is tested against) |
 ///
@@ -76,17 +76,24 @@ pub fn fused_available(device: &Device) -> bool {
     }
 }
 
-/// Decides whether a call runs fused; `Err` when `Fused` is forced where it cannot run.
+/// Decides whether a call of [`fused_loss`] runs fused; `Err` when `Fused` is forced where it
+/// cannot run. Half-precision logits run fused on every device with a kernel: read as they
+/// are where it reads them ([`fused_available_for`]), widened to f32 first elsewhere (the
+/// GPU devices, whose CubeCL kernel is f32).
 pub(crate) fn use_fused<const D: usize>(
     implementation: Implementation,
     student: &Tensor<D>,
     teacher: &Tensor<D>,
 ) -> Result<bool> {
+    let widened = |dtype: DType| match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    };
     decide(
         implementation,
         &student.device(),
         &[teacher.device()],
-        &[student.dtype(), teacher.dtype()],
+        &[widened(student.dtype()), widened(teacher.dtype())],
     )
 }
 
@@ -148,8 +155,19 @@ pub(crate) fn fused_loss(
     reduced: bool,
     check: bool,
 ) -> Result<Tensor<1>> {
+    // Half precision where the kernel reads only f32: widened first (differentiable: the
+    // gradient comes back in the student's precision).
+    let device = student.device();
+    let widen = |tensor: Tensor<2>| {
+        if fused_available_for(&device, tensor.dtype()) {
+            tensor
+        } else {
+            widen_f32(tensor)
+        }
+    };
+    let (student, teacher) = (widen(student), widen(teacher));
     let report = Arc::new(AtomicU8::new(0));
-    let inputs = (check && !host_kernel(&student.device())).then(|| (student.clone(), teacher.clone()));
+    let inputs = (check && !host_kernel(&device)).then(|| (student.clone(), teacher.clone()));
     let job = FusedJob {
         spec,
         labels: labels.map(Arc::new),

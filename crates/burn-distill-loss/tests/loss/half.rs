@@ -142,6 +142,61 @@ fn half_logits_give_the_f32_kernels_loss_and_its_rounded_gradient() {
 }
 
 #[test]
+fn half_logits_run_fused_on_the_gpu_devices_widened_to_f32() {
+    // The CubeCL kernel reads f32: half logits are widened first, and the gradient comes back
+    // in their precision (rounded once by the device's cast).
+    let shape = [6, 500];
+    let (student, teacher) = (random_logits(&shape, 4.0, 151), random_logits(&shape, 4.0, 152));
+    let gpu_devices: Vec<_> = devices()
+        .iter()
+        .filter(|named| fused_available(&named.device) && !fused_available_for(&named.device, DType::F16))
+        .collect();
+    let mut ran = Vec::new();
+    for named in &gpu_devices {
+        for (dtype, dtype_id) in HALVES {
+            if !named.device.supports_dtype(dtype_id) {
+                continue;
+            }
+            ran.push(format!("{} {dtype:?}", named.name));
+            let what = format!("{} {dtype:?}", named.name);
+            let loss = HintonKdLossConfig::new()
+                .with_alpha(0.5)
+                .with_temperature(2.0)
+                .with_implementation(Implementation::Fused)
+                .init();
+            let labels: Vec<i64> = (0..shape[0] as i64).collect();
+            let run = |values: &[f64], precision: FloatDType| {
+                run_half::<2>(&named.device, values, &shape, precision, |s| {
+                    let t = rounded::<2>(&teacher, &shape, dtype, &s.device());
+                    let labels = ints::<1>(&labels, &[shape[0]], &s.device());
+                    loss.forward(s, t, labels, Reduction::BatchMean).unwrap()
+                })
+            };
+            let (value, grad, value_dtype, grad_dtype) = run(&student, dtype);
+            let widened = to_vec(rounded::<2>(&student, &shape, dtype, &named.device).cast(FloatDType::F32));
+            let (value_f32, grad_f32, _, _) = run(&widened, FloatDType::F32);
+            assert_eq!((value_dtype, grad_dtype), (DType::F32, dtype_id), "{what}");
+            assert_eq!(value, value_f32, "{what}: the f32 kernel on the widened inputs");
+            // One rounding to half precision: within one unit in its last place.
+            let ulp = if dtype == FloatDType::BF16 {
+                2f64.powi(-8)
+            } else {
+                2f64.powi(-11)
+            };
+            for (i, (&g, &f)) in grad.iter().zip(&grad_f32).enumerate() {
+                assert!(
+                    (g - f).abs() <= ulp * f.abs() + 1e-7,
+                    "{what}: gradient[{i}] {g} vs f32 {f}"
+                );
+            }
+        }
+    }
+    // wgpu (lavapipe in CI) holds f16 tensors: the test is not empty there.
+    assert!(gpu_devices.is_empty() || !ran.is_empty(), "no GPU device here holds f16 or bf16");
+    eprintln!("half logits fused after widening on: {ran:?}");
+}
+
+#[test]
 fn half_student_with_an_f32_teacher_runs_fused() {
     // A bf16 student against an f32 teacher cache: no cast of the teacher, the gradient in bf16.
     let shape = [5, 400];

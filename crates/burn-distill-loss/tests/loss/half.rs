@@ -192,7 +192,10 @@ fn half_logits_run_fused_on_the_gpu_devices_widened_to_f32() {
         }
     }
     // wgpu (lavapipe in CI) holds f16 tensors: the test is not empty there.
-    assert!(gpu_devices.is_empty() || !ran.is_empty(), "no GPU device here holds f16 or bf16");
+    assert!(
+        gpu_devices.is_empty() || !ran.is_empty(),
+        "no GPU device here holds f16 or bf16"
+    );
     eprintln!("half logits fused after widening on: {ran:?}");
 }
 

@@ -471,9 +471,15 @@ impl Rotary {
         let first = x.clone().narrow(3, 0, half);
         let second = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        let cos = self.cos.clone().expand([batch, seq, heads, head]);
-        let sin = self.sin.clone().expand([batch, seq, heads, head]);
-        x * cos + rotated * sin
+        // The tables are f32; a half-precision model (mixed precision, a half teacher) gets
+        // them in its own precision.
+        let dtype = x.dtype();
+        let table = |t: &Tensor<4>| {
+            let t = t.clone();
+            let t = if t.dtype() == dtype { t } else { t.cast(dtype) };
+            t.expand([batch, seq, heads, head])
+        };
+        x * table(&self.cos) + rotated * table(&self.sin)
     }
 }
 

@@ -1033,3 +1033,39 @@ fn tokenizers_compare_id_by_id() {
     );
     assert!(found.to_string().contains("id 67"), "{found}");
 }
+
+#[test]
+fn a_bf16_llama_teacher_answers_in_bf16_near_its_f32_logits() {
+    // `FrozenTeacher::in_precision`: the weights (and the rotary tables, at use) in bf16; the
+    // logits within bf16 rounding of the f32 model's.
+    let _serial = serial();
+    let Some(device) = devices()
+        .iter()
+        .map(|named| named.device.clone())
+        .find(|device| device.supports_dtype(burn::tensor::DType::BF16))
+    else {
+        panic!("flex is compiled into the tests and holds bf16");
+    };
+    let mut config = LlamaConfig::new(256, 64, 128, 2, 4);
+    config.initializer_range = 0.2;
+    let model = config.init(&device).unwrap();
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 7, 99, 200, 3, 50], [1, 6]), &device);
+    let full = burn_distill_model::FrozenTeacher::new(&model);
+    let half = burn_distill_model::FrozenTeacher::in_precision(&model, burn::tensor::FloatDType::BF16);
+    let exact = Teacher::<Tensor<2, Int>, 3>::teach(&full, tokens.clone(), &[])
+        .unwrap()
+        .into_parts()
+        .0;
+    let rounded = Teacher::<Tensor<2, Int>, 3>::teach(&half, tokens, &[])
+        .unwrap()
+        .into_parts()
+        .0;
+    assert_eq!(rounded.dtype(), burn::tensor::DType::BF16);
+    let exact: Vec<f32> = exact.into_data().iter::<f32>().collect();
+    let rounded: Vec<f32> = rounded.into_data().iter::<f32>().collect();
+    let scale = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.5, "logits of some size: {scale}");
+    for (i, (e, r)) in exact.iter().zip(&rounded).enumerate() {
+        assert!((e - r).abs() <= 0.05 * scale, "logit {i}: bf16 {r} vs f32 {e}");
+    }
+}

@@ -303,6 +303,24 @@ where
     }
 }
 
+/// `module` with every float parameter cast to `dtype`, parameter ids kept. On an autodiff
+/// device the cast parameters are casts of the originals inside the graph: a forward and
+/// backward pass through the result runs in `dtype` and the gradients reach the original
+/// (f32) parameters, which is how mixed-precision training uses it.
+pub fn cast_params<M: Module>(module: M, dtype: FloatDType) -> M {
+    struct Cast(FloatDType);
+    impl burn::module::ModuleMapper for Cast {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<D>>,
+        ) -> burn::module::Param<Tensor<D>> {
+            let dtype = self.0;
+            param.map(|tensor| tensor.cast(dtype))
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
 /// A module used as a teacher: kept in validation mode ([`Module::valid`]: no autodiff, no
 /// dropout) and fed inputs without autodiff.
 #[derive(Debug, Clone)]
@@ -326,18 +344,8 @@ impl<M: Module> FrozenTeacher<M> {
     /// on the way in; its logits and features come out in `dtype` (the fused losses read them
     /// as they are; the composed losses and the feature terms widen them to f32).
     pub fn in_precision(module: &M, dtype: FloatDType) -> Self {
-        struct Cast(FloatDType);
-        impl burn::module::ModuleMapper for Cast {
-            fn map_float<const D: usize>(
-                &mut self,
-                param: burn::module::Param<Tensor<D>>,
-            ) -> burn::module::Param<Tensor<D>> {
-                let dtype = self.0;
-                param.map(|tensor| tensor.cast(dtype))
-            }
-        }
         Self {
-            module: module.valid().map(&mut Cast(dtype)),
+            module: cast_params(module.valid(), dtype),
             dtype: Some(dtype),
         }
     }

@@ -46,7 +46,7 @@ mod seed;
 mod transformer;
 mod weights;
 
-pub use base::{FnTeacher, FrozenTeacher, Student, TappedForward, Teacher, TeacherInput, TeacherOn};
+pub use base::{FnTeacher, FrozenTeacher, Student, TappedForward, Teacher, TeacherInput, TeacherOn, cast_params};
 pub use cnn::{LeNet, LeNetConfig};
 pub use connector::{Connector, ConnectorConfig, ConnectorKind};
 pub use cost::{Compression, Cost};

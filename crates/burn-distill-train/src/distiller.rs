@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use crate::config::Precision;
 use crate::run::LossScale;
-use crate::step::CastParams;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::{Module, ModuleDisplay};
@@ -13,7 +12,7 @@ use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Tensor};
 use burn_distill_data::{Batch, EpochAware, EpochSampler, Fingerprinted, Indexed};
-use burn_distill_model::{Connector, Fingerprint, Student, Teacher, TeacherInput};
+use burn_distill_model::{Connector, Fingerprint, Student, Teacher, TeacherInput, cast_params};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{Checkpointer, Session};
@@ -544,7 +543,7 @@ where
         for micro in micro_batches {
             // Mixed precision: the weights cast inside this micro-batch's graph, so the
             // backward pass carries the gradients through the casts to the f32 weights.
-            let cast = forward_dtype.map(|dtype| session.trainee.clone().map(&mut CastParams(dtype)));
+            let cast = forward_dtype.map(|dtype| cast_params(session.trainee.clone(), dtype));
             let total = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch)?;
             let total = match scale {
                 Some(scale) => total.mul_scalar(scale),

@@ -17,14 +17,13 @@ use burn::train::metric::{
 };
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use burn_distill_data::Batch;
-use burn_distill_model::{Student, Teacher, TeacherInput};
+use burn_distill_model::{Student, Teacher, TeacherInput, cast_params};
 
 use crate::config::Precision;
 use crate::config::{FeatureTermConfig, ObjectiveConfig};
 use crate::distiller::Trainee;
 use crate::error::{Result, TrainError};
 use crate::objective::{BuiltinObjective, Objective, valid_positions};
-use crate::step::CastParams;
 use crate::step::{BatchLoss, LossTerms, StepCounts, batch_loss};
 
 /// A teacher shared by every replica of a [`DistillModel`].
@@ -383,7 +382,7 @@ where
             .inner
             .precision
             .forward_dtype()
-            .map(|dtype| self.trainee.clone().map(&mut CastParams(dtype)));
+            .map(|dtype| cast_params(self.trainee.clone(), dtype));
         let (loss, output) = self.loss(&batch, true, cast.as_ref());
         TrainOutput::new(self, loss.total.backward(), output)
     }

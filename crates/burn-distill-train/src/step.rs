@@ -220,15 +220,3 @@ pub(crate) fn widen_f32<const N: usize>(tensor: Tensor<N>) -> Tensor<N> {
         _ => tensor.cast(FloatDType::F32),
     }
 }
-
-/// Maps every float parameter to `dtype` inside the graph: the mapped module's weights are
-/// casts of the f32 ones (same parameter ids), so a forward and backward pass through it run
-/// in `dtype` and the gradients arrive at the f32 weights as f32.
-pub(crate) struct CastParams(pub(crate) FloatDType);
-
-impl burn::module::ModuleMapper for CastParams {
-    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
-        let dtype = self.0;
-        param.map(|tensor| tensor.cast(dtype))
-    }
-}

@@ -93,6 +93,36 @@ pub enum LossError {
         /// The number given.
         classes: usize,
     },
+    /// A feature or relational loss got a tensor of a rank it does not take.
+    #[error("{tensor} has rank {rank}; {expected}")]
+    FeatureRank {
+        /// Which input.
+        tensor: &'static str,
+        /// Its rank.
+        rank: usize,
+        /// The ranks accepted, in words.
+        expected: &'static str,
+    },
+    /// A feature loss got student and teacher features whose shapes do not fit together.
+    #[error("{what}: expected {expected}, got shape {actual:?}")]
+    FeatureShape {
+        /// Which input, and what about it.
+        what: &'static str,
+        /// What was expected, in words.
+        expected: String,
+        /// The shape that was given.
+        actual: Vec<usize>,
+    },
+    /// A relational loss needs more examples in the batch than were given.
+    #[error("{loss} needs at least {min} examples in the batch, got {examples}")]
+    TooFewExamples {
+        /// The loss.
+        loss: &'static str,
+        /// Its minimum.
+        min: usize,
+        /// The number given.
+        examples: usize,
+    },
 }
 
 /// The result type of this crate.

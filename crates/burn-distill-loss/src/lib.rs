@@ -6,7 +6,12 @@
 //! A distillation loss compares a *student*'s logits with a *teacher*'s. This crate gives the
 //! divergences used for that (forward and reverse KL, generalised JSD, skew KL, total
 //! variation, soft cross-entropy), Hinton's KD loss, decoupled KD, and a forward KL against a
-//! sparse top-k teacher. Every loss runs on any burn device (ndarray, flex, wgpu, cuda) and
+//! sparse top-k teacher; and the feature and relational losses: attention transfer
+//! ([`AttentionTransferLoss`]), relational KD ([`RkdLoss`]), probabilistic KT ([`PktLoss`]),
+//! similarity-preserving KD ([`SpLoss`]), contrastive representation distillation
+//! ([`CrdLoss`]), DIST ([`DistLoss`]), linear CKA as a loss and a metric ([`CkaLoss`],
+//! [`CkaAccumulator`]) and hidden-state distances for language models ([`HiddenStateLoss`]).
+//! Every loss runs on any burn device (ndarray, flex, wgpu, cuda) and
 //! takes rank-2 `[batch, classes]` or rank-3 `[batch, seq, vocab]` logits.
 //!
 //! # Core concepts
@@ -78,6 +83,7 @@ mod hinton;
 mod input;
 mod math;
 mod reduction;
+mod relation;
 mod sparse;
 mod spec;
 mod temperature;
@@ -103,6 +109,11 @@ pub use fused::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
 pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};
 pub use reduction::{Reduction, valid_mask};
+pub use relation::{
+    AttentionTransferLoss, AttentionTransferLossConfig, CkaAccumulator, CkaLoss, CkaLossConfig, CrdLoss, CrdLossConfig,
+    CrdOutput, CrdUpdate, DistLoss, DistLossConfig, HiddenDistance, HiddenStateLoss, HiddenStateLossConfig, HsicTerms,
+    PktLoss, PktLossConfig, RkdLoss, RkdLossConfig, SpLoss, SpLossConfig, linear_cka,
+};
 pub use sparse::{SparseKlLoss, SparseKlLossConfig, TailPolicy, sparse_forward_kl};
 pub use temperature::{temperature_log_softmax, temperature_softmax};
 pub use vocab::VocabPolicy;

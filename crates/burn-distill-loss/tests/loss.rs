@@ -14,6 +14,8 @@ use serde::Deserialize;
 mod fused;
 #[path = "loss/half.rs"]
 mod half;
+#[path = "loss/relation.rs"]
+mod relation;
 
 // ---------------------------------------------------------------------------------------------
 // Devices

@@ -3,7 +3,9 @@
 use burn::config::Config;
 use burn::optim::lr_scheduler::LrSchedulerConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
-use burn_distill_loss::{DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, SparseKlLossConfig};
+use burn_distill_loss::{
+    CrdLossConfig, DistLossConfig, DivergenceLossConfig, DkdLossConfig, HintonKdLossConfig, SparseKlLossConfig,
+};
 use burn_distill_model::{ConnectorConfig, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
@@ -212,7 +214,7 @@ impl DistillConfig {
                 "hard_weight = {hard_weight} must be finite and >= 0"
             )));
         }
-        if let ObjectiveConfig::Sparse { hard_weight, .. } = self.objective
+        if let ObjectiveConfig::Sparse { hard_weight, .. } | ObjectiveConfig::Dist { hard_weight, .. } = self.objective
             && !(hard_weight.is_finite() && hard_weight >= 0.0)
         {
             return Err(TrainError::Config(format!(
@@ -323,6 +325,15 @@ pub enum ObjectiveConfig {
     /// Decoupled KD (target-class and non-target-class terms) plus cross-entropy with weight 1,
     /// as Zhao et al. (2022) train.
     Dkd(DkdLossConfig),
+    /// DIST (Huang et al., 2022): inter- and intra-class Pearson correlation of the
+    /// predictions, plus `hard_weight` × cross-entropy (the paper: 1). Padding positions are
+    /// left out; each micro-batch's value is weighted by its share of the step's positions.
+    Dist {
+        /// β, γ and τ.
+        loss: DistLossConfig,
+        /// Weight of the cross-entropy term.
+        hard_weight: f64,
+    },
     /// Any divergence to the teacher, plus `hard_weight` × cross-entropy on the labels.
     Divergence {
         /// The divergence, its temperature and scaling.
@@ -363,8 +374,15 @@ impl ObjectiveConfig {
     }
 }
 
-/// A feature (hint) loss: `weight × mean squared error` between a student tap (through an
-/// optional trained connector) and a teacher tap.
+/// A feature term: `weight ×` a loss between a student tap (through an optional trained
+/// connector) and a teacher tap; which loss, [`FeatureKind`] says (the FitNets MSE hint by
+/// default).
+///
+/// Terms that compare positions (MSE, cosine) leave out padding positions of `[batch, seq,
+/// width]` features (the positions whose target is `IGNORE_INDEX`) and divide by the valid
+/// positions of the whole optimizer step; relational terms (CKA, RKD, PKT, SP, CRD) are a
+/// function of a batch, so each micro-batch's value is weighted by its share of the step's
+/// examples.
 #[derive(Config, Debug)]
 pub struct FeatureTermConfig {
     /// The student's tap.
@@ -377,6 +395,53 @@ pub struct FeatureTermConfig {
     /// A connector trained with the student, mapping its feature to the teacher's width.
     #[config(default = "None")]
     pub connector: Option<ConnectorConfig>,
+    /// The loss between the two features.
+    #[config(default = "FeatureKind::Mse")]
+    pub kind: FeatureKind,
+}
+
+/// The loss of a [`FeatureTermConfig`].
+///
+/// | Kind | Taps | Widths | Loss (burn-distill-loss) |
+/// |---|---|---|---|
+/// | `Mse` | any | equal (a connector maps them) | FitNets' hint; [`HiddenStateLoss`](burn_distill_loss::HiddenStateLoss) for vectors and sequences |
+/// | `Cosine` | vectors, sequences | equal | `1 − cos` per example or position |
+/// | `Cka` | any (sequences: positions are the examples) | any | [`CkaLoss`](burn_distill_loss::CkaLoss) |
+/// | `AttentionTransfer` | maps, same spatial size | any channels | [`AttentionTransferLoss`](burn_distill_loss::AttentionTransferLoss) |
+/// | `Rkd` | any | any | [`RkdLoss`](burn_distill_loss::RkdLoss) |
+/// | `Pkt` | any | any | [`PktLoss`](burn_distill_loss::PktLoss) |
+/// | `Sp` | any | any | [`SpLoss`](burn_distill_loss::SpLoss) |
+/// | `Crd` | any | any | [`CrdLoss`](burn_distill_loss::CrdLoss): its embeddings train with the student, its memory banks are saved in every checkpoint; `examples` must be the training set's size (Distiller only) |
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum FeatureKind {
+    /// Mean squared error (FitNets).
+    #[default]
+    Mse,
+    /// One minus the cosine similarity.
+    Cosine,
+    /// One minus linear CKA.
+    Cka {
+        /// The unbiased HSIC estimator (needs 4 examples per micro-batch).
+        debiased: bool,
+    },
+    /// Attention transfer with exponent `p`.
+    AttentionTransfer {
+        /// Exponent of the activations (2 in the paper).
+        p: f64,
+    },
+    /// Relational KD: distance and angle terms.
+    Rkd {
+        /// Weight of the distance term.
+        distance_weight: f64,
+        /// Weight of the angle term.
+        angle_weight: f64,
+    },
+    /// Probabilistic knowledge transfer.
+    Pkt,
+    /// Similarity-preserving KD.
+    Sp,
+    /// Contrastive representation distillation.
+    Crd(CrdLossConfig),
 }
 
 /// A validation metric to watch.

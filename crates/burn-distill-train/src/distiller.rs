@@ -12,11 +12,12 @@ use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Tensor};
 use burn_distill_data::{Batch, EpochAware, EpochSampler, Fingerprinted, Indexed};
+use burn_distill_loss::{CrdLoss, CrdUpdate};
 use burn_distill_model::{Connector, Fingerprint, Student, Teacher, TeacherInput, cast_params};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{Checkpointer, Session};
-use crate::config::DistillConfig;
+use crate::config::{DistillConfig, FeatureKind, FeatureTermConfig};
 use crate::constraint::apply_max_norm;
 use crate::error::{Result, TrainError};
 use crate::metrics::{EvalMetrics, evaluate};
@@ -33,6 +34,38 @@ pub struct Trainee<M> {
     pub student: M,
     /// One connector per feature term that has one, in config order.
     pub connectors: Vec<Connector>,
+    /// One CRD module (embeddings, memory banks) per CRD feature term, in config order.
+    pub contrast: Vec<CrdLoss>,
+}
+
+/// The CRD modules of `terms`, refusing one whose bank size is not the training set's.
+fn contrast_modules(terms: &[FeatureTermConfig], train_examples: usize, device: &Device) -> Result<Vec<CrdLoss>> {
+    terms
+        .iter()
+        .enumerate()
+        .filter_map(|(index, term)| match &term.kind {
+            FeatureKind::Crd(config) => Some((index, config)),
+            _ => None,
+        })
+        .map(|(index, config)| {
+            if config.examples != train_examples {
+                return Err(TrainError::Config(format!(
+                    "feature term {index} (CRD): examples = {} but the training set has {train_examples} examples; \
+                     its memory banks hold one row per training example",
+                    config.examples
+                )));
+            }
+            Ok(config.try_init(device)?)
+        })
+        .collect()
+}
+
+/// The seed of a micro-batch's CRD negatives: a function of the run's seed and the step, so a
+/// resumed run draws what an uninterrupted one would.
+fn contrast_seed(seed: u64, global_step: usize, micro_batch: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((global_step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9))
+        .wrapping_add(micro_batch as u64)
 }
 
 /// Replaces a training batch before its step (on-policy rollouts): called with the student at
@@ -335,7 +368,13 @@ where
         self.check_run(objective, data.train.is_empty(), device)?;
         let _flush_denormals = self.flush_denormals.then(crate::FlushDenormals::enable_with_pool);
         let checkpointer = Checkpointer::new(&self.dir, config.keep_checkpoints);
-        let mut session = self.start(student, data.train.fingerprint(), &checkpointer, device)?;
+        let mut session = self.start(
+            student,
+            data.train.fingerprint(),
+            data.train.len(),
+            &checkpointer,
+            device,
+        )?;
         let terms = Terms {
             objective,
             loss: LossTerms::new(config),
@@ -385,6 +424,7 @@ where
         &self,
         student: M,
         train_data: Fingerprint,
+        train_examples: usize,
         checkpointer: &Checkpointer<'_>,
         device: &Device,
     ) -> Result<Session<M>> {
@@ -395,8 +435,13 @@ where
             .iter()
             .filter_map(|term| term.connector.as_ref().map(|connector| connector.init(device)))
             .collect();
+        let contrast = contrast_modules(&config.features, train_examples, device)?;
         let session = Session {
-            trainee: Trainee { student, connectors },
+            trainee: Trainee {
+                student,
+                connectors,
+                contrast,
+            },
             optimizer: config.optimizer.init(),
             scheduler: ModuleLrSchedulerConfig::new(config.schedule.clone())
                 .init()
@@ -540,11 +585,14 @@ where
         let forward_dtype = self.config.precision.forward_dtype();
         let scale = session.state.loss_scale.map(|loss_scale| loss_scale.scale);
         let mut accumulator = GradientsAccumulator::<Trainee<M>>::new();
-        for micro in micro_batches {
+        let mut contrast_updates = Vec::new();
+        for (micro_index, micro) in micro_batches.into_iter().enumerate() {
             // Mixed precision: the weights cast inside this micro-batch's graph, so the
             // backward pass carries the gradients through the casts to the f32 weights.
             let cast = forward_dtype.map(|dtype| cast_params(session.trainee.clone(), dtype));
-            let total = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch)?;
+            let seed = contrast_seed(self.config.seed, session.state.global_step, micro_index);
+            let (total, updates) = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch, seed)?;
+            contrast_updates.push(updates);
             let total = match scale {
                 Some(scale) => total.mul_scalar(scale),
                 None => total,
@@ -572,6 +620,15 @@ where
         let learning_rate = session.scheduler.step();
         epoch.totals.learning_rate = learning_rate.base();
         session.trainee = session.optimizer.step(learning_rate, session.trainee, grads);
+        // CRD's memory banks move after the step, with the embeddings each micro-batch computed.
+        for updates in contrast_updates {
+            let modules = std::mem::take(&mut session.trainee.contrast);
+            session.trainee.contrast = modules
+                .into_iter()
+                .zip(updates)
+                .map(|(module, update)| module.update(update))
+                .collect();
+        }
         if let Some(max_norm) = &self.config.max_norm {
             session.trainee.student = apply_max_norm(session.trainee.student, max_norm);
         }
@@ -590,7 +647,8 @@ where
         step: StepCounts,
         terms: &Terms<'_>,
         epoch: &mut EpochState,
-    ) -> Result<Tensor<1>>
+        seed: u64,
+    ) -> Result<(Tensor<1>, Vec<CrdUpdate>)>
     where
         M: Module + ModuleDisplay + Student<I, D>,
         B: Batch<Input = I>,
@@ -607,6 +665,7 @@ where
             step,
             session.state.global_step == 0 && epoch.micro_step == 0,
             false,
+            seed,
         )?;
         epoch.totals.teacher_seconds += loss.teacher_seconds;
         let total = loss.total;
@@ -629,7 +688,7 @@ where
         totals.features += weighted(&loss.features);
         totals.positions += valid;
         totals.examples += batch.size();
-        Ok(total)
+        Ok((total, loss.contrast_updates))
     }
 
     /// Every evaluation set's metrics, against the evaluation teacher.

@@ -20,7 +20,7 @@ use burn_distill_data::Batch;
 use burn_distill_model::{Student, Teacher, TeacherInput, cast_params};
 
 use crate::config::Precision;
-use crate::config::{FeatureTermConfig, ObjectiveConfig};
+use crate::config::{FeatureKind, FeatureTermConfig, ObjectiveConfig};
 use crate::distiller::Trainee;
 use crate::error::{Result, TrainError};
 use crate::objective::{BuiltinObjective, Objective, valid_positions};
@@ -269,6 +269,17 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
         } else {
             objective.clone()
         };
+        if self
+            .features
+            .iter()
+            .any(|term| matches!(term.kind, FeatureKind::Crd(_)))
+        {
+            return Err(TrainError::Config(
+                "a CRD feature term moves its memory banks after each optimizer step, which burn-train's \
+                 Learner does not let a model do; train it with the Distiller"
+                    .into(),
+            ));
+        }
         let connectors = match (&self.device, self.features.is_empty()) {
             (_, true) => Vec::new(),
             (Some(device), false) => self
@@ -286,6 +297,7 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
             trainee: Trainee {
                 student: self.student,
                 connectors,
+                contrast: Vec::new(),
             },
             plan: Plan {
                 inner: Arc::new(PlanInner {
@@ -349,6 +361,7 @@ where
             counts,
             false,
             true,
+            0,
         )
         .unwrap_or_else(|err| panic!("distillation step failed: {err}"));
         let scale = summed as f64;

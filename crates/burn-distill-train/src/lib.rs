@@ -60,6 +60,7 @@ mod constraint;
 mod denormals;
 mod distiller;
 mod error;
+mod features;
 mod learner;
 mod metrics;
 mod objective;
@@ -70,8 +71,8 @@ mod stopping;
 
 pub use chrf::{ChrfStats, chrf, corpus_chrf};
 pub use config::{
-    DistillConfig, EarlyStoppingConfig, FeatureTermConfig, IGNORE_INDEX, LossScaleConfig, Metric, ObjectiveConfig,
-    OnPolicyConfig, OptimizerConfig, Precision,
+    DistillConfig, EarlyStoppingConfig, FeatureKind, FeatureTermConfig, IGNORE_INDEX, LossScaleConfig, Metric,
+    ObjectiveConfig, OnPolicyConfig, OptimizerConfig, Precision,
 };
 pub use constraint::{MaxNormConfig, apply_max_norm};
 pub use denormals::FlushDenormals;

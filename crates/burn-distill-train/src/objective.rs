@@ -1,14 +1,13 @@
 //! Training objectives: the open [`Objective`] trait, the built-ins behind [`ObjectiveConfig`],
-//! and the feature terms.
+//! (the feature terms are in `features.rs`).
 
 use burn::tensor::{Bool, Int, Tensor, TensorData, activation};
 use burn_distill_loss::{
-    DivergenceLoss, DkdLoss, HeadTeacher, HintonKdLoss, Implementation, LinearHeadKdConfig, Reduction, SparseKlLoss,
-    fused_available_for,
+    DistLoss, DivergenceLoss, DkdLoss, HeadTeacher, HintonKdLoss, Implementation, LinearHeadKdConfig, Reduction,
+    SparseKlLoss, fused_available_for,
 };
-use burn_distill_model::{Connector, Feature, Features, ModelError};
 
-use crate::config::{FeatureTermConfig, IGNORE_INDEX, ObjectiveConfig};
+use crate::config::{IGNORE_INDEX, ObjectiveConfig};
 use crate::error::{Result, TrainError};
 
 /// What a training objective minimises, given the student's and the teacher's logits of one
@@ -200,6 +199,7 @@ enum Builtin {
     Supervised { label_smoothing: f64 },
     Hinton(HintonKdLoss),
     Dkd(DkdLoss),
+    Dist { loss: DistLoss, hard_weight: f64 },
     Divergence { loss: DivergenceLoss, hard_weight: f64 },
     Sparse { loss: SparseKlLoss, hard_weight: f64 },
     SampledReverseKl,
@@ -216,6 +216,7 @@ impl BuiltinObjective {
             ObjectiveConfig::Supervised { .. } => "supervised",
             ObjectiveConfig::Hinton(_) => "hinton",
             ObjectiveConfig::Dkd(_) => "dkd",
+            ObjectiveConfig::Dist { .. } => "dist",
             ObjectiveConfig::Divergence { .. } => "divergence",
             ObjectiveConfig::Sparse { .. } => "sparse",
             ObjectiveConfig::SampledReverseKl => "sampled_reverse_kl",
@@ -251,7 +252,7 @@ impl Objective for BuiltinObjective {
             ObjectiveConfig::Divergence { .. } | ObjectiveConfig::Sparse { .. } | ObjectiveConfig::SampledReverseKl => {
                 true
             }
-            ObjectiveConfig::Dkd(_) | ObjectiveConfig::Custom { .. } => false,
+            ObjectiveConfig::Dkd(_) | ObjectiveConfig::Dist { .. } | ObjectiveConfig::Custom { .. } => false,
         }
     }
 
@@ -272,6 +273,10 @@ impl Builtin {
             },
             ObjectiveConfig::Hinton(config) => Self::Hinton(config.clone().with_check_inputs(check_inputs).try_init()?),
             ObjectiveConfig::Dkd(config) => Self::Dkd(config.clone().with_check_inputs(check_inputs).try_init()?),
+            ObjectiveConfig::Dist { loss, hard_weight } => Self::Dist {
+                loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
+                hard_weight: *hard_weight,
+            },
             ObjectiveConfig::Divergence { loss, hard_weight } => Self::Divergence {
                 loss: loss.clone().with_check_inputs(check_inputs).try_init()?,
                 hard_weight: *hard_weight,
@@ -331,6 +336,27 @@ impl Builtin {
                 let teacher = input.teacher()?.dense.clone();
                 let soft = loss.forward(input.student.clone(), teacher, input.targets.clone(), reduction)?;
                 ObjectiveLoss::soft_and_hard(soft, 1.0, || input.cross_entropy(0.0))
+            }
+            Self::Dist { loss, hard_weight } => {
+                // A relation over the batch: computed on the valid positions, weighted by their
+                // share of the step's, so accumulated micro-batches add up to the step's mean.
+                let teacher = input.teacher()?.dense.clone();
+                let (student, teacher, kept) = match &input.mask {
+                    Some(mask) => {
+                        let kept = kept_indices(mask.clone());
+                        let count = kept.dims()[0];
+                        (
+                            input.student.clone().select(0, kept.clone()),
+                            teacher.select(0, kept),
+                            count,
+                        )
+                    }
+                    None => (input.student.clone(), teacher, input.student.dims()[0]),
+                };
+                let soft = loss
+                    .forward(student, teacher)?
+                    .mul_scalar(kept as f64 / input.normaliser.max(1) as f64);
+                ObjectiveLoss::soft_and_hard(soft, *hard_weight, || input.cross_entropy(0.0))
             }
             Self::Divergence { loss, hard_weight } => {
                 let teacher = input.teacher()?.dense.clone();
@@ -488,8 +514,8 @@ fn head_loss(config: &ObjectiveConfig, input: ObjectiveInput, head: Tensor<2>) -
                 Tensor::from_data(TensorData::new(vec![estimate], [1]), &device),
             )
         }
-        ObjectiveConfig::Dkd(_) | ObjectiveConfig::Custom { .. } => {
-            unreachable!("takes_head is false for DKD and custom objectives")
+        ObjectiveConfig::Dkd(_) | ObjectiveConfig::Dist { .. } | ObjectiveConfig::Custom { .. } => {
+            unreachable!("takes_head is false for DKD, DIST and custom objectives")
         }
     })
 }
@@ -555,6 +581,19 @@ pub(crate) fn cross_entropy(
     total.div_scalar(normaliser.max(1) as f64)
 }
 
+/// The indices of the `true` entries of `mask` (one read from the device).
+pub(crate) fn kept_indices(mask: Tensor<1, Bool>) -> Tensor<1, Int> {
+    let device = mask.device();
+    let kept: Vec<i64> = mask
+        .into_data()
+        .iter::<bool>()
+        .enumerate()
+        .filter_map(|(index, keep)| keep.then_some(index as i64))
+        .collect();
+    let count = kept.len();
+    Tensor::from_data(TensorData::new(kept, [count]), &device)
+}
+
 /// `targets != IGNORE_INDEX`, or `None` when every target is valid; and the number of valid
 /// targets. One read of the targets from the device.
 pub(crate) fn valid_positions(targets: &Tensor<1, Int>) -> (Option<Tensor<1, Bool>>, usize) {
@@ -565,63 +604,6 @@ pub(crate) fn valid_positions(targets: &Tensor<1, Int>) -> (Option<Tensor<1, Boo
     } else {
         (Some(targets.clone().not_equal_elem(IGNORE_INDEX)), valid)
     }
-}
-
-/// Feature terms: `weight × Σ (connector(student) − teacher)² / (normaliser × elements per
-/// example)`: the mean squared error over the step's big batch.
-pub(crate) fn feature_loss(
-    terms: &[FeatureTermConfig],
-    connectors: &[Connector],
-    connector_of: &[Option<usize>],
-    student: &Features,
-    teacher: &Features,
-    examples_normaliser: usize,
-) -> Result<Option<Tensor<1>>> {
-    let mut total: Option<Tensor<1>> = None;
-    for (index, term) in terms.iter().enumerate() {
-        let missing = |name: &str, side: &str| {
-            TrainError::Model(ModelError::UnknownTap {
-                name: format!("{side} tap {name}"),
-                available: vec![],
-            })
-        };
-        let mut student_feature = student
-            .get(&term.student_tap)
-            .cloned()
-            .ok_or_else(|| missing(&term.student_tap, "student"))?;
-        let teacher_feature = teacher
-            .get(&term.teacher_tap)
-            .cloned()
-            .ok_or_else(|| missing(&term.teacher_tap, "teacher"))?;
-        if let Some(slot) = connector_of[index] {
-            student_feature = connectors[slot].forward(student_feature)?;
-        }
-        if student_feature.dims() != teacher_feature.dims() {
-            return Err(TrainError::Model(ModelError::FeatureShape {
-                what: format!("feature term {index} ({} → {})", term.student_tap, term.teacher_tap),
-                expected: format!("the teacher's shape {:?}", teacher_feature.dims()),
-                actual: student_feature.dims(),
-            }));
-        }
-        let dims = teacher_feature.dims();
-        let per_example: usize = dims[1..].iter().product();
-        let squared = match (student_feature, teacher_feature) {
-            (Feature::Vector(s), Feature::Vector(t)) => (s - t).powi_scalar(2).sum(),
-            (Feature::Sequence(s), Feature::Sequence(t)) => (s - t).powi_scalar(2).sum(),
-            (Feature::Map(s), Feature::Map(t)) => (s - t).powi_scalar(2).sum(),
-            _ => {
-                return Err(TrainError::Config(format!(
-                    "feature term {index}: the student and teacher taps are different kinds"
-                )));
-            }
-        };
-        let term_loss = squared.mul_scalar(term.weight / (examples_normaliser * per_example) as f64);
-        total = Some(match total {
-            Some(sum) => sum + term_loss,
-            None => term_loss,
-        });
-    }
-    Ok(total)
 }
 
 #[cfg(test)]

@@ -8,11 +8,14 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 use burn_distill_data::Batch;
 use burn_distill_model::{Features, Student, Teacher, TeacherInput};
 
-use crate::config::{DistillConfig, FeatureTermConfig};
+use burn_distill_loss::CrdUpdate;
+
+use crate::config::{DistillConfig, FeatureKind, FeatureTermConfig};
 use crate::distiller::Trainee;
 use crate::error::Result;
+use crate::features::{FeatureContext, feature_loss};
 use crate::metrics::{flatten_indices, flatten_logits};
-use crate::objective::{Objective, ObjectiveInput, TeacherLogits, feature_loss};
+use crate::objective::{Objective, ObjectiveInput, TeacherLogits};
 
 /// The feature terms and the taps a run's steps read, fixed for the run.
 #[derive(Debug, Clone)]
@@ -22,6 +25,8 @@ pub(crate) struct LossTerms {
     student_taps: Vec<String>,
     /// For each feature term, the index of its connector (terms without one have `None`).
     connector_of: Vec<Option<usize>>,
+    /// For each feature term, the index of its CRD module (CRD terms only).
+    contrast_of: Vec<Option<usize>>,
 }
 
 impl LossTerms {
@@ -40,7 +45,18 @@ impl LossTerms {
                 })
             })
             .collect();
+        let mut next = 0;
+        let contrast_of = features
+            .iter()
+            .map(|term| {
+                matches!(term.kind, FeatureKind::Crd(_)).then(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
         Self {
+            contrast_of,
             features: features.to_vec(),
             teacher_taps: features.iter().map(|term| term.teacher_tap.clone()).collect(),
             student_taps: features.iter().map(|term| term.student_tap.clone()).collect(),
@@ -64,6 +80,8 @@ pub(crate) struct BatchLoss {
     pub(crate) hard: Option<Tensor<1>>,
     pub(crate) soft: Option<Tensor<1>>,
     pub(crate) features: Option<Tensor<1>>,
+    /// The memory-bank updates of the CRD terms, in order: applied after the optimizer's step.
+    pub(crate) contrast_updates: Vec<CrdUpdate>,
     /// How many valid positions the student's argmax gets right, when asked for and the
     /// student gave logits rather than hidden states.
     pub(crate) correct: Option<Tensor<1, Int>>,
@@ -87,6 +105,7 @@ pub(crate) fn batch_loss<M, B, const D: usize>(
     counts: StepCounts,
     check_inputs: bool,
     count_correct: bool,
+    seed: u64,
 ) -> Result<BatchLoss>
 where
     M: Student<B::Input, D>,
@@ -173,6 +192,7 @@ where
         };
         hits.int().sum()
     });
+    let feature_mask = (!terms.features.is_empty()).then(|| mask.clone()).flatten();
     let logit_loss = objective.loss(ObjectiveInput {
         student: student_rows,
         head,
@@ -189,13 +209,21 @@ where
             .collect(),
         None => student_features,
     };
-    let features = feature_loss(
+    let (features, contrast_updates) = feature_loss(
         &terms.features,
-        &trainee.connectors,
-        &terms.connector_of,
         &student_features,
         &teacher_features,
-        counts.examples,
+        &FeatureContext {
+            connectors: &trainee.connectors,
+            connector_of: &terms.connector_of,
+            contrast: &trainee.contrast,
+            contrast_of: &terms.contrast_of,
+            mask: feature_mask.as_ref(),
+            counts,
+            indices: batch.indices(),
+            seed,
+            check_inputs,
+        },
     )?;
     let logit_total = widen_f32(logit_loss.total.clone());
     let total = match &features {
@@ -207,6 +235,7 @@ where
         hard: logit_loss.hard.map(widen_f32),
         soft: logit_loss.soft.map(widen_f32),
         features,
+        contrast_updates,
         correct,
         teacher_seconds,
     })

@@ -2758,3 +2758,189 @@ mod mixed_precision {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Feature and relational terms: every kind through the Distiller, CRD's banks in checkpoints.
+
+mod feature_kinds {
+    use super::*;
+    use burn_distill_loss::{CrdLossConfig, DistLossConfig};
+
+    fn narrow(seed: u64, device: &Device) -> Mlp {
+        init_seeded(seed, device, |d| MlpConfig::new(WIDTH, vec![16], CLASSES).init(d))
+    }
+
+    fn config_with(kind: FeatureKind, connector: bool, epochs: usize) -> DistillConfig {
+        let term = FeatureTermConfig::new("hidden.0".into(), "hidden.0".into())
+            .with_kind(kind)
+            .with_connector(connector.then(|| ConnectorConfig::new(16, 32)));
+        DistillConfig::new(
+            epochs,
+            OptimizerConfig::Adam(AdamConfig::new()),
+            LrSchedulerConfig::Constant(5e-3),
+            hinton(),
+        )
+        .with_batch_size(16)
+        .with_seed(4)
+        .with_features(vec![term])
+    }
+
+    #[test]
+    fn every_feature_kind_trains_and_brings_the_student_closer_to_the_teacher() {
+        let _serial = serial();
+        let device = devices().remove(0).device.autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        // The labelling network itself, with its taps.
+        let teacher_module = oracle_module(&device);
+        let teacher = FrozenTeacher::new(&teacher_module);
+        let batcher = ImageBatcher::new();
+        let kinds = [
+            ("mse", FeatureKind::Mse, true),
+            ("cosine", FeatureKind::Cosine, true),
+            ("cka", FeatureKind::Cka { debiased: true }, false),
+            (
+                "rkd",
+                FeatureKind::Rkd {
+                    distance_weight: 25.0,
+                    angle_weight: 50.0,
+                },
+                false,
+            ),
+            ("pkt", FeatureKind::Pkt, false),
+            ("sp", FeatureKind::Sp, false),
+            (
+                "crd",
+                FeatureKind::Crd(
+                    CrdLossConfig::new(16, 32, 64)
+                        .with_negatives(16)
+                        .with_embedding_width(8),
+                ),
+                false,
+            ),
+        ];
+        for (name, kind, connector) in kinds {
+            let outcome = Distiller::new(config_with(kind, connector, 8), scratch(&format!("kind-{name}")))
+                .with_teacher(&teacher)
+                .fit(narrow(5, &device), FitData::new(&train, &batcher), &device)
+                .unwrap();
+            let losses: Vec<f64> = outcome.records.iter().map(|r| r.train.feature_loss.unwrap()).collect();
+            assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+            assert!(
+                losses[7] < losses[0],
+                "{name}: the feature term falls while training: {losses:?}"
+            );
+        }
+        // DIST as the objective.
+        let dist = ObjectiveConfig::Dist {
+            loss: DistLossConfig::new(),
+            hard_weight: 1.0,
+        };
+        let config = DistillConfig::new(
+            6,
+            OptimizerConfig::Adam(AdamConfig::new()),
+            LrSchedulerConfig::Constant(5e-3),
+            dist,
+        )
+        .with_batch_size(16);
+        let outcome = Distiller::new(config, scratch("objective-dist"))
+            .with_teacher(&teacher)
+            .fit(student(5, 0.0, &device), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        let soft: Vec<f64> = outcome.records.iter().map(|r| r.train.soft_loss.unwrap()).collect();
+        assert!(soft[5] < soft[0], "DIST: {soft:?}");
+    }
+
+    #[test]
+    fn feature_kinds_refuse_what_they_cannot_take_before_training() {
+        let _serial = serial();
+        let device = devices().remove(0).device.autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        // The labelling network itself, with its taps.
+        let teacher_module = oracle_module(&device);
+        let teacher = FrozenTeacher::new(&teacher_module);
+        let batcher = ImageBatcher::new();
+        let fit = |config: DistillConfig, name: &str| {
+            Distiller::new(config, scratch(name))
+                .with_teacher(&teacher)
+                .fit(narrow(5, &device), FitData::new(&train, &batcher), &device)
+                .unwrap_err()
+                .to_string()
+        };
+        // Widths differ and no connector maps them.
+        let error = fit(config_with(FeatureKind::Cosine, false, 1), "refuse-width");
+        assert!(error.contains("add a connector"), "{error}");
+        // Attention transfer needs maps.
+        let error = fit(
+            config_with(FeatureKind::AttentionTransfer { p: 2.0 }, false, 1),
+            "refuse-at",
+        );
+        assert!(error.contains("attention transfer takes"), "{error}");
+        // CRD's bank must have a row per training example.
+        let crd = FeatureKind::Crd(CrdLossConfig::new(16, 32, 50).with_negatives(8));
+        let error = fit(config_with(crd, false, 1), "refuse-crd");
+        assert!(error.contains("training set has 64 examples"), "{error}");
+        // The Learner cannot move CRD's banks after its steps.
+        let crd = FeatureKind::Crd(CrdLossConfig::new(16, 32, 64).with_negatives(8));
+        let error = DistillModel::<Mlp, burn_distill_data::ImageBatch, 2>::builder(narrow(5, &device))
+            .objective(&hinton())
+            .unwrap()
+            .teacher(FrozenTeacher::new(&teacher_module))
+            .features(
+                vec![FeatureTermConfig::new("hidden.0".into(), "hidden.0".into()).with_kind(crd)],
+                &device,
+            )
+            .build()
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains("Distiller"), "{error}");
+    }
+
+    /// The memory banks and Z are in the checkpoint: a run stopped and resumed draws the same
+    /// negatives against the same banks and ends with the same weights, bit for bit.
+    #[test]
+    fn a_crd_run_resumes_exactly_with_its_memory_banks() {
+        let _serial = serial();
+        let device = devices().remove(0).device.autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        // The labelling network itself, with its taps.
+        let teacher_module = oracle_module(&device);
+        let teacher = FrozenTeacher::new(&teacher_module);
+        let batcher = ImageBatcher::new();
+        let crd = FeatureKind::Crd(
+            CrdLossConfig::new(16, 32, 64)
+                .with_negatives(16)
+                .with_embedding_width(8),
+        );
+        let config = config_with(crd, false, 4);
+        let whole = Distiller::new(config.clone(), scratch("crd-whole"))
+            .with_teacher(&teacher)
+            .fit(narrow(5, &device), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        let split_dir = scratch("crd-split");
+        Distiller::new(config, &split_dir)
+            .with_teacher(&teacher)
+            .with_stop_after(2)
+            .fit(narrow(5, &device), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        let resumed = Distiller::resume(&split_dir)
+            .unwrap()
+            .with_teacher(&teacher)
+            .fit(narrow(77, &device), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        for (a, b) in whole.records.iter().zip(&resumed.records) {
+            assert_eq!(
+                a.train.feature_loss.unwrap().to_bits(),
+                b.train.feature_loss.unwrap().to_bits(),
+                "epoch {}",
+                a.epoch
+            );
+        }
+        assert_eq!(
+            Fingerprint::of_module(&whole.student),
+            Fingerprint::of_module(&resumed.student)
+        );
+    }
+}

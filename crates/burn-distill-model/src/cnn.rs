@@ -164,6 +164,31 @@ impl TappedForward<Tensor<4>, 2> for LeNet {
     }
 }
 
+/// Flat images `[batch, channels · side · side]` (as [`ImageBatch`] holds them) are reshaped to
+/// square maps: so a LeNet trains and teaches on the same batches as the MLPs.
+///
+/// [`ImageBatch`]: https://docs.rs/burn-distill-data/latest/burn_distill_data/struct.ImageBatch.html
+///
+/// # Panics
+/// When the width is not `channels × side²` for some side.
+impl TappedForward<Tensor<2>, 2> for LeNet {
+    fn forward_tapped(&self, images: Tensor<2>) -> (Tensor<2>, Features) {
+        let [batch, width] = images.dims();
+        let channels = self.convs[0].weight.val().dims()[1];
+        let side = ((width / channels) as f64).sqrt().round() as usize;
+        assert_eq!(
+            channels * side * side,
+            width,
+            "LeNet: flat images of width {width} are not {channels} square channel(s)"
+        );
+        TappedForward::<Tensor<4>, 2>::forward_tapped(self, images.reshape([batch, channels, side, side]))
+    }
+
+    fn num_classes(&self) -> usize {
+        TappedForward::<Tensor<4>, 2>::num_classes(self)
+    }
+}
+
 impl Cost for LeNet {
     fn flops_per_example(&self) -> u64 {
         let convs: u64 = self

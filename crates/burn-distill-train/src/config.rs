@@ -267,7 +267,9 @@ impl DistillConfig {
         }
     }
 
-    /// The checks that depend on the objective itself: what needs a teacher objective, and that
+    /// The checks that depend on the objective itself: what needs a teacher objective (feature
+    /// terms need a teacher, not a teacher objective: CE plus a feature term is how the feature
+    /// methods are trained), and that
     /// a custom objective is the one the config names.
     pub(crate) fn check_objective(&self, objective: &dyn Objective) -> Result<(), TrainError> {
         if let ObjectiveConfig::Custom { name } = &self.objective
@@ -282,9 +284,6 @@ impl DistillConfig {
             return Err(TrainError::Config(
                 "on-policy distillation needs a teacher objective".into(),
             ));
-        }
-        if !objective.needs_teacher() && !self.features.is_empty() {
-            return Err(TrainError::Config("feature losses need a teacher objective".into()));
         }
         Ok(())
     }

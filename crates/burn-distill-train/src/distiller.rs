@@ -1,5 +1,6 @@
 //! The training loop.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -58,6 +59,31 @@ fn contrast_modules(terms: &[FeatureTermConfig], train_examples: usize, device: 
             Ok(config.try_init(device)?)
         })
         .collect()
+}
+
+/// With CRD terms, the bank row of every training example by its source index: its place in
+/// the training set (a subset's examples keep their source indices). One pass over the set.
+fn contrast_rows<S, It>(terms: &[FeatureTermConfig], train: &S) -> Result<Option<HashMap<usize, usize>>>
+where
+    S: Dataset<It>,
+    It: Indexed,
+{
+    if !terms.iter().any(|term| matches!(term.kind, FeatureKind::Crd(_))) {
+        return Ok(None);
+    }
+    let mut rows = HashMap::with_capacity(train.len());
+    for position in 0..train.len() {
+        let item = train
+            .get(position)
+            .map_err(|error| TrainError::Config(format!("training example {position}: {error}")))?;
+        if rows.insert(item.index(), position).is_some() {
+            return Err(TrainError::Config(format!(
+                "training example {position} repeats source index {}: CRD keeps one memory-bank row per example",
+                item.index()
+            )));
+        }
+    }
+    Ok(Some(rows))
 }
 
 /// The seed of a micro-batch's CRD negatives: a function of the run's seed and the step, so a
@@ -153,6 +179,9 @@ impl<'d, S, V, Bt> FitData<'d, S, V, Bt> {
 struct Terms<'o> {
     objective: &'o dyn Objective,
     loss: LossTerms,
+    /// With CRD terms: each training example's bank row (its place in the training set), by
+    /// its source index.
+    contrast_rows: Option<HashMap<usize, usize>>,
 }
 
 /// One micro-batch, its mask of valid targets and their count.
@@ -378,6 +407,7 @@ where
         let terms = Terms {
             objective,
             loss: LossTerms::new(config),
+            contrast_rows: contrast_rows(&config.features, data.train)?,
         };
         let stopping = EarlyStopping::new(config);
         let mut status = RunStatus::Completed;
@@ -407,6 +437,11 @@ where
         if objective.needs_teacher() && self.teacher.is_none() {
             return Err(TrainError::MissingTeacher {
                 objective: format!("the objective `{}`", objective.name()),
+            });
+        }
+        if !self.config.features.is_empty() && self.teacher.is_none() {
+            return Err(TrainError::MissingTeacher {
+                objective: "the feature terms".into(),
             });
         }
         if !device.is_autodiff() {
@@ -666,6 +701,7 @@ where
             session.state.global_step == 0 && epoch.micro_step == 0,
             false,
             seed,
+            terms.contrast_rows.as_ref(),
         )?;
         epoch.totals.teacher_seconds += loss.teacher_seconds;
         let total = loss.total;

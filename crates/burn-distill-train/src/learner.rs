@@ -362,6 +362,7 @@ where
             false,
             true,
             0,
+            None,
         )
         .unwrap_or_else(|err| panic!("distillation step failed: {err}"));
         let scale = summed as f64;

@@ -2,6 +2,7 @@
 //! Both drivers call it: the [`Distiller`](crate::Distiller) and burn-train's Learner through
 //! [`DistillModel`](crate::DistillModel), so the two cannot compute different losses.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
@@ -12,7 +13,7 @@ use burn_distill_loss::CrdUpdate;
 
 use crate::config::{DistillConfig, FeatureKind, FeatureTermConfig};
 use crate::distiller::Trainee;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::features::{FeatureContext, feature_loss};
 use crate::metrics::{flatten_indices, flatten_logits};
 use crate::objective::{Objective, ObjectiveInput, TeacherLogits};
@@ -106,6 +107,7 @@ pub(crate) fn batch_loss<M, B, const D: usize>(
     check_inputs: bool,
     count_correct: bool,
     seed: u64,
+    contrast_rows: Option<&HashMap<usize, usize>>,
 ) -> Result<BatchLoss>
 where
     M: Student<B::Input, D>,
@@ -209,6 +211,20 @@ where
             .collect(),
         None => student_features,
     };
+    let bank_rows: Vec<usize> = match contrast_rows {
+        Some(rows) => batch
+            .indices()
+            .iter()
+            .map(|index| {
+                rows.get(index).copied().ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "source index {index} is not in the training set CRD's banks were made for"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?,
+        None => batch.indices().to_vec(),
+    };
     let (features, contrast_updates) = feature_loss(
         &terms.features,
         &student_features,
@@ -220,7 +236,7 @@ where
             contrast_of: &terms.contrast_of,
             mask: feature_mask.as_ref(),
             counts,
-            indices: batch.indices(),
+            indices: &bank_rows,
             seed,
             check_inputs,
         },

@@ -7,5 +7,6 @@ mod benchmarks;
 criterion_main!(
     benchmarks::losses::benches,
     benchmarks::fused::benches,
-    benchmarks::rows::benches
+    benchmarks::rows::benches,
+    benchmarks::relations::benches
 );

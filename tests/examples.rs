@@ -357,6 +357,14 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
         answer_tokens: 6,
         answer_batch: 4,
         depth: 1,
+        // Every default method, and the live KL with a hidden-state term (CKA between the
+        // student's block and the teacher's last, through a projection; padding left out).
+        methods: Method::ALL.iter().copied().chain([Method::KlHidden]).collect(),
+        hidden: chat_pipeline::HiddenTerm {
+            weight: 0.5,
+            kind: "cka".into(),
+            taps: None,
+        },
         random_methods: vec![Method::Alone],
         after_sft: vec![Method::SampledRkl],
         epochs: 2,
@@ -374,11 +382,17 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
             "alone",
             "alone-random",
             "gkd",
+            "kl+hidden",
             "sampled-rkl",
             "sampled-rkl-after-sft",
             "sft",
             "top-k-kl"
         ]
+    );
+    assert!(
+        summary.methods["kl+hidden"]
+            .description
+            .contains("cka between block.0 and the teacher's block.1")
     );
     assert_eq!(summary.prompts, [12, 4, 4]);
     for (name, result) in &summary.methods {

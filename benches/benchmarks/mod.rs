@@ -1,3 +1,4 @@
 pub mod fused;
 pub mod losses;
+pub mod relations;
 pub mod rows;

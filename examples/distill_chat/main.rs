@@ -93,7 +93,8 @@ struct Args {
     /// The student's blocks when --blocks is not given.
     #[arg(long, value_name = "N")]
     depth: Option<usize>,
-    /// Methods from the teacher's blocks: alone, sft, top-k-kl, gkd, sampled-rkl.
+    /// Methods from the teacher's blocks: alone, sft, top-k-kl, gkd, sampled-rkl; also kl and
+    /// kl+hidden (the live teacher's dense KL, without and with a hidden-state term).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     methods: Option<Vec<String>>,
     /// Methods from a random initialisation ("none" for none).
@@ -129,6 +130,16 @@ struct Args {
     /// GKD's generalised-JSD beta, in [0, 1].
     #[arg(long, value_name = "B")]
     beta: Option<f64>,
+    /// kl+hidden: weight of the hidden-state term beside the KL.
+    #[arg(long, value_name = "W")]
+    hidden_weight: Option<f64>,
+    /// kl+hidden: mse, cosine or cka.
+    #[arg(long, value_name = "KIND", value_parser = ["mse", "cosine", "cka"])]
+    hidden_kind: Option<String>,
+    /// kl+hidden: the student's and the teacher's taps, STUDENT:TEACHER (e.g. block.5:block.29)
+    /// [default: the last block of each].
+    #[arg(long, value_name = "TAPS")]
+    hidden_taps: Option<String>,
     /// Seed of everything.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
@@ -218,6 +229,30 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+    if let Some(weight) = args.hidden_weight {
+        options.hidden.weight = weight;
+    }
+    if let Some(kind) = &args.hidden_kind {
+        options.hidden.kind = kind.clone();
+    }
+    if let Some(taps) = &args.hidden_taps {
+        match taps.split_once(':') {
+            Some((student, teacher)) if !student.is_empty() && !teacher.is_empty() => {
+                options.hidden.taps = Some((student.to_string(), teacher.to_string()));
+            }
+            _ => {
+                eprintln!("error: --hidden-taps {taps:?}: expected STUDENT:TEACHER, e.g. block.5:block.29");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if !(options.hidden.weight.is_finite() && options.hidden.weight >= 0.0) {
+        eprintln!(
+            "error: --hidden-weight {} must be finite and >= 0",
+            options.hidden.weight
+        );
+        return ExitCode::FAILURE;
     }
     options.progress &= !args.quiet;
     options.test &= !args.no_test;

@@ -25,12 +25,13 @@ use burn_distill::model::llm::{
     smollm2_cache_path,
 };
 use burn_distill::model::{
-    Fingerprint, FrozenTeacher, SamplingConfig, Teacher, TeacherOn, init_seeded, load_weights, save_weights,
+    ConnectorConfig, Fingerprint, FrozenTeacher, SamplingConfig, Teacher, TeacherOn, init_seeded, load_weights,
+    save_weights,
 };
 use burn_distill::serve::{Lineage, SparseTeacher, TransferSet, chat_transcripts};
 use burn_distill::train::{
-    DistillConfig, Distiller, EvalMetrics, EvalSet, FitData, ObjectiveConfig, OnPolicyConfig, Precision, corpus_chrf,
-    evaluate, read_metrics,
+    DistillConfig, Distiller, EvalMetrics, EvalSet, FeatureKind, FeatureTermConfig, FitData, ObjectiveConfig,
+    OnPolicyConfig, Precision, corpus_chrf, evaluate, read_metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -57,11 +58,21 @@ pub enum Method {
     /// On-policy, cheap: the student answers, the teacher gives the log-probability of each
     /// sampled token, and the per-token reverse KL is the signal.
     SampledRkl,
+    /// White-box with the live teacher: dense forward KL on the training answers (the control
+    /// of `kl+hidden`).
+    Kl,
+    /// `kl` plus a hidden-state term: a student block's output, through a learned projection,
+    /// against a teacher block's (MSE, cosine or CKA; answer tokens only).
+    KlHidden,
 }
 
 impl Method {
-    /// Every method, in the table's order.
+    /// Every method of the default runs, in the table's order.
     pub const ALL: [Method; 5] = [Self::Alone, Self::Sft, Self::TopK, Self::Gkd, Self::SampledRkl];
+
+    /// Methods run only when named (`--methods kl,kl+hidden`): each needs the live teacher's
+    /// forward pass at every step.
+    pub const EXTRA: [Method; 2] = [Self::Kl, Self::KlHidden];
 
     /// The name on the command line and in `summary.json`.
     pub fn name(self) -> &'static str {
@@ -71,15 +82,21 @@ impl Method {
             Self::TopK => "top-k-kl",
             Self::Gkd => "gkd",
             Self::SampledRkl => "sampled-rkl",
+            Self::Kl => "kl",
+            Self::KlHidden => "kl+hidden",
         }
     }
 
     /// The method named `name`.
     pub fn parse(name: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|m| m.name()).collect();
-            format!("no method {name:?}; the methods are {}", names.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .chain(Self::EXTRA)
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().chain(&Self::EXTRA).map(|m| m.name()).collect();
+                format!("no method {name:?}; the methods are {}", names.join(", "))
+            })
     }
 }
 
@@ -187,6 +204,10 @@ pub struct Options {
     pub lambda: f64,
     /// GKD's generalised-JSD β (0: forward KL, 1: reverse KL).
     pub beta: f64,
+    /// `kl+hidden`'s term: its weight, kind (`mse`, `cosine` or `cka`) and taps
+    /// (`STUDENT:TEACHER`, default the last block of each).
+    #[serde(default)]
+    pub hidden: HiddenTerm,
     /// Seed of sampling, initialisation and data order.
     pub seed: u64,
     /// The precision the students train in (f32 weights either way).
@@ -234,6 +255,7 @@ impl Options {
             hard_weight: 0.0,
             lambda: 0.5,
             beta: 0.0,
+            hidden: HiddenTerm::default(),
             seed: 1,
             precision: Precision::F32,
             test: true,
@@ -253,6 +275,39 @@ impl Options {
             random_methods: vec![Method::TopK],
             after_sft: Vec::new(),
             ..Self::full()
+        }
+    }
+}
+
+/// The hidden-state term of `kl+hidden`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HiddenTerm {
+    /// Its weight beside the KL.
+    pub weight: f64,
+    /// `mse`, `cosine` or `cka`.
+    pub kind: String,
+    /// `(student tap, teacher tap)`; `None`: the last block of each (`block.{n-1}`).
+    pub taps: Option<(String, String)>,
+}
+
+impl Default for HiddenTerm {
+    fn default() -> Self {
+        Self {
+            weight: 1.0,
+            kind: "cosine".into(),
+            taps: None,
+        }
+    }
+}
+
+impl HiddenTerm {
+    /// The kind, or a message naming the accepted ones.
+    pub fn feature_kind(&self) -> Result<FeatureKind, String> {
+        match self.kind.as_str() {
+            "mse" => Ok(FeatureKind::Mse),
+            "cosine" => Ok(FeatureKind::Cosine),
+            "cka" => Ok(FeatureKind::Cka { debiased: true }),
+            other => Err(format!("hidden-state kind {other:?}: use mse, cosine or cka")),
         }
     }
 }
@@ -822,6 +877,10 @@ fn check_options(options: &Options) -> Result<(), Error> {
     if options.top_k == 0 {
         return bad("--top-k must be at least 1");
     }
+    options.hidden.feature_kind()?;
+    if !(options.hidden.weight.is_finite() && options.hidden.weight >= 0.0) {
+        return bad("--hidden-weight must be finite and >= 0");
+    }
     if options.student.is_some() && options.blocks.is_some() {
         return bad("--blocks picks the student's blocks from the teacher, --student gives the student: choose one");
     }
@@ -1142,6 +1201,27 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// `kl+hidden`'s taps: `--hidden-taps`, or the last block of the student and the teacher.
+    fn hidden_taps(&self) -> (String, String) {
+        if let Some(taps) = &self.options.hidden.taps {
+            return taps.clone();
+        }
+        let student_depth = self
+            .given
+            .map_or(self.blocks.len(), |given| given.config().num_hidden_layers);
+        let teacher_depth = self.teacher_blocks.config().num_hidden_layers;
+        (
+            format!("block.{}", student_depth.saturating_sub(1)),
+            format!("block.{}", teacher_depth.saturating_sub(1)),
+        )
+    }
+
+    /// The student's and the teacher's hidden widths.
+    fn hidden_widths(&self) -> (usize, usize) {
+        let teacher = self.teacher_blocks.config().hidden_size;
+        (self.given.map_or(teacher, |given| given.config().hidden_size), teacher)
+    }
+
     /// The cache's k: `--top-k`, or what the served log-probabilities gave.
     fn cache_k(&self) -> usize {
         match self.cached.map(|cached| cached.cache().header().mode) {
@@ -1316,6 +1396,29 @@ impl Context<'_> {
                 &data.train,
                 None,
             ),
+            Method::Kl | Method::KlHidden => {
+                let objective = ObjectiveConfig::Divergence {
+                    loss: DivergenceLossConfig::new(Divergence::ForwardKl),
+                    hard_weight: options.hard_weight,
+                };
+                let mut description = "white-box: dense forward KL to the live teacher".to_string();
+                let mut config = config(options, peak, objective, examples);
+                if method == Method::KlHidden {
+                    let (student_tap, teacher_tap) = self.hidden_taps();
+                    let hidden = &options.hidden;
+                    description = format!(
+                        "{description} + {} × {} between {student_tap} and the teacher's {teacher_tap} (learned projection)",
+                        hidden.weight, hidden.kind
+                    );
+                    let (student_width, teacher_width) = self.hidden_widths();
+                    let term = FeatureTermConfig::new(student_tap, teacher_tap)
+                        .with_kind(hidden.feature_kind()?)
+                        .with_weight(hidden.weight)
+                        .with_connector(Some(ConnectorConfig::new(student_width, teacher_width)));
+                    config = config.with_features(vec![term]);
+                }
+                (description, config, live, &data.train, None)
+            }
         };
         let description = match init {
             Init::AfterSft => format!("{description}, continued from sft (twice the budget)"),
@@ -1544,7 +1647,10 @@ fn print_table(summary: &Summary) {
     names.sort_by_key(|name| {
         (
             name.ends_with("-random"),
-            Method::ALL.iter().position(|m| name.starts_with(m.name())),
+            Method::ALL
+                .iter()
+                .chain(&Method::EXTRA)
+                .position(|m| name.split("-random").next() == Some(m.name())),
         )
     });
     for name in names {

@@ -86,8 +86,8 @@ where
     Ok(Some(rows))
 }
 
-/// The seed of a micro-batch's CRD negatives: a function of the run's seed and the step, so a
-/// resumed run draws what an uninterrupted one would.
+/// The seed of a micro-batch's CRD negatives: a function of the run's seed, the step and the
+/// micro-batch's place in the epoch, so a resumed run draws what an uninterrupted one would.
 fn contrast_seed(seed: u64, global_step: usize, micro_batch: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add((global_step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9))
@@ -621,12 +621,11 @@ where
         let scale = session.state.loss_scale.map(|loss_scale| loss_scale.scale);
         let mut accumulator = GradientsAccumulator::<Trainee<M>>::new();
         let mut contrast_updates = Vec::new();
-        for (micro_index, micro) in micro_batches.into_iter().enumerate() {
+        for micro in micro_batches {
             // Mixed precision: the weights cast inside this micro-batch's graph, so the
             // backward pass carries the gradients through the casts to the f32 weights.
             let cast = forward_dtype.map(|dtype| cast_params(session.trainee.clone(), dtype));
-            let seed = contrast_seed(self.config.seed, session.state.global_step, micro_index);
-            let (total, updates) = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch, seed)?;
+            let (total, updates) = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch)?;
             contrast_updates.push(updates);
             let total = match scale {
                 Some(scale) => total.mul_scalar(scale),
@@ -682,13 +681,14 @@ where
         step: StepCounts,
         terms: &Terms<'_>,
         epoch: &mut EpochState,
-        seed: u64,
     ) -> Result<(Tensor<1>, Vec<CrdUpdate>)>
     where
         M: Module + ModuleDisplay + Student<I, D>,
         B: Batch<Input = I>,
     {
         let MicroBatch { batch, mask, valid } = micro;
+        // The epoch's micro-batch counter starts at 0 in a resumed epoch too.
+        let seed = contrast_seed(self.config.seed, session.state.global_step, epoch.micro_step);
         let loss = batch_loss(
             cast.unwrap_or(&session.trainee),
             self.config.precision.forward_dtype(),

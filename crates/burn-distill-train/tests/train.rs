@@ -2892,8 +2892,7 @@ mod feature_kinds {
                 &device,
             )
             .build()
-            .err()
-            .expect("refused");
+            .unwrap_err();
         assert!(error.to_string().contains("Distiller"), "{error}");
     }
 

@@ -470,6 +470,23 @@ fn lenet_shapes_taps_cost_and_gradients() {
             .dims(),
         [2, 7]
     );
+    // Flat image batches (as `ImageBatch` holds them) are the same images, reshaped.
+    let flat = inputs(2, 3 * 32 * 32, 12, device);
+    let from_flat = Student::<Tensor<2>, 2>::learn(&rgb, flat.clone(), &["conv.1"]).unwrap();
+    let from_maps = Student::<Tensor<4>, 2>::learn(&rgb, flat.reshape([2, 3, 32, 32]), &["conv.1"]).unwrap();
+    assert_eq!(
+        from_flat.logits.into_data().iter::<f32>().collect::<Vec<_>>(),
+        from_maps.logits.into_data().iter::<f32>().collect::<Vec<_>>()
+    );
+    assert_eq!(from_flat.features["conv.1"].dims(), vec![2, 16, 10, 10]);
+    let odd = inputs(2, 3 * 30 * 31, 13, device);
+    let wrong = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Student::<Tensor<2>, 2>::learn(&rgb, odd, &[])
+    }))
+    .map(|_| ())
+    .unwrap_err();
+    let message = wrong.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("not 3 square channel(s)"), "{message}");
 }
 
 // ---------------------------------------------------------------------------------------------

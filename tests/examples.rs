@@ -364,6 +364,7 @@ fn the_chat_pipeline_distils_a_gguf_chat_model_with_every_method_and_resumes() {
             weight: 0.5,
             kind: "cka".into(),
             taps: None,
+            random_projection: false,
         },
         random_methods: vec![Method::Alone],
         after_sft: vec![Method::SampledRkl],

@@ -140,6 +140,10 @@ struct Args {
     /// [default: the last block of each].
     #[arg(long, value_name = "TAPS")]
     hidden_taps: Option<String>,
+    /// kl+hidden: start the projection at random even where the widths are equal (by default it
+    /// then starts as the identity).
+    #[arg(long)]
+    hidden_random_projection: bool,
     /// Seed of everything.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
@@ -233,6 +237,7 @@ fn main() -> ExitCode {
     if let Some(weight) = args.hidden_weight {
         options.hidden.weight = weight;
     }
+    options.hidden.random_projection |= args.hidden_random_projection;
     if let Some(kind) = &args.hidden_kind {
         options.hidden.kind = kind.clone();
     }

@@ -288,6 +288,10 @@ pub struct HiddenTerm {
     pub kind: String,
     /// `(student tap, teacher tap)`; `None`: the last block of each (`block.{n-1}`).
     pub taps: Option<(String, String)>,
+    /// Start the projection at random even where the widths are equal (by default it then
+    /// starts as the identity: a student made of the teacher's blocks shares its space).
+    #[serde(default)]
+    pub random_projection: bool,
 }
 
 impl Default for HiddenTerm {
@@ -296,6 +300,7 @@ impl Default for HiddenTerm {
             weight: 1.0,
             kind: "cosine".into(),
             taps: None,
+            random_projection: false,
         }
     }
 }
@@ -1411,10 +1416,16 @@ impl Context<'_> {
                         hidden.weight, hidden.kind
                     );
                     let (student_width, teacher_width) = self.hidden_widths();
+                    let identity = student_width == teacher_width && !hidden.random_projection;
+                    if !identity {
+                        description.push_str(", random start");
+                    }
                     let term = FeatureTermConfig::new(student_tap, teacher_tap)
                         .with_kind(hidden.feature_kind()?)
                         .with_weight(hidden.weight)
-                        .with_connector(Some(ConnectorConfig::new(student_width, teacher_width)));
+                        .with_connector(Some(
+                            ConnectorConfig::new(student_width, teacher_width).with_identity(identity),
+                        ));
                     config = config.with_features(vec![term]);
                 }
                 (description, config, live, &data.train, None)

@@ -1,10 +1,10 @@
 //! Connectors: map a student feature to the teacher's width for hint (feature) losses.
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -28,6 +28,7 @@ pub enum ConnectorKind {
 /// | `teacher_width` | (required) | width (or channels) of the teacher feature |
 /// | `kind` | `Linear` | see [`ConnectorKind`] |
 /// | `bias` | true | learn a bias |
+/// | `identity` | false | start as the identity on the first `min(student, teacher)` channels (and zero bias) instead of at random: where the two widths are the same space (a student made of the teacher's blocks), the term then starts from the features as they are |
 #[derive(Config, Debug)]
 pub struct ConnectorConfig {
     /// Width of the student feature.
@@ -40,6 +41,9 @@ pub struct ConnectorConfig {
     /// Learn a bias.
     #[config(default = true)]
     pub bias: bool,
+    /// Start as a (truncated) identity with zero bias.
+    #[config(default = false)]
+    pub identity: bool,
 }
 
 impl ConnectorConfig {
@@ -63,10 +67,15 @@ impl ConnectorConfig {
                 ),
             ),
         };
-        Connector {
+        let connector = Connector {
             linear,
             conv,
             student_width: self.student_width,
+        };
+        if self.identity {
+            connector.into_identity(device)
+        } else {
+            connector
         }
     }
 }
@@ -81,6 +90,40 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// The same connector set to the identity on the first `min(student, teacher)` channels,
+    /// zero elsewhere and a zero bias.
+    fn into_identity(mut self, device: &Device) -> Self {
+        let eye = |rows: usize, columns: usize| {
+            let mut values = vec![0.0f32; rows * columns];
+            for index in 0..rows.min(columns) {
+                values[index * columns + index] = 1.0;
+            }
+            values
+        };
+        let zero_bias =
+            |bias: Param<Tensor<1>>| bias.map(|old| old.zeros_like().set_require_grad(old.is_require_grad()));
+        if let Some(linear) = self.linear.as_mut() {
+            let [inputs, outputs] = linear.weight.dims();
+            let weight = Tensor::<2>::from_data(TensorData::new(eye(inputs, outputs), [inputs, outputs]), device);
+            linear.weight = linear
+                .weight
+                .clone()
+                .map(|old| weight.set_require_grad(old.is_require_grad()));
+            linear.bias = linear.bias.take().map(zero_bias);
+        }
+        if let Some(conv) = self.conv.as_mut() {
+            let [outputs, inputs, _, _] = conv.weight.dims();
+            let weight = Tensor::<2>::from_data(TensorData::new(eye(outputs, inputs), [outputs, inputs]), device)
+                .reshape([outputs, inputs, 1, 1]);
+            conv.weight = conv
+                .weight
+                .clone()
+                .map(|old| weight.set_require_grad(old.is_require_grad()));
+            conv.bias = conv.bias.take().map(zero_bias);
+        }
+        self
+    }
+
     /// Maps `feature` to the teacher's width.
     ///
     /// # Errors

@@ -273,6 +273,50 @@ fn connectors_map_features_and_train() {
             linear.forward(Feature::Vector(inputs(2, 9, 8, &device))),
             Err(ModelError::FeatureShape { .. })
         ));
+        // An identity start passes the features through (the first channels, zero-padded to a
+        // wider teacher), and still trains.
+        let features = inputs(3, 8, 9, &device);
+        for (teacher_width, kind) in [
+            (8, ConnectorKind::Linear),
+            (12, ConnectorKind::Linear),
+            (6, ConnectorKind::Linear),
+        ] {
+            let identity = ConnectorConfig::new(8, teacher_width)
+                .with_kind(kind)
+                .with_identity(true)
+                .init(&device);
+            let Feature::Vector(mapped) = identity.forward(Feature::Vector(features.clone())).unwrap() else {
+                panic!("a vector")
+            };
+            let kept = teacher_width.min(8);
+            assert_eq!(
+                values(mapped.clone().narrow(1, 0, kept)),
+                values(features.clone().narrow(1, 0, kept))
+            );
+            if teacher_width > 8 {
+                assert!(
+                    values(mapped.clone().narrow(1, 8, teacher_width - 8))
+                        .iter()
+                        .all(|v| *v == 0.0)
+                );
+            }
+            let params = GradientsParams::from_grads(mapped.sum().backward(), &identity);
+            assert!(!params.is_empty(), "{}: an identity connector must train", named.name);
+        }
+        let maps = inputs(2 * 4, 9, 10, &device).reshape([2, 4, 3, 3]);
+        let identity = ConnectorConfig::new(4, 4)
+            .with_kind(ConnectorKind::Conv1x1)
+            .with_identity(true)
+            .init(&device);
+        let Feature::Map(mapped) = identity.forward(Feature::Map(maps.clone())).unwrap() else {
+            panic!("a map")
+        };
+        let (got, expected) = (values(mapped), values(maps));
+        assert!(
+            got.iter().zip(&expected).all(|(g, e)| (g - e).abs() <= 1e-6),
+            "{}: 1x1 identity",
+            named.name
+        );
     }
 }
 

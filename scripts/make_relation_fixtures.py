@@ -299,6 +299,20 @@ def main():
                   "momentum": momentum, "student_embed": dump(ws), "student_bias": dump(bs),
                   "teacher_embed": dump(wt), "teacher_bias": dump(bt),
                   "initial_banks": initial_banks, "steps": steps})
+    # Hidden states with tiny norms at some positions: PyTorch's cosine divides by
+    # max(|a|, eps) * max(|b|, eps), not max(|a| |b|, eps). Value only: below eps PyTorch clamps
+    # the squared norms in place under no_grad, so its gradient still goes through the norm it
+    # no longer divides by; burn-distill's is the gradient of the function as written (the
+    # clamped norm is a constant there). The two agree wherever a norm is above eps.
+    s = tensor([2, 3, 4])
+    t = tensor([2, 3, 4])
+    s[0, 1] *= 1e-9
+    t[0, 1] *= 1e-9
+    s[1, 2] *= 1e-6
+    s, t = f32(s), f32(t)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    cases.append(grad_case("hidden", lambda a, b: hidden_loss(a, b, mask, "Cosine"), s, t,
+                           distance="Cosine", mask=mask.reshape(-1).tolist(), value_only=True))
     payload = {"generator": "scripts/make_relation_fixtures.py", "torch": torch.__version__, "cases": cases}
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload))

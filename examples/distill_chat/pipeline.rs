@@ -1416,7 +1416,11 @@ impl Context<'_> {
                         hidden.weight, hidden.kind
                     );
                     let (student_width, teacher_width) = self.hidden_widths();
-                    let identity = student_width == teacher_width && !hidden.random_projection;
+                    // A student made of the teacher's blocks (or continued from one) shares its
+                    // space: the projection starts as the identity there.
+                    let identity = student_width == teacher_width
+                        && !hidden.random_projection
+                        && matches!(init, Init::Teacher | Init::AfterSft);
                     if !identity {
                         description.push_str(", random start");
                     }
@@ -1661,7 +1665,7 @@ fn print_table(summary: &Summary) {
             Method::ALL
                 .iter()
                 .chain(&Method::EXTRA)
-                .position(|m| name.split("-random").next() == Some(m.name())),
+                .position(|m| name.trim_end_matches("-random").trim_end_matches("-after-sft") == m.name()),
         )
     });
     for name in names {

@@ -185,6 +185,9 @@ impl DistillConfig {
                 return Err(TrainError::Config(format!("{name} must be at least 1")));
             }
         }
+        for term in &self.features {
+            term.validate()?;
+        }
         for (index, term) in self.features.iter().enumerate() {
             if !(term.weight.is_finite() && term.weight >= 0.0) {
                 return Err(TrainError::Config(format!(
@@ -379,9 +382,9 @@ impl ObjectiveConfig {
 ///
 /// Terms that compare positions (MSE, cosine) leave out padding positions of `[batch, seq,
 /// width]` features (the positions whose target is `IGNORE_INDEX`) and divide by the valid
-/// positions of the whole optimizer step; relational terms (CKA, RKD, PKT, SP, CRD) are a
-/// function of a batch, so each micro-batch's value is weighted by its share of the step's
-/// examples.
+/// positions of the whole optimizer step; CKA on such features takes the valid positions as
+/// its examples. Relational terms are a function of a batch, so each micro-batch's value is
+/// weighted by its share of the step's examples (positions, for sequence CKA).
 #[derive(Config, Debug)]
 pub struct FeatureTermConfig {
     /// The student's tap.
@@ -399,6 +402,39 @@ pub struct FeatureTermConfig {
     pub kind: FeatureKind,
 }
 
+impl FeatureTermConfig {
+    /// Checks the weight and the kind's settings (before any training).
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] naming the term and the setting.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let name = format!("feature term {} → {}", self.student_tap, self.teacher_tap);
+        let bad = |what: String| Err(TrainError::Config(format!("{name}: {what}")));
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            return bad(format!("weight = {} must be finite and >= 0", self.weight));
+        }
+        match &self.kind {
+            FeatureKind::AttentionTransfer { p } if !(p.is_finite() && *p >= 1.0) => {
+                bad(format!("attention transfer's p = {p} must be finite and >= 1"))
+            }
+            FeatureKind::Rkd {
+                distance_weight,
+                angle_weight,
+            } if !(distance_weight.is_finite()
+                && *distance_weight >= 0.0
+                && angle_weight.is_finite()
+                && *angle_weight >= 0.0) =>
+            {
+                bad(format!(
+                    "RKD's weights ({distance_weight}, {angle_weight}) must be finite and >= 0"
+                ))
+            }
+            FeatureKind::Crd(config) => config.check().or_else(|error| bad(format!("CRD: {error}"))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The loss of a [`FeatureTermConfig`].
 ///
 /// | Kind | Taps | Widths | Loss (burn-distill-loss) |
@@ -407,10 +443,16 @@ pub struct FeatureTermConfig {
 /// | `Cosine` | vectors, sequences | equal | `1 − cos` per example or position |
 /// | `Cka` | any (sequences: positions are the examples) | any | [`CkaLoss`](burn_distill_loss::CkaLoss) |
 /// | `AttentionTransfer` | maps, same spatial size | any channels | [`AttentionTransferLoss`](burn_distill_loss::AttentionTransferLoss) |
-/// | `Rkd` | any | any | [`RkdLoss`](burn_distill_loss::RkdLoss) |
-/// | `Pkt` | any | any | [`PktLoss`](burn_distill_loss::PktLoss) |
-/// | `Sp` | any | any | [`SpLoss`](burn_distill_loss::SpLoss) |
-/// | `Crd` | any | any | [`CrdLoss`](burn_distill_loss::CrdLoss): its embeddings train with the student, its memory banks are saved in every checkpoint; `examples` must be the training set's size (Distiller only) |
+/// | `Rkd` | vectors, maps | any | [`RkdLoss`](burn_distill_loss::RkdLoss) |
+/// | `Pkt` | vectors, maps | any | [`PktLoss`](burn_distill_loss::PktLoss) |
+/// | `Sp` | vectors, maps | any | [`SpLoss`](burn_distill_loss::SpLoss) |
+/// | `Crd` | vectors, maps | any | [`CrdLoss`](burn_distill_loss::CrdLoss): its embeddings train with the student, its memory banks are saved in every checkpoint; `examples` must be the training set's size (Distiller only) |
+///
+/// The example-relation kinds (RKD, PKT, SP, CRD) refuse `[batch, seq, width]` taps: their
+/// examples would be whole padded sequences, whose length changes from batch to batch. A
+/// micro-batch smaller than a relational loss needs (RKD and biased CKA 2 examples, debiased CKA
+/// 4; for sequence CKA, kept positions) adds nothing to the term: a data set's last, short
+/// batch does not stop a run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub enum FeatureKind {
     /// Mean squared error (FitNets).

@@ -94,6 +94,18 @@ fn contrast_seed(seed: u64, global_step: usize, micro_batch: usize) -> u64 {
         .wrapping_add(micro_batch as u64)
 }
 
+impl<M: Module> Trainee<M> {
+    /// The same trainee with the student's weights cast to `dtype` inside the graph (mixed
+    /// precision); the connectors and CRD modules stay in f32, where the widened features meet
+    /// them.
+    pub(crate) fn with_student_in(self, dtype: burn::tensor::FloatDType) -> Self {
+        Self {
+            student: cast_params(self.student, dtype),
+            ..self
+        }
+    }
+}
+
 /// Replaces a training batch before its step (on-policy rollouts): called with the student at
 /// the step's weights, the batch, the global step and the micro-batch's place in the step.
 pub(crate) type Rollout<'r, M, B> = dyn Fn(&M, B, usize, usize) -> Result<B> + 'r;
@@ -624,7 +636,7 @@ where
         for micro in micro_batches {
             // Mixed precision: the weights cast inside this micro-batch's graph, so the
             // backward pass carries the gradients through the casts to the f32 weights.
-            let cast = forward_dtype.map(|dtype| cast_params(session.trainee.clone(), dtype));
+            let cast = forward_dtype.map(|dtype| session.trainee.clone().with_student_in(dtype));
             let (total, updates) = self.micro_batch_loss(&session, cast.as_ref(), micro, step, terms, epoch)?;
             contrast_updates.push(updates);
             let total = match scale {

@@ -59,6 +59,14 @@ pub(crate) fn feature_loss(
         let name = || format!("feature term {index} ({} → {})", term.student_tap, term.teacher_tap);
         let term_loss = match &term.kind {
             FeatureKind::Crd(_) => {
+                if let Feature::Sequence(t) = &student_feature {
+                    return Err(TrainError::Config(format!(
+                        "{}: CRD embeds whole examples, and [batch, seq, width] taps are padded sequences of changing length {:?}; \
+                         tap a pooled [batch, width] feature",
+                        name(),
+                        t.dims()
+                    )));
+                }
                 let slot = context.contrast_of[index].expect("a CRD term has a CRD module");
                 let (loss, update) = contrastive(&context.contrast[slot], student_feature, teacher_feature, context)?;
                 updates.push(update);
@@ -85,7 +93,36 @@ fn one_term(
     let counts = context.counts;
     let examples = student.dims()[0];
     let example_share = examples as f64 / counts.examples.max(1) as f64;
-    let positions_mask = |dims: [usize; 3]| context.mask.map(|mask| mask.clone().reshape([dims[0], dims[1]]));
+    let device = match &student {
+        Feature::Vector(t) => t.device(),
+        Feature::Sequence(t) => t.device(),
+        Feature::Map(t) => t.device(),
+    };
+    // A micro-batch too small for a relational loss adds nothing to its term.
+    let nothing = || Ok(Tensor::<1>::zeros([1], &device));
+    if let Feature::Sequence(t) = &student
+        && matches!(kind, FeatureKind::Rkd { .. } | FeatureKind::Pkt | FeatureKind::Sp)
+    {
+        return Err(TrainError::Config(format!(
+            "{}: {} relates whole examples, and [batch, seq, width] taps are padded sequences of changing length {:?}; \
+             use MSE, cosine or CKA (positions as examples), or tap a pooled [batch, width] feature",
+            name(),
+            kind_name(kind),
+            t.dims()
+        )));
+    }
+    let positions_mask = |dims: [usize; 3]| -> Result<Option<Tensor<2, Bool>>> {
+        match context.mask {
+            None => Ok(None),
+            Some(mask) if mask.dims()[0] == dims[0] * dims[1] => Ok(Some(mask.clone().reshape([dims[0], dims[1]]))),
+            Some(mask) => Err(TrainError::Config(format!(
+                "{}: the [batch, seq, width] tap {:?} needs a target per position; the batch has {} targets",
+                name(),
+                dims,
+                mask.dims()[0]
+            ))),
+        }
+    };
     let same_shape = |student: &Feature, teacher: &Feature| -> Result<()> {
         if student.dims() == teacher.dims() {
             Ok(())
@@ -119,7 +156,7 @@ fn one_term(
                 (Feature::Sequence(s), Feature::Sequence(t)) => {
                     let dims = s.dims();
                     let reduction = Reduction::SumOver(counts.positions.max(1));
-                    match positions_mask(dims) {
+                    match positions_mask(dims)? {
                         Some(mask) => hidden(distance).forward_masked(s, t, mask, reduction)?,
                         None => hidden(distance).forward(s, t, reduction)?,
                     }
@@ -149,14 +186,18 @@ fn one_term(
                 (Feature::Sequence(s), Feature::Sequence(t)) => {
                     // Positions are the examples; weighted by this micro-batch's share of them.
                     let dims = s.dims();
-                    let mask = positions_mask(dims);
+                    let mask = positions_mask(dims)?;
                     let kept = match &mask {
                         Some(mask) => count_true(mask.clone()),
                         None => dims[0] * dims[1],
                     };
+                    if kept < cka_minimum(*debiased) {
+                        return nothing();
+                    }
                     loss.forward_positions(s, t, mask)?
                         .mul_scalar(kept as f64 / counts.positions.max(1) as f64)
                 }
+                _ if examples < cka_minimum(*debiased) => return nothing(),
                 (s, t) => with_rows(s, t, |s, t| loss.forward(s, t))?.mul_scalar(example_share),
             }
         }
@@ -172,6 +213,7 @@ fn one_term(
                 student.dims()
             )));
         }
+        (FeatureKind::Rkd { .. }, ..) if examples < 2 => return nothing(),
         (
             FeatureKind::Rkd {
                 distance_weight,
@@ -216,6 +258,24 @@ fn rows(feature: Feature) -> Tensor<2> {
         Feature::Vector(t) => t,
         Feature::Sequence(t) => t.reshape([dims[0], width]),
         Feature::Map(t) => t.reshape([dims[0], width]),
+    }
+}
+
+/// The examples (or positions) a CKA term needs.
+fn cka_minimum(debiased: bool) -> usize {
+    if debiased { 4 } else { 2 }
+}
+
+fn kind_name(kind: &FeatureKind) -> &'static str {
+    match kind {
+        FeatureKind::Mse => "MSE",
+        FeatureKind::Cosine => "cosine",
+        FeatureKind::Cka { .. } => "CKA",
+        FeatureKind::AttentionTransfer { .. } => "attention transfer",
+        FeatureKind::Rkd { .. } => "RKD",
+        FeatureKind::Pkt => "PKT",
+        FeatureKind::Sp => "SP",
+        FeatureKind::Crd(_) => "CRD",
     }
 }
 

@@ -17,7 +17,7 @@ use burn::train::metric::{
 };
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use burn_distill_data::Batch;
-use burn_distill_model::{Student, Teacher, TeacherInput, cast_params};
+use burn_distill_model::{Student, Teacher, TeacherInput};
 
 use crate::config::Precision;
 use crate::config::{FeatureKind, FeatureTermConfig, ObjectiveConfig};
@@ -269,6 +269,18 @@ impl<M, B: Batch, const D: usize> DistillModelBuilder<M, B, D> {
         } else {
             objective.clone()
         };
+        // Its evaluation runs the objective's teacher only: feature terms need a teacher objective.
+        if !self.features.is_empty() && !objective.needs_teacher() {
+            return Err(TrainError::Config("feature losses need a teacher objective".into()));
+        }
+        if !self.features.is_empty() && self.teacher.is_none() {
+            return Err(TrainError::MissingTeacher {
+                objective: "the feature terms".into(),
+            });
+        }
+        for term in &self.features {
+            term.validate()?;
+        }
         if self
             .features
             .iter()
@@ -396,7 +408,7 @@ where
             .inner
             .precision
             .forward_dtype()
-            .map(|dtype| cast_params(self.trainee.clone(), dtype));
+            .map(|dtype| self.trainee.clone().with_student_in(dtype));
         let (loss, output) = self.loss(&batch, true, cast.as_ref());
         TrainOutput::new(self, loss.total.backward(), output)
     }

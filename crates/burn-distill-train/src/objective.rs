@@ -353,6 +353,13 @@ impl Builtin {
                     }
                     None => (input.student.clone(), teacher, input.student.dims()[0]),
                 };
+                if kept == 0 {
+                    // Nothing valid in this micro-batch: no relation to match.
+                    let soft = Tensor::zeros([1], &input.student.device());
+                    return Ok(ObjectiveLoss::soft_and_hard(soft, *hard_weight, || {
+                        input.cross_entropy(0.0)
+                    }));
+                }
                 let soft = loss
                     .forward(student, teacher)?
                     .mul_scalar(kept as f64 / input.normaliser.max(1) as f64);

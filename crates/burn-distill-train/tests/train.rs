@@ -2896,6 +2896,128 @@ mod feature_kinds {
         assert!(error.to_string().contains("Distiller"), "{error}");
     }
 
+    /// bf16 mixed precision with a connector and a CRD term: the student computes in bf16, its
+    /// widened features meet the f32 connector and CRD embeddings (they were cast with the
+    /// student and failed a dtype check in the matrix product before).
+    #[test]
+    fn feature_terms_with_connectors_and_crd_train_in_mixed_precision() {
+        let _serial = serial();
+        let device = devices()
+            .into_iter()
+            .map(|named| named.device)
+            .find(|device| device.supports_dtype(burn::tensor::DType::BF16))
+            .expect("flex holds bf16")
+            .autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(64, 1, &oracle, &device);
+        let batcher = ImageBatcher::new();
+        let teacher_module = oracle_module(&device);
+        let teacher = FrozenTeacher::new(&teacher_module);
+        let crd = FeatureKind::Crd(
+            CrdLossConfig::new(16, 32, 64)
+                .with_negatives(16)
+                .with_embedding_width(8),
+        );
+        let mut config = config_with(FeatureKind::Cosine, true, 3).with_precision(Precision::Bf16);
+        config
+            .features
+            .push(FeatureTermConfig::new("hidden.0".into(), "hidden.0".into()).with_kind(crd));
+        let outcome = Distiller::new(config, scratch("kind-bf16"))
+            .with_teacher(&teacher)
+            .fit(narrow(5, &device), FitData::new(&train, &batcher), &device)
+            .unwrap();
+        let losses: Vec<f64> = outcome.records.iter().map(|r| r.train.feature_loss.unwrap()).collect();
+        assert!(
+            losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0],
+            "{losses:?}"
+        );
+    }
+
+    /// A data set whose last batch is smaller than a relational loss needs (65 examples in
+    /// batches of 16: a last batch of one) trains: that micro-batch adds nothing to the term.
+    /// Relations between whole padded sequences are refused, naming the alternatives.
+    #[test]
+    fn a_last_batch_too_small_for_a_relation_adds_nothing_and_sequences_are_refused() {
+        let _serial = serial();
+        let device = devices().remove(0).device.autodiff();
+        let oracle = oracle(&device);
+        let train = Synthetic::new(65, 1, &oracle, &device);
+        let batcher = ImageBatcher::new();
+        let teacher_module = oracle_module(&device);
+        let teacher = FrozenTeacher::new(&teacher_module);
+        for (name, kind) in [
+            (
+                "rkd",
+                FeatureKind::Rkd {
+                    distance_weight: 25.0,
+                    angle_weight: 50.0,
+                },
+            ),
+            ("cka", FeatureKind::Cka { debiased: true }),
+        ] {
+            let outcome = Distiller::new(config_with(kind, false, 1), scratch(&format!("small-last-{name}")))
+                .with_teacher(&teacher)
+                .fit(narrow(5, &device), FitData::new(&train, &batcher), &device)
+                .unwrap();
+            assert!(outcome.records[0].train.feature_loss.unwrap().is_finite(), "{name}");
+        }
+        // A bad setting is refused by validate, before anything trains.
+        let error = config_with(FeatureKind::AttentionTransfer { p: 0.5 }, false, 1)
+            .validate()
+            .unwrap_err();
+        assert!(error.to_string().contains("p = 0.5"), "{error}");
+        let error = config_with(FeatureKind::Crd(CrdLossConfig::new(16, 32, 64)), false, 1)
+            .validate()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("more training examples than negatives"),
+            "{error}"
+        );
+
+        // Sequences: RKD between whole padded windows is refused; CKA over positions trains.
+        let windows = ByteCorpus::load_default().unwrap().windows(16, 16).unwrap();
+        let windows = Subset::new(windows, (0..32).collect());
+        let lm = TransformerLmConfig::new(BYTE_VOCAB, 16)
+            .with_layers(1)
+            .with_width(32)
+            .with_heads(2);
+        let lm_teacher_module: TransformerLm = init_seeded(1, &device, |d| lm.init(d));
+        let lm_teacher = FrozenTeacher::new(&lm_teacher_module);
+        let objective = ObjectiveConfig::Divergence {
+            loss: DivergenceLossConfig::new(Divergence::ForwardKl),
+            hard_weight: 0.0,
+        };
+        for (name, kind, refused) in [
+            (
+                "rkd",
+                FeatureKind::Rkd {
+                    distance_weight: 25.0,
+                    angle_weight: 50.0,
+                },
+                true,
+            ),
+            ("cka", FeatureKind::Cka { debiased: true }, false),
+        ] {
+            let run = DistillConfig::new(1, sgd(0.05, false).0, sgd(0.05, false).1, objective.clone())
+                .with_batch_size(16)
+                .with_features(vec![
+                    FeatureTermConfig::new("hidden".into(), "hidden".into()).with_kind(kind),
+                ]);
+            let result = Distiller::new(run, scratch(&format!("lm-{name}")))
+                .with_teacher(&lm_teacher)
+                .fit(
+                    init_seeded(2, &device, |d| lm.init(d)),
+                    FitData::new(&windows, &TokenBatcher),
+                    &device,
+                );
+            match (refused, result) {
+                (true, Err(error)) => assert!(error.to_string().contains("use MSE, cosine or CKA"), "{error}"),
+                (false, Ok(outcome)) => assert!(outcome.records[0].train.feature_loss.unwrap().is_finite()),
+                (_, other) => panic!("{name}: {:?}", other.map(|outcome| outcome.records)),
+            }
+        }
+    }
+
     /// The memory banks and Z are in the checkpoint: a run stopped and resumed draws the same
     /// negatives against the same banks and ends with the same weights, bit for bit.
     #[test]

@@ -129,33 +129,43 @@ impl CkaLoss {
         }
         let (student, student_scale) = centred_unit(student);
         let (teacher, teacher_scale) = centred_unit(teacher);
-        let gram = use_gram(examples, student.dims()[1], teacher.dims()[1]);
-        let trace = |a: &Tensor<2>, b: &Tensor<2>| -> Tensor<1> {
-            if gram {
-                (a.clone().matmul(a.clone().transpose()) * b.clone().matmul(b.clone().transpose())).sum()
-            } else {
-                a.clone().transpose().matmul(b.clone()).powi_scalar(2).sum()
-            }
+        // tr(K L), tr(K K), tr(L L): from the two [n, n] Gram matrices, or from the three
+        // cross products of the features, whichever is cheaper.
+        let (cross, student_trace, teacher_trace) = if use_gram(examples, student.dims()[1], teacher.dims()[1]) {
+            let k = student.clone().matmul(student.clone().transpose());
+            let l = teacher.clone().matmul(teacher.clone().transpose());
+            (
+                (k.clone() * l.clone()).sum(),
+                k.powi_scalar(2).sum(),
+                l.powi_scalar(2).sum(),
+            )
+        } else {
+            let squared = |a: &Tensor<2>, b: &Tensor<2>| a.clone().transpose().matmul(b.clone()).powi_scalar(2).sum();
+            (
+                squared(&student, &teacher),
+                squared(&student, &student),
+                squared(&teacher, &teacher),
+            )
         };
-        let hsic = |a: &Tensor<2>, b: &Tensor<2>| -> Tensor<1> {
-            let product = trace(a, b);
+        let hsic = |trace: Tensor<1>, a: &Tensor<2>, b: &Tensor<2>| -> Tensor<1> {
             if self.debiased {
-                debiased_hsic(product, a, b, examples)
+                debiased_hsic(trace, a, b, examples)
             } else {
-                product.div_scalar(((examples - 1) * (examples - 1)) as f64)
+                trace.div_scalar(((examples - 1) * (examples - 1)) as f64)
             }
         };
         Ok(HsicTerms {
-            cross: hsic(&student, &teacher),
-            student: hsic(&student, &student),
-            teacher: hsic(&teacher, &teacher),
+            cross: hsic(cross, &student, &teacher),
+            student: hsic(student_trace, &student, &student),
+            teacher: hsic(teacher_trace, &teacher, &teacher),
             student_scale,
             teacher_scale,
         })
     }
 }
 
-/// `1 − CKA` in one call: linear kernels, debiased.
+/// Linear CKA between two sets of features in one call (the similarity, not the loss), with
+/// the debiased or the biased HSIC estimator.
 ///
 /// # Errors
 /// As [`CkaLoss::forward`].
@@ -287,18 +297,18 @@ fn position_rows(
 }
 
 /// Centred columns divided by their root mean square norm per example (detached): CKA does not
-/// change, and the fourth powers in HSIC stay in f32's range.
+/// change, and the fourth powers in HSIC stay in f32's range. Features whose centred size is
+/// below 10⁻⁶ of their size (constant ones, up to rounding) are taken as constant: zero, not
+/// rounding noise blown up to unit size.
 fn centred_unit(rows: Tensor<2>) -> (Tensor<2>, Tensor<1>) {
     let [examples, _] = rows.dims();
+    let root_mean_square = |values: Tensor<2>| values.detach().powi_scalar(2).sum().div_scalar(examples as f64).sqrt();
+    let size = root_mean_square(rows.clone());
     let centred = rows.clone() - rows.mean_dim(0);
-    let scale = centred
-        .clone()
-        .detach()
-        .powi_scalar(2)
-        .sum()
-        .div_scalar(examples as f64)
-        .sqrt()
-        .clamp_min(1e-30);
+    let scale = root_mean_square(centred.clone());
+    let varies = scale.clone().greater(size.mul_scalar(1e-6)).float();
+    let scale = scale.clamp_min(1e-30);
+    let centred = centred * varies.reshape([1, 1]);
     (centred / scale.clone().reshape([1, 1]), scale)
 }
 

@@ -25,7 +25,11 @@ const NCE_EPS: f64 = 1e-7;
 /// examples `j`, the student's embedding is scored against the teacher bank (and the teacher's
 /// against the student bank) by `exp(v · m_j / T) / Z`; the loss is the NCE loss of telling
 /// the positive (`j = i`) from the negatives, summed over both directions and averaged over the
-/// batch. `Z` is estimated once, from the first batch, as in the authors' code.
+/// batch. `Z` is estimated once, from the first batch, as in the authors' code (with gradient
+/// accumulation, from the step's first micro-batch). Negatives are drawn uniformly from the
+/// other examples ([`sample_negatives`](CrdLoss::sample_negatives)), as the authors'
+/// `ContrastMemory` does; their CIFAR-100 loader can instead draw them from other classes
+/// (`mode='exact'`), which this crate leaves to the caller (pass your own `negatives`).
 ///
 /// | Name | Default | Purpose | Range |
 /// |---|---|---|---|
@@ -71,6 +75,35 @@ impl CrdLossConfig {
     /// examples than negatives + 1, a temperature that is not positive, or a momentum outside
     /// `[0, 1)`.
     pub fn try_init(&self, device: &Device) -> crate::Result<CrdLoss> {
+        self.check()?;
+        let bound = (3.0 / self.embedding_width as f64).sqrt();
+        let bank = || {
+            let values = Tensor::<2>::random(
+                [self.examples, self.embedding_width],
+                Distribution::Uniform(-bound, bound),
+                device,
+            );
+            Param::from_tensor(values).set_require_grad(false)
+        };
+        Ok(CrdLoss {
+            student_embed: LinearConfig::new(self.student_width, self.embedding_width).init(device),
+            teacher_embed: LinearConfig::new(self.teacher_width, self.embedding_width).init(device),
+            student_bank: bank(),
+            teacher_bank: bank(),
+            normalisers: Param::from_tensor(Tensor::from_floats([-1.0, -1.0], device)).set_require_grad(false),
+            negatives: self.negatives,
+            temperature: self.temperature,
+            momentum: self.momentum,
+            check_inputs: self.check_inputs,
+        })
+    }
+
+    /// Checks the settings without building anything (what [`try_init`](Self::try_init)
+    /// refuses).
+    ///
+    /// # Errors
+    /// As [`try_init`](Self::try_init).
+    pub fn check(&self) -> crate::Result<()> {
         for (name, value) in [
             ("student_width", self.student_width),
             ("teacher_width", self.teacher_width),
@@ -94,26 +127,7 @@ impl CrdLossConfig {
         }
         check_temperature(self.temperature)?;
         check_range("momentum", self.momentum, 0.0, 1.0 - f64::EPSILON, "a value in [0, 1)")?;
-        let bound = (3.0 / self.embedding_width as f64).sqrt();
-        let bank = || {
-            let values = Tensor::<2>::random(
-                [self.examples, self.embedding_width],
-                Distribution::Uniform(-bound, bound),
-                device,
-            );
-            Param::from_tensor(values).set_require_grad(false)
-        };
-        Ok(CrdLoss {
-            student_embed: LinearConfig::new(self.student_width, self.embedding_width).init(device),
-            teacher_embed: LinearConfig::new(self.teacher_width, self.embedding_width).init(device),
-            student_bank: bank(),
-            teacher_bank: bank(),
-            normalisers: Param::from_tensor(Tensor::from_floats([-1.0, -1.0], device)).set_require_grad(false),
-            negatives: self.negatives,
-            temperature: self.temperature,
-            momentum: self.momentum,
-            check_inputs: self.check_inputs,
-        })
+        Ok(())
     }
 
     /// Builds the loss.
@@ -235,6 +249,18 @@ impl CrdLoss {
         if self.check_inputs {
             check_features(&student, &teacher)?;
             check_indices(&indices, "indices", examples)?;
+            let mut seen: Vec<i64> = read_ints(indices.clone().into_data());
+            seen.sort_unstable();
+            if let Some(pair) = seen.windows(2).find(|pair| pair[0] == pair[1]) {
+                return Err(LossError::FeatureShape {
+                    what: "indices",
+                    expected: format!(
+                        "distinct training-set indices (each example's bank row is written once); {} repeats",
+                        pair[0]
+                    ),
+                    actual: indices.dims().to_vec(),
+                });
+            }
             check_indices(
                 &negatives.clone().reshape([batch * self.negatives]),
                 "negatives",
@@ -302,8 +328,9 @@ impl CrdLoss {
         })
     }
 
-    /// Writes a step's bank rows and normalisers (call it after the optimizer's step; the
-    /// embeddings it moved are the ones `forward` computed, as in the authors' code).
+    /// Writes a step's bank rows (call it after the optimizer's step; the embeddings it moved
+    /// are the ones `forward` computed, as in the authors' code), and the normalisers when they
+    /// were not set yet.
     pub fn update(self, update: CrdUpdate) -> Self {
         let CrdUpdate {
             indices,
@@ -312,14 +339,18 @@ impl CrdLoss {
             normalisers,
         } = update;
         let overwrite = |bank: Tensor<2>, rows: Tensor<2>| {
-            let bank = bank.detach();
-            let old = bank.clone().select(0, indices.clone());
-            bank.select_assign(0, indices.clone(), rows - old, IndexingUpdateOp::Add)
+            bank.detach()
+                .select_assign(0, indices.clone(), rows.detach(), IndexingUpdateOp::Assign)
         };
+        let unset = self.normalisers().is_none();
         Self {
             student_bank: self.student_bank.map(|bank| overwrite(bank, student_rows)),
             teacher_bank: self.teacher_bank.map(|bank| overwrite(bank, teacher_rows)),
-            normalisers: self.normalisers.map(|_| normalisers.detach()),
+            normalisers: if unset {
+                self.normalisers.map(|_| normalisers.detach())
+            } else {
+                self.normalisers
+            },
             ..self
         }
     }

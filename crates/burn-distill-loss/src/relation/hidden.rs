@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::LossError;
 use crate::input::{flatten, widen_f32};
 use crate::reduction::{Reduction, reduce};
-use crate::relation::common::check_features;
+use crate::relation::common::{check_features, norm_floor};
 
-/// `max(‖a‖ · ‖b‖, ε)` in the cosine, PyTorch's `F.cosine_similarity` default.
+/// The cosine divides by `max(‖a‖, ε) · max(‖b‖, ε)`, as PyTorch's `F.cosine_similarity` does
+/// (ε = 1e-8, its default).
 const COSINE_EPS: f64 = 1e-8;
 
 /// How two hidden states are compared at one position.
@@ -155,10 +156,8 @@ impl HiddenStateLoss {
             HiddenDistance::Mse => (student - teacher).powi_scalar(2).mean_dim(1),
             HiddenDistance::Cosine => {
                 let dot = (student.clone() * teacher.clone()).sum_dim(1);
-                let squares = student.powi_scalar(2).sum_dim(1) * teacher.powi_scalar(2).sum_dim(1);
-                (dot / squares.clamp_min(COSINE_EPS * COSINE_EPS).sqrt())
-                    .neg()
-                    .add_scalar(1.0)
+                let norms = norm_floor(student, 1, COSINE_EPS) * norm_floor(teacher, 1, COSINE_EPS);
+                (dot / norms).neg().add_scalar(1.0)
             }
         };
         Ok(per_position.reshape([positions]))

@@ -136,7 +136,11 @@ fn relational_losses_match_the_authors_formulas_on_every_device() {
                 1e-4,
                 1e-6,
             );
-            assert_close(&format!("{what} grad"), &grad, &numbers(&case["grad"]), 2e-4, 1e-6);
+            // `value_only`: below eps PyTorch's cosine differentiates through a norm clamped
+            // in place under no_grad (see the script); only the value is comparable there.
+            if case["value_only"].as_bool() != Some(true) {
+                assert_close(&format!("{what} grad"), &grad, &numbers(&case["grad"]), 2e-4, 1e-6);
+            }
         }
     }
 }
@@ -713,6 +717,12 @@ fn relational_losses_reject_bad_inputs_and_options() {
             classes: 30
         }
     );
+    // Each example's bank row is written once per step: repeated indices are refused.
+    let repeated = ints::<1>(&[0, 1, 2, 3, 4, 1], &[6], device);
+    let error = crd
+        .forward(student.clone(), student.clone(), repeated, negatives.clone())
+        .unwrap_err();
+    assert!(error.to_string().contains("1 repeats"), "{error}");
     let good: Tensor<1, Int> = ints::<1>(&[0, 1, 2, 3, 4, 5], &[6], device);
     assert!(matches!(
         crd.forward(

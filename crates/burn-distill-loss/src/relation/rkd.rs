@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
 use crate::error::check_range;
-use crate::relation::common::{check_examples, check_features, example_rows, normalize, smooth_l1};
+use crate::relation::common::{check_examples, check_features, example_rows, smooth_l1};
 
 /// Squared distances are floored here before their square root (the reference `pdist`'s eps).
 const DISTANCE_FLOOR: f64 = 1e-12;
@@ -25,8 +25,8 @@ const DISTANCE_FLOOR: f64 = 1e-12;
 /// | `angle_weight` | 50.0 | weight of `L_A` | `≥ 0` |
 /// | `check_inputs` | true | refuse NaN / infinite features | |
 ///
-/// The angle term holds `[batch, batch, width]` differences and `[batch]³` cosines: at batch
-/// 128 and width 512 that is 32 MiB and 8 MiB.
+/// The angle term holds `[batch]³` cosines (8 MiB at batch 128), computed from the batch's Gram
+/// matrix.
 #[derive(Config, Debug)]
 pub struct RkdLossConfig {
     /// Weight of the distance term.
@@ -138,14 +138,35 @@ fn normalised_distances(rows: Tensor<2>) -> Tensor<2> {
     distances / mean.reshape([1, 1])
 }
 
-/// `cos ∠(e_i − e_j, e_k − e_j)` for every triple: `[n, n, n]`, entry `[j, i, k]`.
+/// `cos ∠(e_i − e_j, e_k − e_j)` for every triple: `[n, n, n]`, entry `[j, i, k]`; 0 where
+/// `e_i = e_j` or `e_k = e_j` (the reference normalises a zero difference to zero).
+///
+/// Computed from the `[n, n]` Gram matrix `G` of the centred rows (angles do not move with a
+/// translation): `⟨e_i − e_j, e_k − e_j⟩ = G_ik − G_ij − G_jk + G_jj` over the two distances,
+/// so no `[n, n, width]` tensor of differences is formed (at batch 128 and width 512 that tensor
+/// was 32 MiB and most of the loss's time).
 fn angles(rows: Tensor<2>) -> Tensor<3> {
-    let [examples, width] = rows.dims();
-    let differences = rows
+    let [examples, _] = rows.dims();
+    let n = examples;
+    let centred = rows.clone() - rows.mean_dim(0);
+    let gram = centred.clone().matmul(centred.transpose());
+    let squares = gram
         .clone()
-        .reshape([1, examples, width])
-        .expand([examples, examples, width])
-        - rows.reshape([examples, 1, width]).expand([examples, examples, width]);
-    let unit = normalize(differences, 2);
-    unit.clone().matmul(unit.swap_dims(1, 2))
+        .mask_fill(Tensor::<2, Bool>::diag_mask([n, n], 0, &gram.device()), 0.0)
+        .sum_dim(1);
+    let squared = (squares.clone() + squares.clone().transpose() - gram.clone().mul_scalar(2.0)).clamp_min(0.0);
+    let same = squared.clone().lower_equal_elem(DISTANCE_FLOOR * DISTANCE_FLOOR);
+    let distance = squared.clamp_min(DISTANCE_FLOOR * DISTANCE_FLOOR).sqrt();
+    let numerator = gram.clone().reshape([1, n, n]).expand([n, n, n])
+        - gram.clone().reshape([n, n, 1]).expand([n, n, n])
+        - gram.clone().reshape([n, 1, n]).expand([n, n, n])
+        + squares.reshape([n, 1, 1]).expand([n, n, n]);
+    let denominator =
+        distance.clone().reshape([n, n, 1]).expand([n, n, n]) * distance.reshape([n, 1, n]).expand([n, n, n]);
+    let degenerate = same
+        .clone()
+        .reshape([n, n, 1])
+        .expand([n, n, n])
+        .bool_or(same.reshape([n, 1, n]).expand([n, n, n]));
+    (numerator / denominator).mask_fill(degenerate, 0.0)
 }

@@ -3,11 +3,13 @@
 shapes of benches/benchmarks/relations.rs, for the ratio in BENCHMARKS.md.
 
     pip install torch
-    python3 scripts/compare_relations.py [--threads 2] [--repeats 20]
+    python3 scripts/compare_relations.py [--threads 2] [--repeats 20] [--compile]
 
 Each loss is the authors' formula as scripts/make_relation_fixtures.py writes it out (the
 values those fixtures check), run in float32 on the CPU; the median of `--repeats` timed calls
-after 3 warm-ups is printed in milliseconds, one line per loss, with the bench id it pairs with.
+after 3 warm-ups is printed in milliseconds, one line per loss, with the bench id it pairs with;
+with `--compile` also under `torch.compile` (its first calls, the compilation, are among the
+warm-ups).
 """
 import argparse
 import statistics
@@ -38,6 +40,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each loss under torch.compile (inductor, C++ on the CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -108,9 +112,15 @@ def main():
         ("crd_128x512_k4096", s512, t512, crd),
     ]
     print(f"torch {torch.__version__}, {args.threads} threads, float32, median of {args.repeats}")
+    print("bench id\teager" + ("\ttorch.compile" if args.compile else ""))
     for name, student, teacher, loss in cases:
-        ms = timed(case(student.float(), teacher.float(), loss), args.repeats)
-        print(f"relation/flex/{name}\t{ms:.3f} ms")
+        line = f"relation/flex/{name}\t{timed(case(student.float(), teacher.float(), loss), args.repeats):.3f} ms"
+        if args.compile:
+            # CRD updates its memory banks in place under no_grad: compiled as it stands, the
+            # graph breaks there, as it would in RepDistiller's training loop.
+            compiled = torch.compile(loss, dynamic=False)
+            line += f"\t{timed(case(student.float(), teacher.float(), compiled), args.repeats):.3f} ms"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
+use std::sync::Arc;
+
 use crate::error::{LossError, check_range};
+use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
 use crate::input::widen_f32;
-use crate::reduction::{Reduction, reduce};
+use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::relation::common::{check_features, example_rows, normalize};
 
 /// Configuration of [`AttentionTransferLoss`].
@@ -21,6 +24,7 @@ use crate::relation::common::{check_features, example_rows, normalize};
 /// |---|---|---|---|
 /// | `p` | 2.0 | exponent of the activations | `p ≥ 1` |
 /// | `check_inputs` | true | refuse NaN / infinite features | |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct AttentionTransferLossConfig {
     /// Exponent applied to `|activation|` before the mean over channels.
@@ -29,6 +33,9 @@ pub struct AttentionTransferLossConfig {
     /// Check the features for NaN and infinities (one device read).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel (loss and gradient together) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl AttentionTransferLossConfig {
@@ -41,6 +48,7 @@ impl AttentionTransferLossConfig {
         Ok(AttentionTransferLoss {
             p: self.p,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         })
     }
 
@@ -62,6 +70,9 @@ pub struct AttentionTransferLoss {
     pub p: f64,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 impl AttentionTransferLoss {
@@ -82,7 +93,20 @@ impl AttentionTransferLoss {
         teacher_map: Tensor<4>,
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
-        let per_example = self.per_example(student_map, teacher_map)?;
+        self.check(&student_map, &teacher_map)?;
+        let [batch, channels, height, width] = student_map.dims();
+        let student = widen_f32(student_map.clone()).reshape([batch, channels * height * width]);
+        let teacher_width: usize = teacher_map.dims()[1..].iter().product();
+        let teacher = widen_f32(teacher_map.clone()).detach().reshape([batch, teacher_width]);
+        if use_host_relation(self.implementation, &student, &teacher)? {
+            let job = RelationJob::At {
+                p: self.p,
+                positions: height * width,
+                weights: Arc::new(reduction_weights(None, batch, 1, reduction)?),
+            };
+            return Ok(relation_loss(student, teacher, job));
+        }
+        let per_example = self.composed(student_map, teacher_map);
         reduce(per_example, None, 1, reduction, self.check_inputs)
     }
 
@@ -94,7 +118,8 @@ impl AttentionTransferLoss {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn forward_no_reduction(&self, student_map: Tensor<4>, teacher_map: Tensor<4>) -> crate::Result<Tensor<2>> {
-        let per_example = self.per_example(student_map, teacher_map)?;
+        self.check(&student_map, &teacher_map)?;
+        let per_example = self.composed(student_map, teacher_map);
         let examples = per_example.dims()[0];
         Ok(per_example.reshape([examples, 1]))
     }
@@ -111,7 +136,8 @@ impl AttentionTransferLoss {
         normalize(powered.mean_dim(1).reshape([batch, height * width]), 1)
     }
 
-    fn per_example(&self, student_map: Tensor<4>, teacher_map: Tensor<4>) -> crate::Result<Tensor<1>> {
+    /// Refuses maps of different batch or spatial sizes, and (when checking) non-finite values.
+    fn check(&self, student_map: &Tensor<4>, teacher_map: &Tensor<4>) -> crate::Result<()> {
         let [batch, _, height, width] = student_map.dims();
         let teacher_dims = teacher_map.dims();
         if teacher_dims[0] != batch || teacher_dims[2] != height || teacher_dims[3] != width {
@@ -129,8 +155,14 @@ impl AttentionTransferLoss {
                 &example_rows(teacher_map.clone(), "teacher feature map")?,
             )?;
         }
+        Ok(())
+    }
+
+    /// The loss of every example, composed from tensor operations (inputs checked).
+    fn composed(&self, student_map: Tensor<4>, teacher_map: Tensor<4>) -> Tensor<1> {
+        let batch = student_map.dims()[0];
         let student = self.attention_map(student_map);
         let teacher = self.attention_map(teacher_map.detach());
-        Ok((student - teacher).powi_scalar(2).mean_dim(1).reshape([batch]))
+        (student - teacher).powi_scalar(2).mean_dim(1).reshape([batch])
     }
 }

@@ -7,6 +7,7 @@ use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
 use crate::error::LossError;
+use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
 use crate::relation::common::{check_examples, check_features, example_rows, kept_rows};
 
 /// Configuration of [`CkaLoss`]: `1 − CKA(student, teacher)` with linear kernels.
@@ -26,6 +27,7 @@ use crate::relation::common::{check_examples, check_features, example_rows, kept
 /// |---|---|---|
 /// | `debiased` | true | unbiased HSIC (needs 4 examples) instead of the biased one (2) |
 /// | `check_inputs` | true | refuse NaN / infinite features |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere; see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct CkaLossConfig {
     /// Use the unbiased HSIC estimator.
@@ -34,6 +36,9 @@ pub struct CkaLossConfig {
     /// Check the features for NaN and infinities (one device read).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel (loss and gradient together) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl CkaLossConfig {
@@ -42,6 +47,7 @@ impl CkaLossConfig {
         CkaLoss {
             debiased: self.debiased,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         }
     }
 }
@@ -53,6 +59,9 @@ pub struct CkaLoss {
     pub debiased: bool,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 /// The three HSIC values of one batch, computed on features scaled by `student_scale` and
@@ -91,7 +100,17 @@ impl CkaLoss {
     /// [`LossError::TooFewExamples`] below 4 examples (debiased) or 2 (biased),
     /// [`LossError::FeatureShape`] for different batch sizes, [`LossError::NonFinite`].
     pub fn forward<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<Tensor<1>> {
-        Ok(self.terms(student, teacher)?.cka().neg().add_scalar(1.0))
+        let (student, teacher, examples) = self.rows(student, teacher)?;
+        // The host kernel takes the Gram form (a batch no wider than the features).
+        if use_host_relation(self.implementation, &student, &teacher)?
+            && use_gram(examples, student.dims()[1], teacher.dims()[1])
+        {
+            let job = RelationJob::Cka {
+                debiased: self.debiased,
+            };
+            return Ok(relation_loss(student, teacher, job));
+        }
+        Ok(self.hsic_terms(student, teacher, examples).cka().neg().add_scalar(1.0))
     }
 
     /// `1 − CKA` with every position of `[batch, seq, width]` hidden states an example, those
@@ -121,12 +140,23 @@ impl CkaLoss {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn terms<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<HsicTerms> {
+        let (student, teacher, examples) = self.rows(student, teacher)?;
+        Ok(self.hsic_terms(student, teacher, examples))
+    }
+
+    /// Both sides as `[examples, features]` f32 rows (the teacher detached), checked.
+    fn rows<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<(Tensor<2>, Tensor<2>, usize)> {
         let student = example_rows(student, "student features")?;
         let teacher = example_rows(teacher, "teacher features")?.detach();
         let examples = check_examples(&student, &teacher, "CKA", if self.debiased { 4 } else { 2 })?;
         if self.check_inputs {
             check_features(&student, &teacher)?;
         }
+        Ok((student, teacher, examples))
+    }
+
+    /// The HSIC values of checked rows, composed from tensor operations.
+    fn hsic_terms(&self, student: Tensor<2>, teacher: Tensor<2>, examples: usize) -> HsicTerms {
         let (student, student_scale) = centred_unit(student);
         let (teacher, teacher_scale) = centred_unit(teacher);
         // tr(K L), tr(K K), tr(L L): from the two [n, n] Gram matrices, or from the three
@@ -154,13 +184,13 @@ impl CkaLoss {
                 trace.div_scalar(((examples - 1) * (examples - 1)) as f64)
             }
         };
-        Ok(HsicTerms {
+        HsicTerms {
             cross: hsic(cross, &student, &teacher),
             student: hsic(student_trace, &student, &student),
             teacher: hsic(teacher_trace, &teacher, &teacher),
             student_scale,
             teacher_scale,
-        })
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use burn::tensor::Tensor;
 
 use crate::error::{check_range, check_temperature};
 use crate::input::{check_logits, flatten, widen_f32};
+use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
 use crate::relation::common::{NORM_FLOOR, check_examples, norm_floor};
 use crate::temperature::temperature_softmax;
 
@@ -28,6 +29,7 @@ const PEARSON_EPS: f64 = 1e-8;
 /// | `gamma` | 1.0 | weight of the intra-class term | `≥ 0` |
 /// | `temperature` | 1.0 | τ (the paper: 1 on ImageNet, 4 on CIFAR-100) | `> 0` |
 /// | `check_inputs` | true | refuse NaN / +inf logits | |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct DistLossConfig {
     /// Weight of the inter-class relation.
@@ -42,6 +44,9 @@ pub struct DistLossConfig {
     /// Check the logits for NaN, +inf and all -inf rows (one device read each).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel (loss and gradient together) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl DistLossConfig {
@@ -59,6 +64,7 @@ impl DistLossConfig {
             gamma: self.gamma,
             temperature: self.temperature,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         })
     }
 
@@ -86,6 +92,9 @@ pub struct DistLoss {
     pub temperature: f64,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 impl DistLoss {
@@ -107,7 +116,16 @@ impl DistLoss {
         student_logits: Tensor<D>,
         teacher_logits: Tensor<D>,
     ) -> crate::Result<Tensor<1>> {
-        let (inter, intra) = self.terms(student_logits, teacher_logits)?;
+        let (student, teacher) = self.rows(student_logits, teacher_logits)?;
+        if use_host_relation(self.implementation, &student, &teacher)? {
+            let job = RelationJob::Dist {
+                beta: self.beta,
+                gamma: self.gamma,
+                temperature: self.temperature,
+            };
+            return Ok(relation_loss(student, teacher, job));
+        }
+        let (inter, intra) = self.composed_terms(student, teacher)?;
         let scale = self.temperature * self.temperature;
         Ok(inter.mul_scalar(self.beta * scale) + intra.mul_scalar(self.gamma * scale))
     }
@@ -121,6 +139,16 @@ impl DistLoss {
         student_logits: Tensor<D>,
         teacher_logits: Tensor<D>,
     ) -> crate::Result<(Tensor<1>, Tensor<1>)> {
+        let (student, teacher) = self.rows(student_logits, teacher_logits)?;
+        self.composed_terms(student, teacher)
+    }
+
+    /// Both sides as `[positions, classes]` f32 rows (the teacher detached), checked.
+    fn rows<const D: usize>(
+        &self,
+        student_logits: Tensor<D>,
+        teacher_logits: Tensor<D>,
+    ) -> crate::Result<(Tensor<2>, Tensor<2>)> {
         let student = flatten(student_logits, "student logits")?.rows;
         let teacher = flatten(teacher_logits, "teacher logits")?.rows;
         if student.dims() != teacher.dims() {
@@ -135,8 +163,12 @@ impl DistLoss {
             check_logits(&student, "student logits")?;
             check_logits(&teacher, "teacher logits")?;
         }
-        let student = temperature_softmax(widen_f32(student), self.temperature)?;
-        let teacher = temperature_softmax(widen_f32(teacher).detach(), self.temperature)?;
+        Ok((widen_f32(student), widen_f32(teacher).detach()))
+    }
+
+    fn composed_terms(&self, student: Tensor<2>, teacher: Tensor<2>) -> crate::Result<(Tensor<1>, Tensor<1>)> {
+        let student = temperature_softmax(student, self.temperature)?;
+        let teacher = temperature_softmax(teacher, self.temperature)?;
         let inter = pearson(student.clone(), teacher.clone(), 1)
             .mean()
             .neg()

@@ -6,9 +6,12 @@ use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use crate::error::LossError;
-use crate::input::{flatten, widen_f32};
-use crate::reduction::{Reduction, reduce};
+use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
+use crate::input::{flatten, read_bools, widen_f32};
+use crate::reduction::{Reduction, reduce, reduction_weights};
 use crate::relation::common::{check_features, norm_floor};
 
 /// The cosine divides by `max(‖a‖, ε) · max(‖b‖, ε)`, as PyTorch's `F.cosine_similarity` does
@@ -35,6 +38,7 @@ pub enum HiddenDistance {
 /// |---|---|---|
 /// | `distance` | `Mse` | see [`HiddenDistance`] |
 /// | `check_inputs` | true | refuse NaN / infinite hidden states |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere; see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct HiddenStateLossConfig {
     /// The distance at each position.
@@ -43,6 +47,9 @@ pub struct HiddenStateLossConfig {
     /// Check the hidden states for NaN and infinities (one device read).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel (loss and gradient together) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl HiddenStateLossConfig {
@@ -51,6 +58,7 @@ impl HiddenStateLossConfig {
         HiddenStateLoss {
             distance: self.distance,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         }
     }
 }
@@ -63,6 +71,9 @@ pub struct HiddenStateLoss {
     pub distance: HiddenDistance,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 impl HiddenStateLoss {
@@ -82,8 +93,7 @@ impl HiddenStateLoss {
         teacher: Tensor<D>,
         reduction: Reduction,
     ) -> crate::Result<Tensor<1>> {
-        let per_position = self.per_position(student, teacher)?;
-        reduce(per_position, None, 1, reduction, self.check_inputs)
+        self.reduced(student, teacher, None, reduction)
     }
 
     /// The reduced loss over the positions where `mask` is true.
@@ -108,15 +118,31 @@ impl HiddenStateLoss {
                 actual: mask.dims().to_vec(),
             });
         }
-        let per_position = self.per_position(student, teacher)?;
-        let positions = per_position.dims()[0];
-        reduce(
-            per_position,
-            Some(mask.reshape([positions])),
-            1,
-            reduction,
-            self.check_inputs,
-        )
+        let positions: usize = lead.iter().product();
+        self.reduced(student, teacher, Some(mask.reshape([positions])), reduction)
+    }
+
+    /// The reduced loss over the positions `mask` keeps (all without one): the host kernel
+    /// where it runs, the composed per-position losses and [`reduce`] elsewhere.
+    fn reduced<const D: usize>(
+        &self,
+        student: Tensor<D>,
+        teacher: Tensor<D>,
+        mask: Option<Tensor<1, Bool>>,
+        reduction: Reduction,
+    ) -> crate::Result<Tensor<1>> {
+        let (student, teacher) = self.rows(student, teacher)?;
+        if use_host_relation(self.implementation, &student, &teacher)? {
+            let positions = student.dims()[0];
+            let valid = mask.map(read_bools);
+            let weights = Arc::new(reduction_weights(valid.as_deref(), positions, 1, reduction)?);
+            let job = match self.distance {
+                HiddenDistance::Mse => RelationJob::HiddenMse { weights },
+                HiddenDistance::Cosine => RelationJob::HiddenCosine { weights },
+            };
+            return Ok(relation_loss(student, teacher, job));
+        }
+        reduce(self.composed(student, teacher), mask, 1, reduction, self.check_inputs)
     }
 
     /// The loss at every position (masked positions are the caller's to ignore).
@@ -139,6 +165,12 @@ impl HiddenStateLoss {
     }
 
     fn per_position<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<Tensor<1>> {
+        let (student, teacher) = self.rows(student, teacher)?;
+        Ok(self.composed(student, teacher))
+    }
+
+    /// Both sides as `[positions, width]` f32 rows (the teacher detached), checked.
+    fn rows<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<(Tensor<2>, Tensor<2>)> {
         if student.dims() != teacher.dims() {
             return Err(LossError::FeatureShape {
                 what: "teacher hidden states",
@@ -151,6 +183,11 @@ impl HiddenStateLoss {
         if self.check_inputs {
             check_features(&student, &teacher)?;
         }
+        Ok((student, teacher))
+    }
+
+    /// The loss at every position of checked rows, composed from tensor operations.
+    fn composed(&self, student: Tensor<2>, teacher: Tensor<2>) -> Tensor<1> {
         let [positions, _] = student.dims();
         let per_position = match self.distance {
             HiddenDistance::Mse => (student - teacher).powi_scalar(2).mean_dim(1),
@@ -160,6 +197,6 @@ impl HiddenStateLoss {
                 (dot / norms).neg().add_scalar(1.0)
             }
         };
-        Ok(per_position.reshape([positions]))
+        per_position.reshape([positions])
     }
 }

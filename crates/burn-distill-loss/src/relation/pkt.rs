@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::error::check_range;
+use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
 use crate::relation::common::{NORM_FLOOR, check_examples, check_features, example_rows, norm_floor};
 
 /// Configuration of [`PktLoss`].
@@ -20,6 +21,7 @@ use crate::relation::common::{NORM_FLOOR, check_examples, check_features, exampl
 /// |---|---|---|---|
 /// | `eps` | 1e-7 | added to norms and probabilities, as in the authors' code | `> 0` |
 /// | `check_inputs` | true | refuse NaN / infinite features | |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct PktLossConfig {
     /// Added to the norms and inside the logarithm.
@@ -28,6 +30,9 @@ pub struct PktLossConfig {
     /// Check the features for NaN and infinities (one device read).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel (loss and gradient together) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl PktLossConfig {
@@ -40,6 +45,7 @@ impl PktLossConfig {
         Ok(PktLoss {
             eps: self.eps,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         })
     }
 
@@ -61,6 +67,9 @@ pub struct PktLoss {
     pub eps: f64,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 impl PktLoss {
@@ -81,6 +90,10 @@ impl PktLoss {
         check_examples(&student, &teacher, "PKT", 1)?;
         if self.check_inputs {
             check_features(&student, &teacher)?;
+        }
+        if use_host_relation(self.implementation, &student, &teacher)? {
+            let job = RelationJob::Pkt { eps: self.eps as f32 };
+            return Ok(relation_loss(student, teacher, job));
         }
         let student = self.conditional(student);
         let teacher = self.conditional(teacher);

@@ -4,6 +4,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
+use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
 use crate::relation::common::{check_examples, check_features, example_rows, normalize};
 
 /// Configuration of [`SpLoss`].
@@ -15,11 +16,15 @@ use crate::relation::common::{check_examples, check_features, example_rows, norm
 /// | Name | Default | Purpose |
 /// |---|---|---|
 /// | `check_inputs` | true | refuse NaN / infinite features |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere; see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct SpLossConfig {
     /// Check the features for NaN and infinities (one device read).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel (loss and gradient together) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl SpLossConfig {
@@ -27,6 +32,7 @@ impl SpLossConfig {
     pub fn init(&self) -> SpLoss {
         SpLoss {
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         }
     }
 }
@@ -36,6 +42,9 @@ impl SpLossConfig {
 pub struct SpLoss {
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 impl SpLoss {
@@ -56,6 +65,9 @@ impl SpLoss {
         let examples = check_examples(&student, &teacher, "SP", 1)?;
         if self.check_inputs {
             check_features(&student, &teacher)?;
+        }
+        if use_host_relation(self.implementation, &student, &teacher)? {
+            return Ok(relation_loss(student, teacher, RelationJob::Sp));
         }
         let gram = |rows: Tensor<2>| normalize(rows.clone().matmul(rows.transpose()), 1);
         let difference = gram(teacher) - gram(student);

@@ -42,23 +42,38 @@ fn tensor<const D: usize>(value: &Value, device: &Device) -> Tensor<D> {
 }
 
 /// The loss a fixture case names, on rank-`D` inputs.
-fn case_loss<const D: usize>(case: &Value, student: Tensor<D>, teacher: Tensor<D>) -> Tensor<1> {
+fn case_loss<const D: usize>(
+    case: &Value,
+    student: Tensor<D>,
+    teacher: Tensor<D>,
+    implementation: Implementation,
+) -> Tensor<1> {
     let number = |key: &str| case[key].as_f64().expect(key);
     match case["loss"].as_str().unwrap() {
         "rkd_distance" => RkdLossConfig::new().init().terms(student, teacher).unwrap().0,
         "rkd_angle" => RkdLossConfig::new().init().terms(student, teacher).unwrap().1,
         "rkd" => RkdLossConfig::new().init().forward(student, teacher).unwrap(),
-        "pkt" => PktLossConfig::new().init().forward(student, teacher).unwrap(),
-        "sp" => SpLossConfig::new().init().forward(student, teacher).unwrap(),
+        "pkt" => PktLossConfig::new()
+            .with_implementation(implementation)
+            .init()
+            .forward(student, teacher)
+            .unwrap(),
+        "sp" => SpLossConfig::new()
+            .with_implementation(implementation)
+            .init()
+            .forward(student, teacher)
+            .unwrap(),
         "dist" => DistLossConfig::new()
             .with_beta(number("beta"))
             .with_gamma(number("gamma"))
             .with_temperature(number("temperature"))
+            .with_implementation(implementation)
             .init()
             .forward(student, teacher)
             .unwrap(),
         "cka" => CkaLossConfig::new()
             .with_debiased(case["debiased"].as_bool().unwrap())
+            .with_implementation(implementation)
             .init()
             .forward(student, teacher)
             .unwrap(),
@@ -67,7 +82,7 @@ fn case_loss<const D: usize>(case: &Value, student: Tensor<D>, teacher: Tensor<D
 }
 
 /// `(value, gradient with respect to the student)` of one fixture case on `device`.
-fn run_case(case: &Value, device: &Device) -> (f64, Vec<f64>) {
+fn run_case(case: &Value, device: &Device, implementation: Implementation) -> (f64, Vec<f64>) {
     let autodiff = device.clone().autodiff();
     let rank = shape(&case["student"]).len();
     macro_rules! grad_of {
@@ -83,6 +98,7 @@ fn run_case(case: &Value, device: &Device) -> (f64, Vec<f64>) {
     match (case["loss"].as_str().unwrap(), rank) {
         ("at", 4) => grad_of!(4, |s, t| AttentionTransferLossConfig::new()
             .with_p(case["p"].as_f64().unwrap())
+            .with_implementation(implementation)
             .init()
             .forward(s, t, Reduction::BatchMean)
             .unwrap()),
@@ -101,12 +117,13 @@ fn run_case(case: &Value, device: &Device) -> (f64, Vec<f64>) {
             let mask = super::bools::<2>(&mask, lead, &autodiff);
             grad_of!(3, |s, t| HiddenStateLossConfig::new()
                 .with_distance(distance)
+                .with_implementation(implementation)
                 .init()
                 .forward_masked(s, t, mask, Reduction::BatchMean)
                 .unwrap())
         }
-        (_, 2) => grad_of!(2, |s, t| case_loss::<2>(case, s, t)),
-        (_, 4) => grad_of!(4, |s, t| case_loss::<4>(case, s, t)),
+        (_, 2) => grad_of!(2, |s, t| case_loss::<2>(case, s, t, implementation)),
+        (_, 4) => grad_of!(4, |s, t| case_loss::<4>(case, s, t, implementation)),
         (name, rank) => panic!("fixture {name} of rank {rank}"),
     }
 }
@@ -120,12 +137,24 @@ fn relational_losses_match_the_authors_formulas_on_every_device() {
         .filter(|case| !matches!(case["loss"].as_str(), Some("crd" | "minibatch_cka")))
         .collect();
     assert!(cases.len() >= 17, "fixture file lost its cases");
-    for named in devices() {
+    // The CPU devices run the host kernels (`Fused`, what `Auto` picks there) and the composed
+    // tensor operations; the others the composed ones.
+    let runs = devices().iter().flat_map(|named| {
+        let host = matches!(named.name, "ndarray" | "flex");
+        let implementations: &[Implementation] = if host {
+            &[Implementation::Fused, Implementation::Composed]
+        } else {
+            &[Implementation::Composed]
+        };
+        implementations.iter().map(move |&implementation| (named, implementation))
+    });
+    for (named, implementation) in runs {
         for case in &cases {
-            let (value, grad) = run_case(case, &named.device);
+            let (value, grad) = run_case(case, &named.device, implementation);
             let what = format!(
-                "{} {} {}",
+                "{} {:?} {} {}",
                 named.name,
+                implementation,
                 case["loss"],
                 case.get("p").or(case.get("debiased")).unwrap_or(&Value::Null)
             );
@@ -807,5 +836,169 @@ fn masked_hidden_state_loss_equals_the_loss_of_the_kept_positions() {
             1e-6,
             1e-7,
         );
+    }
+}
+
+/// One loss of [`host_kernels_equal_the_composed_operations`]: its value on `student` (a
+/// tracked tensor or not) for an implementation.
+type KernelCase = Box<dyn Fn(Tensor<4>, Tensor<4>, Implementation) -> burn_distill_loss::Result<Tensor<1>>>;
+
+#[test]
+fn host_kernels_equal_the_composed_operations() {
+    // Rank-4 inputs `[batch, a, b, c]` for every loss (the flat losses flatten them; the hidden
+    // ones see `[batch, a, b · c]` through a reshape).
+    let hidden = |distance: HiddenDistance, reduction: Reduction| -> KernelCase {
+        Box::new(move |s: Tensor<4>, t: Tensor<4>, implementation| {
+            let [batch, a, b, c] = s.dims();
+            let device = s.device();
+            let mask: Vec<bool> = (0..batch * a).map(|i| i % 3 != 1).collect();
+            let mask: Tensor<2, burn::tensor::Bool> =
+                Tensor::from_data(burn::tensor::TensorData::new(mask, [batch, a]), &device);
+            HiddenStateLossConfig::new()
+                .with_distance(distance)
+                .with_implementation(implementation)
+                .init()
+                .forward_masked(s.reshape([batch, a, b * c]), t.reshape([batch, a, b * c]), mask, reduction)
+        })
+    };
+    let at = |p: f64, reduction: Reduction| -> KernelCase {
+        Box::new(move |s, t, implementation| {
+            AttentionTransferLossConfig::new()
+                .with_p(p)
+                .with_implementation(implementation)
+                .init()
+                .forward(s, t, reduction)
+        })
+    };
+    let cka = |debiased: bool| -> KernelCase {
+        Box::new(move |s, t, implementation| {
+            CkaLossConfig::new()
+                .with_debiased(debiased)
+                .with_implementation(implementation)
+                .init()
+                .forward(s, t)
+        })
+    };
+    // (name, loss, student shape, teacher shape, what to do to the student first)
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(&str, KernelCase, [usize; 4], [usize; 4], fn(&mut [f64], [usize; 4]))> = vec![
+        (
+            "sp, a zero example",
+            Box::new(|s, t, i| SpLossConfig::new().with_implementation(i).init().forward(s, t)),
+            [16, 2, 3, 4],
+            [16, 5, 2, 4],
+            zero_first_example,
+        ),
+        (
+            "pkt, a zero example",
+            Box::new(|s, t, i| PktLossConfig::new().with_implementation(i).init().forward(s, t)),
+            [16, 2, 3, 4],
+            [16, 5, 2, 4],
+            zero_first_example,
+        ),
+        ("cka debiased", cka(true), [12, 3, 2, 5], [12, 2, 2, 5], |_, _| {}),
+        ("cka biased", cka(false), [12, 3, 2, 5], [12, 2, 2, 5], |_, _| {}),
+        ("cka, constant student", cka(true), [12, 3, 2, 5], [12, 2, 2, 5], constant_examples),
+        (
+            "dist τ = 4, a -inf logit",
+            Box::new(|s, t, i| {
+                let [batch, a, b, c] = s.dims();
+                DistLossConfig::new()
+                    .with_beta(2.0)
+                    .with_gamma(0.5)
+                    .with_temperature(4.0)
+                    .with_implementation(i)
+                    .init()
+                    .forward(s.reshape([batch, a * b * c]), t.reshape([batch, a * b * c]))
+            }),
+            [10, 37, 1, 1],
+            [10, 37, 1, 1],
+            |values, _| values[3] = f64::NEG_INFINITY,
+        ),
+        ("at p = 2, sum", at(2.0, Reduction::Sum), [6, 5, 3, 4], [6, 7, 3, 4], |_, _| {}),
+        ("at p = 3, mean", at(3.0, Reduction::BatchMean), [6, 5, 3, 4], [6, 7, 3, 4], |_, _| {}),
+        ("at p = 1, zeros", at(1.0, Reduction::BatchMean), [6, 5, 3, 4], [6, 7, 3, 4], zero_first_example),
+        (
+            "hidden mse, SumOver",
+            hidden(HiddenDistance::Mse, Reduction::SumOver(11)),
+            [3, 7, 4, 5],
+            [3, 7, 4, 5],
+            |_, _| {},
+        ),
+        (
+            "hidden cosine, a zero position",
+            hidden(HiddenDistance::Cosine, Reduction::ElementMean),
+            [3, 7, 4, 5],
+            [3, 7, 4, 5],
+            zero_first_example,
+        ),
+    ];
+    let mut host_devices = 0;
+    for named in devices() {
+        if !matches!(named.name, "ndarray" | "flex") {
+            // Elsewhere the host kernel cannot be forced.
+            let (s, t) = (random(&[4, 2, 2, 2], 1, &named.device), random(&[4, 2, 2, 2], 2, &named.device));
+            let forced = SpLossConfig::new()
+                .with_implementation(Implementation::Fused)
+                .init()
+                .forward(floats::<4>(&s, &[4, 2, 2, 2], &named.device), floats::<4>(&t, &[4, 2, 2, 2], &named.device));
+            assert!(
+                matches!(forced, Err(LossError::FusedUnavailable { .. })),
+                "{}: {forced:?}",
+                named.name
+            );
+            continue;
+        }
+        host_devices += 1;
+        let autodiff = named.device.clone().autodiff();
+        for (seed, (name, loss, student_shape, teacher_shape, prepare)) in cases.iter().enumerate() {
+            let mut student = random(student_shape, 10 + seed as u64, &named.device);
+            prepare(&mut student, *student_shape);
+            let teacher = random(teacher_shape, 50 + seed as u64, &named.device);
+            let run = |implementation: Implementation| {
+                let s = floats::<4>(&student, student_shape, &autodiff).require_grad();
+                let t = floats::<4>(&teacher, teacher_shape, &autodiff);
+                let value = loss(s.clone(), t, implementation).unwrap();
+                // An upstream gradient other than 1: the kernel's saved gradient is scaled.
+                let grads = value.clone().mul_scalar(2.5).backward();
+                let grad = s.grad(&grads).map(to_vec).unwrap_or_else(|| vec![0.0; student.len()]);
+                // Without autodiff: the value alone.
+                let plain = loss(
+                    floats::<4>(&student, student_shape, &named.device),
+                    floats::<4>(&teacher, teacher_shape, &named.device),
+                    implementation,
+                )
+                .unwrap();
+                (scalar(value), grad, scalar(plain))
+            };
+            let (kernel, kernel_grad, kernel_plain) = run(Implementation::Fused);
+            let (composed, composed_grad, composed_plain) = run(Implementation::Composed);
+            let what = format!("{} {name}", named.name);
+            assert_close(&format!("{what} value"), &[kernel], &[composed], 1e-5, 1e-7);
+            assert_close(&format!("{what} value without autodiff"), &[kernel_plain], &[composed_plain], 1e-5, 1e-7);
+            assert_close(&format!("{what} grad"), &kernel_grad, &composed_grad, 1e-4, 1e-7);
+            assert!(
+                kernel_grad.iter().any(|&g| g != 0.0) || name.contains("constant"),
+                "{what}: a zero gradient"
+            );
+        }
+    }
+    if cfg!(any(feature = "ndarray", feature = "flex")) {
+        assert!(host_devices > 0, "no CPU device ran the host kernels");
+    }
+}
+
+/// Zeroes the first example (or position) of `[batch, ..]` values.
+fn zero_first_example(values: &mut [f64], shape: [usize; 4]) {
+    let width: usize = shape[1..].iter().product();
+    values[..width].iter_mut().for_each(|v| *v = 0.0);
+}
+
+/// Makes every example equal to the first (constant features).
+fn constant_examples(values: &mut [f64], shape: [usize; 4]) {
+    let width: usize = shape[1..].iter().product();
+    let first = values[..width].to_vec();
+    for row in values.chunks_mut(width) {
+        row.copy_from_slice(&first);
     }
 }

@@ -424,9 +424,12 @@ fn lane_sum(len: usize, f: impl Fn(usize) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + (full..len).map(f).sum::<f64>()
 }
 
-fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    let len = a.len().min(b.len());
-    lane_sum(len, |i| a[i] as f64 * b[i] as f64)
+multiversion! {
+    /// `Σ a_i b_i`, summed in f64.
+    fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+        let len = a.len().min(b.len());
+        lane_sum(len, |i| a[i] as f64 * b[i] as f64)
+    }
 }
 
 /// `max(‖v‖, 1e-12)` and whether the floor was hit (then the norm is a constant).
@@ -500,6 +503,24 @@ fn sp(s: &[f32], t: &[f32], sizes: Sizes, want_grad: bool) -> (f64, Option<Vec<f
     (loss, Some(gram_backward(&g, s, n, sizes.student)))
 }
 
+multiversion! {
+    /// `values *= factor`.
+    fn scale_values(values: &mut [f32], factor: f32) {
+        for value in values.iter_mut() {
+            *value *= factor;
+        }
+    }
+}
+
+multiversion! {
+    /// `out = a · out + b · x`.
+    fn axpby(out: &mut [f32], a: f32, x: &[f32], b: f32) {
+        for (value, &x) in out.iter_mut().zip(x) {
+            *value = a * *value + b * x;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // PKT
 
@@ -512,11 +533,9 @@ fn pkt_unit(x: &[f32], rows: usize, width: usize, eps: f32) -> (Vec<f32>, Vec<(f
         .take(rows)
         .map(|row| {
             let (norm, floored) = floored_norm(dot_f64(row, row));
-            let divisor = (norm as f32 + eps) as f64;
-            for value in row.iter_mut() {
-                *value = (*value as f64 / divisor) as f32;
-            }
-            (norm, floored, divisor)
+            let divisor = norm as f32 + eps;
+            scale_values(row, divisor.recip());
+            (norm, floored, divisor as f64)
         })
         .collect();
     (unit, norms)
@@ -583,9 +602,7 @@ fn pkt(s: &[f32], t: &[f32], sizes: Sizes, eps: f32, want_grad: bool) -> (f64, O
         } else {
             dot_f64(row, x) / (divisor * divisor * norm)
         };
-        for (value, &x) in row.iter_mut().zip(x) {
-            *value = (*value as f64 / divisor - x as f64 * along) as f32;
-        }
+        axpby(row, (1.0 / divisor) as f32, x, -along as f32);
     }
     (loss, Some(grad))
 }
@@ -604,26 +621,41 @@ multiversion! {
 /// [`CkaLoss`](crate::CkaLoss) defines them), and the factor the centred values were multiplied
 /// by.
 fn centred_unit(x: &[f32], rows: usize, width: usize) -> (Vec<f32>, f64) {
-    let mut means = vec![0.0f64; width];
-    for row in x.chunks(width.max(1)) {
-        for (mean, &value) in means.iter_mut().zip(row) {
-            *mean += value as f64;
-        }
-    }
-    for mean in &mut means {
-        *mean /= rows as f64;
-    }
-    let size = (dot_f64(x, x) / rows as f64).sqrt();
-    let mut centred: Vec<f32> = x
-        .chunks(width.max(1))
-        .flat_map(|row| row.iter().zip(&means).map(|(&value, &mean)| (value as f64 - mean) as f32))
+    let means: Vec<f32> = column_totals(x, width)
+        .iter()
+        .map(|&sum| (sum / rows as f64) as f32)
         .collect();
+    let size = (dot_f64(x, x) / rows as f64).sqrt();
+    let mut centred = x.to_vec();
+    subtract_rows(&mut centred, &means);
     let scale = (dot_f64(&centred, &centred) / rows as f64).sqrt();
     let factor = if scale > size * 1e-6 { 1.0 / scale.max(1e-30) } else { 0.0 };
-    for value in &mut centred {
-        *value = (*value as f64 * factor) as f32;
-    }
+    scale_values(&mut centred, factor as f32);
     (centred, factor)
+}
+
+multiversion! {
+    /// The sum of each column of `[rows, width]` values, in f64.
+    fn column_totals(x: &[f32], width: usize) -> Vec<f64> {
+        let mut sums = vec![0.0f64; width];
+        for row in x.chunks(width.max(1)) {
+            for (sum, &value) in sums.iter_mut().zip(row) {
+                *sum += value as f64;
+            }
+        }
+        sums
+    }
+}
+
+multiversion! {
+    /// Subtracts `row` from every row of `[rows, row.len()]` values.
+    fn subtract_rows(x: &mut [f32], row: &[f32]) {
+        for values in x.chunks_mut(row.len().max(1)) {
+            for (value, &subtracted) in values.iter_mut().zip(row) {
+                *value -= subtracted;
+            }
+        }
+    }
 }
 
 /// What the unbiased and the biased HSIC need of one Gram matrix: the off-diagonal row sums and
@@ -655,16 +687,25 @@ fn hsic(k: &[f32], l: &[f32], sums: (&GramSums, &GramSums), n: usize, debiased: 
     (trace + sums.0.total * sums.1.total / ((nf - 1.0) * (nf - 2.0)) - 2.0 * cross / (nf - 2.0)) / (nf * (nf - 3.0))
 }
 
-/// `∂ HSIC(K, L) / ∂ K_ij` for `K`'s entries taken as independent (`L` and its sums given).
-fn hsic_partial(l: f32, l_sums: &GramSums, i: usize, j: usize, n: usize, debiased: bool) -> f64 {
+/// `∂ HSIC(K, L) / ∂ K_ij = c (L_ij + r_i)` off the diagonal (and on it when biased), for `K`'s
+/// entries taken as independent: the factor `c` and each row's `r_i`.
+fn hsic_partial_terms(l_sums: &GramSums, n: usize, debiased: bool) -> (f64, Vec<f64>) {
     let nf = n as f64;
     if !debiased {
-        return l as f64 / ((nf - 1.0) * (nf - 1.0));
+        return (1.0 / ((nf - 1.0) * (nf - 1.0)), vec![0.0; n]);
     }
-    if i == j {
-        return 0.0;
+    let shift = l_sums.total / ((nf - 1.0) * (nf - 2.0));
+    let rows = l_sums.rows.iter().map(|&row| shift - 2.0 * row / (nf - 2.0)).collect();
+    (1.0 / (nf * (nf - 3.0)), rows)
+}
+
+multiversion! {
+    /// One row of `a (L + r_l) + b (K + r_k)`: `out_j = a l_j + b k_j + offset`.
+    fn combine_row(out: &mut [f32], l: &[f32], k: &[f32], a: f32, b: f32, offset: f32) {
+        for ((value, &l), &k) in out.iter_mut().zip(l).zip(k) {
+            *value = a * l + b * k + offset;
+        }
     }
-    (l as f64 + l_sums.total / ((nf - 1.0) * (nf - 2.0)) - 2.0 * l_sums.rows[i] / (nf - 2.0)) / (nf * (nf - 3.0))
 }
 
 fn cka(s: &[f32], t: &[f32], sizes: Sizes, debiased: bool, want_grad: bool) -> (f64, Option<Vec<f32>>) {
@@ -686,30 +727,29 @@ fn cka(s: &[f32], t: &[f32], sizes: Sizes, debiased: bool, want_grad: bool) -> (
         return (loss, want_grad.then(|| vec![0.0; s.len()]));
     }
     // d loss / d K = −(∂ cross / den − cka · HSIC(L, L) / (2 den²) · ∂ HSIC(K, K)).
+    // With ∂ cross / ∂ K = c (L + r_l) and ∂ HSIC(K, K) / ∂ K = 2 c (K + r_k):
+    // d loss / d K = −c / den (L + r_l) + 2 c w (K + r_k), zero on the diagonal when debiased.
     let self_weight = if floored { 0.0 } else { cka * teacher / (2.0 * product) };
+    let (c, l_rows) = hsic_partial_terms(&l_sums, n, debiased);
+    let (_, k_rows) = hsic_partial_terms(&k_sums, n, debiased);
+    let (a, b) = (-c / denominator, 2.0 * c * self_weight);
     let mut g = vec![0.0f32; n * n];
-    for (i, out) in g.chunks_mut(n).enumerate() {
-        for (j, value) in out.iter_mut().enumerate() {
-            let index = i * n + j;
-            let d_cross = hsic_partial(l[index], &l_sums, i, j, n, debiased);
-            let d_self = 2.0 * hsic_partial(k[index], &k_sums, i, j, n, debiased);
-            *value = (-(d_cross / denominator - self_weight * d_self)) as f32;
+    for (i, ((out, l), k)) in g.chunks_mut(n).zip(l.chunks(n)).zip(k.chunks(n)).enumerate() {
+        let offset = a * l_rows[i] + b * k_rows[i];
+        combine_row(out, l, k, a as f32, b as f32, offset as f32);
+        if debiased {
+            out[i] = 0.0;
         }
     }
     let width = sizes.student;
     let mut grad = gram_backward(&g, &x, n, width);
     // X = (S − mean) · factor: d S = factor · (d X − its column means).
-    let mut means = vec![0.0f64; width];
-    for row in grad.chunks(width.max(1)) {
-        for (mean, &value) in means.iter_mut().zip(row) {
-            *mean += value as f64;
-        }
-    }
-    for row in grad.chunks_mut(width.max(1)) {
-        for (value, &mean) in row.iter_mut().zip(&means) {
-            *value = ((*value as f64 - mean / n as f64) * factor) as f32;
-        }
-    }
+    let means: Vec<f32> = column_totals(&grad, width)
+        .iter()
+        .map(|&sum| (sum / n as f64) as f32)
+        .collect();
+    subtract_rows(&mut grad, &means);
+    scale_values(&mut grad, factor as f32);
     (loss, Some(grad))
 }
 

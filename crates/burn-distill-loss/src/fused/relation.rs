@@ -485,22 +485,25 @@ fn sp(s: &[f32], t: &[f32], sizes: Sizes, want_grad: bool) -> (f64, Option<Vec<f
         .zip(teacher.chunks(n))
         .enumerate()
     {
-        let upstream: Vec<f64> = ns
-            .iter()
-            .zip(nt)
-            .map(|(&a, &b)| -2.0 * (b as f64 - a as f64) * scale)
-            .collect();
         let (norm, floored) = norms[i];
-        let along: f64 = if floored {
-            0.0
-        } else {
-            upstream.iter().zip(ns).map(|(&p, &a)| p * a as f64).sum()
-        };
-        for ((value, &p), &a) in out.iter_mut().zip(&upstream).zip(ns) {
-            *value = ((p - along * a as f64) / norm) as f32;
+        let factor = (-2.0 * scale) as f32;
+        for ((value, &a), &b) in out.iter_mut().zip(ns).zip(nt) {
+            *value = factor * (b - a);
         }
+        let along = if floored { 0.0 } else { dot_f64(out, ns) };
+        axpby(out, (1.0 / norm) as f32, ns, (-along / norm) as f32);
     }
     (loss, Some(gram_backward(&g, s, n, sizes.student)))
+}
+
+multiversion! {
+    /// `out = factor · p_t / (p_s + eps)`: the gradient of PKT's sum w.r.t. `p_s`, `factor`
+    /// the negated scale.
+    fn pkt_upstream(out: &mut [f32], ps: &[f32], pt: &[f32], eps: f32, factor: f32) {
+        for ((value, &ps), &pt) in out.iter_mut().zip(ps).zip(pt) {
+            *value = factor * pt / (ps + eps);
+        }
+    }
 }
 
 multiversion! {
@@ -550,10 +553,8 @@ fn pkt_conditional(mut p: Vec<f32>, rows: usize) -> (Vec<f32>, Vec<f64>) {
             for value in row.iter_mut() {
                 *value = (*value + 1.0) * 0.5;
             }
-            let sum: f64 = row.iter().map(|&q| q as f64).sum();
-            for value in row.iter_mut() {
-                *value = (*value as f64 / sum) as f32;
-            }
+            let sum = lanes_f32::<1>(row, row, |q, _| [q])[0];
+            scale_values(row, (1.0 / sum) as f32);
             sum
         })
         .collect();
@@ -582,14 +583,11 @@ fn pkt(s: &[f32], t: &[f32], sizes: Sizes, eps: f32, want_grad: bool) -> (f64, O
         .zip(teacher.chunks(n))
         .enumerate()
     {
-        let upstream: Vec<f64> = ps
-            .iter()
-            .zip(pt)
-            .map(|(&ps, &pt)| -(pt as f64) / (ps as f64 + eps) * scale)
-            .collect();
-        let along: f64 = upstream.iter().zip(ps).map(|(&g, &p)| g * p as f64).sum();
-        for (value, &g) in out.iter_mut().zip(&upstream) {
-            *value = (0.5 * (g - along) / sums[i]) as f32;
+        pkt_upstream(out, ps, pt, eps as f32, -scale as f32);
+        let along = dot_f64(out, ps);
+        let factor = 0.5 / sums[i];
+        for value in out.iter_mut() {
+            *value = ((*value as f64 - along) * factor) as f32;
         }
     }
     let width = sizes.student;

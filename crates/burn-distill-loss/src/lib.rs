@@ -108,7 +108,7 @@ pub use fused::{
 pub use fused::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use head::{HeadTeacher, LinearHeadKd, LinearHeadKdConfig};
 pub use hinton::{HintonKdLoss, HintonKdLossConfig, HintonKdTerms, hinton_kd};
-pub use reduction::{Reduction, valid_mask};
+pub use reduction::{Reduction, kept_positions, valid_mask};
 pub use relation::{
     AttentionTransferLoss, AttentionTransferLossConfig, CkaAccumulator, CkaLoss, CkaLossConfig, CrdLoss, CrdLossConfig,
     CrdOutput, CrdUpdate, DistLoss, DistLossConfig, HiddenDistance, HiddenStateLoss, HiddenStateLossConfig, HsicTerms,

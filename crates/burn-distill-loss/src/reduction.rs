@@ -109,6 +109,19 @@ pub(crate) fn reduction_weights(
     })
 }
 
+/// The indices of the positions `mask` keeps (`true`), in order: for `select` on tensors of
+/// positions. One read of the mask from the device.
+pub fn kept_positions(mask: Tensor<1, Bool>) -> Tensor<1, Int> {
+    let device = mask.device();
+    let kept: Vec<i64> = crate::input::read_bools(mask)
+        .iter()
+        .enumerate()
+        .filter_map(|(index, &keep)| keep.then_some(index as i64))
+        .collect();
+    let count = kept.len();
+    Tensor::from_data(burn::tensor::TensorData::new(kept, [count]), &device)
+}
+
 /// Positions whose label is not `ignore_index`: the mask for
 /// [`DivergenceLoss::forward_masked`](crate::DivergenceLoss::forward_masked).
 pub fn valid_mask<const L: usize>(labels: Tensor<L, Int>, ignore_index: i64) -> Tensor<L, Bool> {

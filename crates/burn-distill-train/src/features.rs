@@ -4,7 +4,7 @@
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use burn_distill_loss::{
     AttentionTransferLossConfig, CkaLossConfig, CrdLoss, CrdUpdate, HiddenDistance, HiddenStateLossConfig,
-    PktLossConfig, Reduction, RkdLossConfig, SpLossConfig,
+    PktLossConfig, Reduction, RkdLossConfig, SpLossConfig, kept_positions,
 };
 use burn_distill_model::{Connector, Feature, Features, ModelError};
 
@@ -185,17 +185,33 @@ fn one_term(
             match (student, teacher) {
                 (Feature::Sequence(s), Feature::Sequence(t)) => {
                     // Positions are the examples; weighted by this micro-batch's share of them.
-                    let dims = s.dims();
-                    let mask = positions_mask(dims)?;
-                    let kept = match &mask {
-                        Some(mask) => count_true(mask.clone()),
-                        None => dims[0] * dims[1],
+                    // The mask is read from the device once, for the count and the rows.
+                    let (dims, teacher_dims) = (s.dims(), t.dims());
+                    if teacher_dims[..2] != dims[..2] {
+                        return Err(TrainError::Config(format!(
+                            "{}: the teacher tap {teacher_dims:?} has not the student tap's batch and length {:?}",
+                            name(),
+                            dims
+                        )));
+                    }
+                    let positions = dims[0] * dims[1];
+                    let s = s.reshape([positions, dims[2]]);
+                    let t = t.reshape([positions, teacher_dims[2]]);
+                    let (s, t, kept) = match positions_mask(dims)? {
+                        Some(mask) => {
+                            let kept = kept_positions(mask.reshape([positions]));
+                            let count = kept.dims()[0];
+                            if count < cka_minimum(*debiased) {
+                                return nothing();
+                            }
+                            (s.select(0, kept.clone()), t.select(0, kept), count)
+                        }
+                        None => (s, t, positions),
                     };
                     if kept < cka_minimum(*debiased) {
                         return nothing();
                     }
-                    loss.forward_positions(s, t, mask)?
-                        .mul_scalar(kept as f64 / counts.positions.max(1) as f64)
+                    loss.forward(s, t)?.mul_scalar(kept as f64 / counts.positions.max(1) as f64)
                 }
                 _ if examples < cka_minimum(*debiased) => return nothing(),
                 (s, t) => with_rows(s, t, |s, t| loss.forward(s, t))?.mul_scalar(example_share),
@@ -277,10 +293,6 @@ fn kind_name(kind: &FeatureKind) -> &'static str {
         FeatureKind::Sp => "SP",
         FeatureKind::Crd(_) => "CRD",
     }
-}
-
-fn count_true(mask: Tensor<2, Bool>) -> usize {
-    mask.into_data().iter::<bool>().filter(|&keep| keep).count()
 }
 
 /// A CRD term's loss, weighted by the micro-batch's share of the step's examples, and its bank

@@ -4,7 +4,7 @@
 use burn::tensor::{Bool, Int, Tensor, TensorData, activation};
 use burn_distill_loss::{
     DistLoss, DivergenceLoss, DkdLoss, HeadTeacher, HintonKdLoss, Implementation, LinearHeadKdConfig, Reduction,
-    SparseKlLoss, fused_available_for,
+    SparseKlLoss, fused_available_for, kept_positions,
 };
 
 use crate::config::{IGNORE_INDEX, ObjectiveConfig};
@@ -343,7 +343,7 @@ impl Builtin {
                 let teacher = input.teacher()?.dense.clone();
                 let (student, teacher, kept) = match &input.mask {
                     Some(mask) => {
-                        let kept = kept_indices(mask.clone());
+                        let kept = kept_positions(mask.clone());
                         let count = kept.dims()[0];
                         (
                             input.student.clone().select(0, kept.clone()),
@@ -586,19 +586,6 @@ pub(crate) fn cross_entropy(
         None => per_position.sum(),
     };
     total.div_scalar(normaliser.max(1) as f64)
-}
-
-/// The indices of the `true` entries of `mask` (one read from the device).
-pub(crate) fn kept_indices(mask: Tensor<1, Bool>) -> Tensor<1, Int> {
-    let device = mask.device();
-    let kept: Vec<i64> = mask
-        .into_data()
-        .iter::<bool>()
-        .enumerate()
-        .filter_map(|(index, keep)| keep.then_some(index as i64))
-        .collect();
-    let count = kept.len();
-    Tensor::from_data(TensorData::new(kept, [count]), &device)
 }
 
 /// `targets != IGNORE_INDEX`, or `None` when every target is valid; and the number of valid

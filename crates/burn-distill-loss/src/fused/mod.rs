@@ -30,7 +30,7 @@ pub use attention::{CausalMask, causal_attention};
 pub use kernel::{KernelBounds, kernel_bounds};
 pub use op::{FusedGradStores, fused_grad_stores};
 pub(crate) use op::{FusedLossBackend, HeadJob, SparseTeacher};
-pub(crate) use relation::{RelationJob, relation_loss, use_host_relation};
+pub(crate) use relation::{RelationJob, gathered_dot, relation_loss, use_host_relation};
 pub use rows::{FEW_ROWS, WeightLayout, weight_matmul};
 pub use swiglu::swiglu;
 

@@ -1216,3 +1216,191 @@ multiversion! {
         total
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// CRD: scores against memory-bank rows, gathered and multiplied in one pass
+
+/// `out[i, k] = ⟨bank[indices[i · per_row + k]], embedding[i]⟩`, `[rows, per_row]`,
+/// differentiable w.r.t. `embedding` only (the bank is a gradient-free memory). The gathered
+/// `[rows · per_row, width]` rows are never materialised: at CRD's 128 × 4 097 that is 268 MB
+/// per bank, written, read by the product and held for its backward pass by the composed form.
+/// Both tensors f32 on one host device ([`use_host_relation`]); every index in `0..bank rows`.
+pub(crate) fn gathered_dot(bank: Tensor<2>, embedding: Tensor<2>, indices: Arc<Vec<i64>>, per_row: usize) -> Tensor<2> {
+    debug_assert!(bank.dtype() == DType::F32 && embedding.dtype() == DType::F32);
+    let output = <Dispatch as GatherBackend>::gathered_dot(bank.into_dispatch(), embedding.into_dispatch(), indices, per_row);
+    Tensor::from_dispatch(output)
+}
+
+/// [`gathered_dot`] as backend operations (host kernels on ndarray and flex).
+#[backend_extension(Autodiff, NdArray: cfg(feature = "ndarray"), Flex: cfg(feature = "flex"))]
+pub(crate) trait GatherBackend: Backend {
+    /// `[rows, per_row]` scores.
+    fn gathered_dot(
+        bank: FloatTensor<Self>,
+        embedding: FloatTensor<Self>,
+        indices: Arc<Vec<i64>>,
+        per_row: usize,
+    ) -> FloatTensor<Self>;
+
+    /// The gradient w.r.t. the embedding, `[rows, width]`: `Σ_k upstream[i, k] bank[idx_ik]`.
+    fn gathered_dot_backward(
+        bank: FloatTensor<Self>,
+        indices: Arc<Vec<i64>>,
+        per_row: usize,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+fn host_gathered_dot<B: HostTensor>(
+    bank: &FloatTensor<B>,
+    embedding: &FloatTensor<B>,
+    indices: &[i64],
+    per_row: usize,
+) -> FloatTensor<B> {
+    let (rows, width) = (embedding.shape()[0], embedding.shape()[1]);
+    let mut out = vec![0.0f32; rows * per_row];
+    B::with_values(bank, |bank| {
+        B::with_values(embedding, |embedding| {
+            out.par_chunks_mut(per_row.max(1))
+                .zip(embedding.par_chunks(width.max(1)))
+                .zip(indices.par_chunks(per_row.max(1)))
+                .for_each(|((out, v), indices)| gather_dots(out, bank, indices, v, width));
+        })
+    });
+    B::from_values(out, vec![rows, per_row])
+}
+
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+fn host_gathered_dot_backward<B: HostTensor>(
+    bank: &FloatTensor<B>,
+    indices: &[i64],
+    per_row: usize,
+    upstream: &FloatTensor<B>,
+) -> FloatTensor<B> {
+    let rows = upstream.shape()[0];
+    let width = bank.shape()[1];
+    let mut grad = vec![0.0f32; rows * width];
+    B::with_values(bank, |bank| {
+        B::with_values(upstream, |upstream| {
+            grad.par_chunks_mut(width.max(1))
+                .zip(upstream.par_chunks(per_row.max(1)))
+                .zip(indices.par_chunks(per_row.max(1)))
+                .for_each(|((out, g), indices)| gather_axpy(out, bank, indices, g, width));
+        })
+    });
+    B::from_values(grad, vec![rows, width])
+}
+
+/// Bank row `index` (`width` values); panics with the index when it is outside the bank.
+#[inline(always)]
+fn bank_row(bank: &[f32], index: i64, width: usize) -> &[f32] {
+    let start = usize::try_from(index).ok().and_then(|row| row.checked_mul(width));
+    match start.and_then(|start| bank.get(start..start + width)) {
+        Some(row) => row,
+        None => panic!("CRD: bank index {index} is outside the bank's {} rows", bank.len() / width.max(1)),
+    }
+}
+
+multiversion! {
+    /// `out_k = ⟨bank[indices_k], v⟩`.
+    fn gather_dots(out: &mut [f32], bank: &[f32], indices: &[i64], v: &[f32], width: usize) {
+        for (value, &index) in out.iter_mut().zip(indices) {
+            *value = lanes_f32::<1>(bank_row(bank, index, width), v, |a, b| [a * b])[0] as f32;
+        }
+    }
+}
+
+multiversion! {
+    /// `out = Σ_k g_k bank[indices_k]`.
+    fn gather_axpy(out: &mut [f32], bank: &[f32], indices: &[i64], g: &[f32], width: usize) {
+        for (&index, &g) in indices.iter().zip(g) {
+            for (value, &b) in out.iter_mut().zip(bank_row(bank, index, width)) {
+                *value += g * b;
+            }
+        }
+    }
+}
+
+macro_rules! host_gather_impl {
+    ($backend:ty, $feature:literal) => {
+        #[cfg(feature = $feature)]
+        impl GatherBackend for $backend {
+            fn gathered_dot(
+                bank: FloatTensor<Self>,
+                embedding: FloatTensor<Self>,
+                indices: Arc<Vec<i64>>,
+                per_row: usize,
+            ) -> FloatTensor<Self> {
+                host_gathered_dot::<Self>(&bank, &embedding, &indices, per_row)
+            }
+
+            fn gathered_dot_backward(
+                bank: FloatTensor<Self>,
+                indices: Arc<Vec<i64>>,
+                per_row: usize,
+                upstream: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                host_gathered_dot_backward::<Self>(&bank, &indices, per_row, &upstream)
+            }
+        }
+    };
+}
+
+host_gather_impl!(burn::backend::NdArray, "ndarray");
+host_gather_impl!(burn::backend::Flex, "flex");
+
+/// Saved by the forward pass: the bank and the indices.
+#[derive(Debug)]
+struct GatherBackward {
+    per_row: usize,
+}
+
+impl<B: GatherBackend> Backward<B, 1> for GatherBackward {
+    type State = (FloatTensor<B>, Arc<Vec<i64>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let upstream = grads.consume::<B>(&ops.node);
+        let Some(parent) = parent else { return };
+        let (bank, indices) = ops.state;
+        grads.register::<B>(
+            parent.id,
+            B::gathered_dot_backward(bank, indices, self.per_row, upstream),
+        );
+    }
+}
+
+impl<B: GatherBackend, C: CheckpointStrategy> GatherBackend for Autodiff<B, C> {
+    fn gathered_dot(
+        bank: FloatTensor<Self>,
+        embedding: FloatTensor<Self>,
+        indices: Arc<Vec<i64>>,
+        per_row: usize,
+    ) -> FloatTensor<Self> {
+        let step = GatherBackward { per_row };
+        match step.prepare::<C>([embedding.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let bank = bank.into_primitive();
+                let output = B::gathered_dot(bank.clone(), embedding.into_primitive(), indices.clone(), per_row);
+                prep.finish((bank, indices), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gathered_dot(
+                bank.into_primitive(),
+                embedding.into_primitive(),
+                indices,
+                per_row,
+            )),
+        }
+    }
+
+    fn gathered_dot_backward(
+        bank: FloatTensor<Self>,
+        indices: Arc<Vec<i64>>,
+        per_row: usize,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let grad = B::gathered_dot_backward(bank.into_primitive(), indices, per_row, upstream.into_primitive());
+        FloatTensor::<Self>::new(grad)
+    }
+}

@@ -8,7 +8,8 @@ use burn::tensor::{Bool, Tensor};
 
 use crate::error::LossError;
 use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
-use crate::relation::common::{check_examples, check_features, example_rows, kept_rows};
+use crate::reduction::kept_positions;
+use crate::relation::common::{check_examples, check_features, example_rows};
 
 /// Configuration of [`CkaLoss`]: `1 − CKA(student, teacher)` with linear kernels.
 ///
@@ -320,8 +321,19 @@ fn position_rows(
                     actual: mask.dims().to_vec(),
                 });
             }
-            let mask = mask.reshape([batch * seq]);
-            Ok((kept_rows(student, mask.clone()), kept_rows(teacher, mask)))
+            // One read of the mask for both sides.
+            let kept = kept_positions(mask.reshape([batch * seq]));
+            if kept.dims()[0] == batch * seq {
+                return Ok((student, teacher));
+            }
+            if kept.dims()[0] == 0 {
+                let device = student.device();
+                return Ok((
+                    Tensor::zeros([0, student_width], &device),
+                    Tensor::zeros([0, teacher_width], &device),
+                ));
+            }
+            Ok((student.select(0, kept.clone()), teacher.select(0, kept)))
         }
     }
 }

@@ -1,10 +1,10 @@
 //! What the feature and relational losses share: flattening features to one row per example,
 //! checks, and norms whose gradient stays finite at zero.
 
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::Tensor;
 
 use crate::error::{LossError, Result};
-use crate::input::{read_bools, read_ints, widen_f32};
+use crate::input::{read_ints, widen_f32};
 
 /// A norm is never taken below this: `max(‖v‖, 1e-12)`, PyTorch's `F.normalize` default.
 pub(crate) const NORM_FLOOR: f64 = 1e-12;
@@ -89,25 +89,4 @@ pub(crate) fn smooth_l1<const D: usize>(difference: Tensor<D>) -> Tensor<D> {
     let small = absolute.clone().lower_elem(1.0);
     let quadratic = difference.powi_scalar(2).mul_scalar(0.5);
     absolute.sub_scalar(0.5).mask_where(small, quadratic)
-}
-
-/// The rows of `[positions, width]` that `mask` (`[positions]`, `true` = counts) keeps; one
-/// read of the mask from the device.
-pub(crate) fn kept_rows(rows: Tensor<2>, mask: Tensor<1, Bool>) -> Tensor<2> {
-    let kept: Vec<i64> = read_bools(mask)
-        .iter()
-        .enumerate()
-        .filter_map(|(index, &keep)| keep.then_some(index as i64))
-        .collect();
-    if kept.len() == rows.dims()[0] {
-        return rows;
-    }
-    let device = rows.device();
-    let width = rows.dims()[1];
-    if kept.is_empty() {
-        return Tensor::zeros([0, width], &device);
-    }
-    let count = kept.len();
-    let indices = Tensor::from_data(burn::tensor::TensorData::new(kept, [count]), &device);
-    rows.select(0, indices)
 }

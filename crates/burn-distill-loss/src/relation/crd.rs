@@ -2,6 +2,8 @@
 //! embeddings of both sides, a momentum memory bank of every training example's embedding, and
 //! a noise-contrastive estimate over negatives drawn from it.
 
+use std::sync::Arc;
+
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
@@ -11,6 +13,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::error::{LossError, check_range, check_temperature};
+use crate::fused::{Implementation, gathered_dot, use_host_relation};
 use crate::input::read_ints;
 use crate::relation::common::{NORM_FLOOR, check_features, example_rows, norm_floor};
 
@@ -41,6 +44,7 @@ const NCE_EPS: f64 = 1e-7;
 /// | `temperature` | 0.07 | `T` of the scores | `> 0` |
 /// | `momentum` | 0.5 | bank update `m ← normalize(μ m + (1 − μ) v)` | `[0, 1)` |
 /// | `check_inputs` | true | refuse NaN / infinite features, indices out of range | |
+/// | `implementation` | `Auto` | the bank scores gathered and multiplied in one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct CrdLossConfig {
     /// Width of the student feature.
@@ -64,6 +68,9 @@ pub struct CrdLossConfig {
     /// Check features for NaN / infinities and indices for their range (device reads).
     #[config(default = true)]
     pub check_inputs: bool,
+    /// One host kernel for the bank scores (the CPU devices) or composed tensor operations.
+    #[config(default = "Implementation::Auto")]
+    pub implementation: Implementation,
 }
 
 impl CrdLossConfig {
@@ -95,6 +102,7 @@ impl CrdLossConfig {
             temperature: self.temperature,
             momentum: self.momentum,
             check_inputs: self.check_inputs,
+            implementation: self.implementation,
         })
     }
 
@@ -164,6 +172,9 @@ pub struct CrdLoss {
     momentum: f64,
     /// Whether inputs are checked.
     pub check_inputs: bool,
+    /// Host kernel or composed tensor operations for the bank scores.
+    #[module(skip)]
+    pub implementation: Implementation,
 }
 
 /// The bank rows and normalisers a [`CrdLoss::forward`] call computed, for
@@ -271,17 +282,26 @@ impl CrdLoss {
         let teacher_embedding = embed(&self.teacher_embed, teacher);
         let contrasted = Tensor::cat(vec![indices.clone().reshape([batch, 1]), negatives], 1)
             .reshape([batch * (self.negatives + 1)]);
-        let scores = |bank: Tensor<2>, embedding: Tensor<2>| {
-            let rows = bank
-                .select(0, contrasted.clone())
-                .reshape([batch, self.negatives + 1, embedding_width]);
-            rows.matmul(embedding.reshape([batch, embedding_width, 1]))
-                .reshape([batch, self.negatives + 1])
-                .div_scalar(self.temperature)
-                .exp()
-        };
         let student_bank = self.student_bank.val();
         let teacher_bank = self.teacher_bank.val();
+        // On the CPU devices each bank row is gathered and multiplied in one pass (the composed
+        // form writes all `[batch · (negatives + 1), embedding]` rows first).
+        let per_row = self.negatives + 1;
+        let host = use_host_relation(self.implementation, &student_embedding, &student_bank)?
+            && !student_bank.is_require_grad()
+            && !teacher_bank.is_require_grad();
+        let host_indices = host.then(|| Arc::new(read_ints(contrasted.clone().into_data())));
+        let scores = |bank: Tensor<2>, embedding: Tensor<2>| {
+            let dots = match &host_indices {
+                Some(indices) => gathered_dot(bank, embedding, indices.clone(), per_row),
+                None => bank
+                    .select(0, contrasted.clone())
+                    .reshape([batch, per_row, embedding_width])
+                    .matmul(embedding.reshape([batch, embedding_width, 1]))
+                    .reshape([batch, per_row]),
+            };
+            dots.div_scalar(self.temperature).exp()
+        };
         let student_scores = scores(teacher_bank.clone(), student_embedding.clone());
         let teacher_scores = scores(student_bank.clone(), teacher_embedding.clone());
 

@@ -36,7 +36,7 @@
 //! | Zero probabilities | `-inf` logits mean probability 0; `0 · log 0 = 0`. NaN and `+inf` logits are an error. |
 //! | Vocabulary | different class counts are an error unless a [`VocabPolicy`] pads or truncates. |
 //! | Teacher gradients | the teacher side is detached: no gradient reaches it. |
-//! | Implementation | f32 logits on an ndarray, flex, wgpu or cuda device run a fused kernel (loss and gradient in one visit of each row: a host kernel on the CPU devices, a CubeCL kernel on the GPU ones; see [`Implementation`]); other devices run the composed tensor ops. Both agree to 1e-5. |
+//! | Implementation | f32 logits on an ndarray, flex, wgpu or cuda device run a fused kernel (loss and gradient in one visit of each row: a host kernel on the CPU devices, a CubeCL kernel on the GPU ones; see [`Implementation`]); other devices run the composed tensor ops. Both agree to 1e-5. The feature and relational losses (all but RKD) have host kernels on the CPU devices only, under the same option. |
 //!
 //! ## Fused kernel and chunked linear head
 //!

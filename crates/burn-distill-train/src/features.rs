@@ -211,7 +211,8 @@ fn one_term(
                     if kept < cka_minimum(*debiased) {
                         return nothing();
                     }
-                    loss.forward(s, t)?.mul_scalar(kept as f64 / counts.positions.max(1) as f64)
+                    loss.forward(s, t)?
+                        .mul_scalar(kept as f64 / counts.positions.max(1) as f64)
                 }
                 _ if examples < cka_minimum(*debiased) => return nothing(),
                 (s, t) => with_rows(s, t, |s, t| loss.forward(s, t))?.mul_scalar(example_share),

@@ -14,14 +14,14 @@
 
 use std::sync::Arc;
 
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+use burn::backend::TensorMetadata;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-#[cfg(any(feature = "ndarray", feature = "flex"))]
-use burn::backend::TensorMetadata;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -113,7 +113,11 @@ pub(crate) enum RelationJob {
     Dist { beta: f64, gamma: f64, temperature: f64 },
     /// Attention transfer: each row is an example's `[channels, positions]` map; its loss
     /// `mean_k (q_s − q_t)²` of the normalised `mean_c |x|^p`, weighted by `weights[row]`.
-    At { p: f64, positions: usize, weights: Arc<Vec<f32>> },
+    At {
+        p: f64,
+        positions: usize,
+        weights: Arc<Vec<f32>>,
+    },
     /// `Σ_i w_i · mean_k (s_ik − t_ik)²`.
     HiddenMse { weights: Arc<Vec<f32>> },
     /// `Σ_i w_i · (1 − cos(s_i, t_i))`, norms floored at `1e-8` as PyTorch's.
@@ -251,14 +255,20 @@ impl<B: RelationBackend> Backward<B, 1> for RelationBackward {
 
 impl<B: RelationBackend, C: CheckpointStrategy> RelationBackend for Autodiff<B, C> {
     fn relation_loss(student: FloatTensor<Self>, teacher: FloatTensor<Self>, job: RelationJob) -> FloatTensor<Self> {
-        match RelationBackward.prepare::<C>([student.node()]).compute_bound().stateful() {
+        match RelationBackward
+            .prepare::<C>([student.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let (output, grad) = B::relation_loss_grad(student.into_primitive(), teacher.into_primitive(), job);
                 prep.finish(grad, output)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::relation_loss(student.into_primitive(), teacher.into_primitive(), job))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::relation_loss(
+                student.into_primitive(),
+                teacher.into_primitive(),
+                job,
+            )),
         }
     }
 
@@ -296,7 +306,15 @@ impl RelationJob {
                 beta,
                 gamma,
                 temperature,
-            } => dist(s, t, sizes.rows, sizes.student, [*beta, *gamma], *temperature, want_grad),
+            } => dist(
+                s,
+                t,
+                sizes.rows,
+                sizes.student,
+                [*beta, *gamma],
+                *temperature,
+                want_grad,
+            ),
             RelationJob::At { p, positions, weights } => at(s, t, sizes, *p, *positions, weights, want_grad),
             RelationJob::HiddenMse { weights } => hidden_mse(s, t, sizes.student, weights, want_grad),
             RelationJob::HiddenCosine { weights } => hidden_cosine(s, t, sizes.student, weights, want_grad),
@@ -319,7 +337,10 @@ fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, b_transposed: boo
 
 /// [`product`] on one thread, or split over the rayon pool.
 fn product_on(a: &[f32], b: &[f32], [m, k, n]: [usize; 3], b_transposed: bool, parallel: bool) -> Vec<f32> {
-    assert!(a.len() == m * k && b.len() == k * n, "relation kernel: product operands");
+    assert!(
+        a.len() == m * k && b.len() == k * n,
+        "relation kernel: product operands"
+    );
     if k == 0 {
         return vec![0.0; m * n];
     }
@@ -627,7 +648,11 @@ fn centred_unit(x: &[f32], rows: usize, width: usize) -> (Vec<f32>, f64) {
     let mut centred = x.to_vec();
     subtract_rows(&mut centred, &means);
     let scale = (dot_f64(&centred, &centred) / rows as f64).sqrt();
-    let factor = if scale > size * 1e-6 { 1.0 / scale.max(1e-30) } else { 0.0 };
+    let factor = if scale > size * 1e-6 {
+        1.0 / scale.max(1e-30)
+    } else {
+        0.0
+    };
     scale_values(&mut centred, factor as f32);
     (centred, factor)
 }
@@ -717,7 +742,8 @@ fn cka(s: &[f32], t: &[f32], sizes: Sizes, debiased: bool, want_grad: bool) -> (
     let teacher = hsic(&l, &l, (&l_sums, &l_sums), n, debiased);
     // As the composed path: the product floored at 1e-30 (f32), so no division by zero.
     let product = student * teacher;
-    let floored = !(product > 1e-30);
+    // (NaN counts as floored: no gradient through the denominator.)
+    let floored = product.partial_cmp(&1e-30) != Some(std::cmp::Ordering::Greater);
     let denominator = product.max(1e-30).sqrt();
     let cka = cross / denominator;
     let loss = 1.0 - cka;
@@ -1227,7 +1253,8 @@ multiversion! {
 /// Both tensors f32 on one host device ([`use_host_relation`]); every index in `0..bank rows`.
 pub(crate) fn gathered_dot(bank: Tensor<2>, embedding: Tensor<2>, indices: Arc<Vec<i64>>, per_row: usize) -> Tensor<2> {
     debug_assert!(bank.dtype() == DType::F32 && embedding.dtype() == DType::F32);
-    let output = <Dispatch as GatherBackend>::gathered_dot(bank.into_dispatch(), embedding.into_dispatch(), indices, per_row);
+    let output =
+        <Dispatch as GatherBackend>::gathered_dot(bank.into_dispatch(), embedding.into_dispatch(), indices, per_row);
     Tensor::from_dispatch(output)
 }
 
@@ -1298,7 +1325,10 @@ fn bank_row(bank: &[f32], index: i64, width: usize) -> &[f32] {
     let start = usize::try_from(index).ok().and_then(|row| row.checked_mul(width));
     match start.and_then(|start| bank.get(start..start + width)) {
         Some(row) => row,
-        None => panic!("CRD: bank index {index} is outside the bank's {} rows", bank.len() / width.max(1)),
+        None => panic!(
+            "CRD: bank index {index} is outside the bank's {} rows",
+            bank.len() / width.max(1)
+        ),
     }
 }
 

@@ -146,7 +146,11 @@ impl CkaLoss {
     }
 
     /// Both sides as `[examples, features]` f32 rows (the teacher detached), checked.
-    fn rows<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<(Tensor<2>, Tensor<2>, usize)> {
+    fn rows<const D: usize>(
+        &self,
+        student: Tensor<D>,
+        teacher: Tensor<D>,
+    ) -> crate::Result<(Tensor<2>, Tensor<2>, usize)> {
         let student = example_rows(student, "student features")?;
         let teacher = example_rows(teacher, "teacher features")?.detach();
         let examples = check_examples(&student, &teacher, "CKA", if self.debiased { 4 } else { 2 })?;

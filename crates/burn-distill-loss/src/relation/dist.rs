@@ -6,8 +6,8 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::error::{check_range, check_temperature};
-use crate::input::{check_logits, flatten, widen_f32};
 use crate::fused::{Implementation, RelationJob, relation_loss, use_host_relation};
+use crate::input::{check_logits, flatten, widen_f32};
 use crate::relation::common::{NORM_FLOOR, check_examples, norm_floor};
 use crate::temperature::temperature_softmax;
 

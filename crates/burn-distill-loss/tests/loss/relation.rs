@@ -146,7 +146,9 @@ fn relational_losses_match_the_authors_formulas_on_every_device() {
         } else {
             &[Implementation::Composed]
         };
-        implementations.iter().map(move |&implementation| (named, implementation))
+        implementations
+            .iter()
+            .map(move |&implementation| (named, implementation))
     });
     for (named, implementation) in runs {
         for case in &cases {
@@ -858,7 +860,12 @@ fn host_kernels_equal_the_composed_operations() {
                 .with_distance(distance)
                 .with_implementation(implementation)
                 .init()
-                .forward_masked(s.reshape([batch, a, b * c]), t.reshape([batch, a, b * c]), mask, reduction)
+                .forward_masked(
+                    s.reshape([batch, a, b * c]),
+                    t.reshape([batch, a, b * c]),
+                    mask,
+                    reduction,
+                )
         })
     };
     let at = |p: f64, reduction: Reduction| -> KernelCase {
@@ -898,7 +905,13 @@ fn host_kernels_equal_the_composed_operations() {
         ),
         ("cka debiased", cka(true), [12, 3, 2, 5], [12, 2, 2, 5], |_, _| {}),
         ("cka biased", cka(false), [12, 3, 2, 5], [12, 2, 2, 5], |_, _| {}),
-        ("cka, constant student", cka(true), [12, 3, 2, 5], [12, 2, 2, 5], constant_examples),
+        (
+            "cka, constant student",
+            cka(true),
+            [12, 3, 2, 5],
+            [12, 2, 2, 5],
+            constant_examples,
+        ),
         (
             "dist τ = 4, a -inf logit",
             Box::new(|s, t, i| {
@@ -915,9 +928,27 @@ fn host_kernels_equal_the_composed_operations() {
             [10, 37, 1, 1],
             |values, _| values[3] = f64::NEG_INFINITY,
         ),
-        ("at p = 2, sum", at(2.0, Reduction::Sum), [6, 5, 3, 4], [6, 7, 3, 4], |_, _| {}),
-        ("at p = 3, mean", at(3.0, Reduction::BatchMean), [6, 5, 3, 4], [6, 7, 3, 4], |_, _| {}),
-        ("at p = 1, zeros", at(1.0, Reduction::BatchMean), [6, 5, 3, 4], [6, 7, 3, 4], zero_first_example),
+        (
+            "at p = 2, sum",
+            at(2.0, Reduction::Sum),
+            [6, 5, 3, 4],
+            [6, 7, 3, 4],
+            |_, _| {},
+        ),
+        (
+            "at p = 3, mean",
+            at(3.0, Reduction::BatchMean),
+            [6, 5, 3, 4],
+            [6, 7, 3, 4],
+            |_, _| {},
+        ),
+        (
+            "at p = 1, zeros",
+            at(1.0, Reduction::BatchMean),
+            [6, 5, 3, 4],
+            [6, 7, 3, 4],
+            zero_first_example,
+        ),
         (
             "hidden mse, SumOver",
             hidden(HiddenDistance::Mse, Reduction::SumOver(11)),
@@ -937,11 +968,17 @@ fn host_kernels_equal_the_composed_operations() {
     for named in devices() {
         if !matches!(named.name, "ndarray" | "flex") {
             // Elsewhere the host kernel cannot be forced.
-            let (s, t) = (random(&[4, 2, 2, 2], 1, &named.device), random(&[4, 2, 2, 2], 2, &named.device));
+            let (s, t) = (
+                random(&[4, 2, 2, 2], 1, &named.device),
+                random(&[4, 2, 2, 2], 2, &named.device),
+            );
             let forced = SpLossConfig::new()
                 .with_implementation(Implementation::Fused)
                 .init()
-                .forward(floats::<4>(&s, &[4, 2, 2, 2], &named.device), floats::<4>(&t, &[4, 2, 2, 2], &named.device));
+                .forward(
+                    floats::<4>(&s, &[4, 2, 2, 2], &named.device),
+                    floats::<4>(&t, &[4, 2, 2, 2], &named.device),
+                );
             assert!(
                 matches!(forced, Err(LossError::FusedUnavailable { .. })),
                 "{}: {forced:?}",
@@ -975,7 +1012,13 @@ fn host_kernels_equal_the_composed_operations() {
             let (composed, composed_grad, composed_plain) = run(Implementation::Composed);
             let what = format!("{} {name}", named.name);
             assert_close(&format!("{what} value"), &[kernel], &[composed], 1e-5, 1e-7);
-            assert_close(&format!("{what} value without autodiff"), &[kernel_plain], &[composed_plain], 1e-5, 1e-7);
+            assert_close(
+                &format!("{what} value without autodiff"),
+                &[kernel_plain],
+                &[composed_plain],
+                1e-5,
+                1e-7,
+            );
             assert_close(&format!("{what} grad"), &kernel_grad, &composed_grad, 1e-4, 1e-7);
             assert!(
                 kernel_grad.iter().any(|&g| g != 0.0) || name.contains("constant"),

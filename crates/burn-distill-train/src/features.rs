@@ -204,7 +204,11 @@ fn one_term(
                             if count < cka_minimum(*debiased) {
                                 return nothing();
                             }
-                            (s.select(0, kept.clone()), t.select(0, kept), count)
+                            if count == positions {
+                                (s, t, count)
+                            } else {
+                                (s.select(0, kept.clone()), t.select(0, kept), count)
+                            }
                         }
                         None => (s, t, positions),
                     };

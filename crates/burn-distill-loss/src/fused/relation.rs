@@ -42,16 +42,25 @@ enum Simd {
     Avx512,
 }
 
-/// The widest copy this CPU runs, found once.
+/// The widest copy this CPU runs, found once: every feature a copy is compiled for must be
+/// there (AVX-512F alone is not enough: some CPUs and VMs lack BW or VL). As the logit
+/// kernels, `BURN_DISTILL_NO_AVX512` set keeps to AVX2.
 fn simd() -> Simd {
     static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
     *SIMD.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            if std::env::var_os("BURN_DISTILL_NO_AVX512").is_none()
+                && avx2
+                && has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+            {
                 return Simd::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if avx2 {
                 return Simd::Avx2;
             }
         }
@@ -629,7 +638,12 @@ fn pkt(s: &[f32], t: &[f32], sizes: Sizes, eps: f32, want_grad: bool) -> (f64, O
 multiversion! {
     /// `Σ p_t ln((p_t + ε) / (p_s + ε))` in f32 arithmetic (as the composed path), summed in f64.
     fn pkt_sum(student: &[f32], teacher: &[f32], eps: f32) -> f64 {
-        lanes_f32::<1>(student, teacher, |ps, pt| [pt * fast_ln((pt + eps) / (ps + eps))])[0]
+        lanes_f32::<1>(student, teacher, |ps, pt| {
+            // `fast_ln` reads NaN's bits as a number: keep NaN (a NaN feature) NaN.
+            let ratio = (pt + eps) / (ps + eps);
+            let ln = fast_ln(ratio);
+            [pt * if ratio.is_nan() { ratio } else { ln }]
+        })[0]
     }
 }
 
@@ -784,8 +798,14 @@ fn cka(s: &[f32], t: &[f32], sizes: Sizes, debiased: bool, want_grad: bool) -> (
 const PEARSON_EPS: f64 = 1e-8;
 
 multiversion! {
-    /// `out = softmax(row · inverse)`.
+    /// `out = softmax(row · inverse)`; all NaN when the row holds a NaN (the maximum and the
+    /// exponential below pass NaN over).
     fn softmax_row(out: &mut [f32], row: &[f32], inverse: f32) {
+        let total = lanes_f32::<1>(row, row, |z, _| [z])[0];
+        if total.is_nan() {
+            out.fill(f32::NAN);
+            return;
+        }
         let max = lanes_max(row) * inverse;
         for (value, &logit) in out.iter_mut().zip(row) {
             *value = fast_exp(logit * inverse - max);

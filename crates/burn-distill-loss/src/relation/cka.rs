@@ -28,7 +28,7 @@ use crate::relation::common::{check_examples, check_features, example_rows};
 /// |---|---|---|
 /// | `debiased` | true | unbiased HSIC (needs 4 examples) instead of the biased one (2) |
 /// | `check_inputs` | true | refuse NaN / infinite features |
-/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere; see [`Implementation`] |
+/// | `implementation` | `Auto` | one host kernel on the CPU devices (ndarray, flex) for the Gram form (a batch no wider than the features), composed tensor ops elsewhere; see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct CkaLossConfig {
     /// Use the unbiased HSIC estimator.
@@ -102,7 +102,8 @@ impl CkaLoss {
     /// [`LossError::FeatureShape`] for different batch sizes, [`LossError::NonFinite`].
     pub fn forward<const D: usize>(&self, student: Tensor<D>, teacher: Tensor<D>) -> crate::Result<Tensor<1>> {
         let (student, teacher, examples) = self.rows(student, teacher)?;
-        // The host kernel takes the Gram form (a batch no wider than the features).
+        // The host kernel takes the Gram form (a batch no wider than the features); the
+        // feature-space form is composed, `Fused` or not.
         if use_host_relation(self.implementation, &student, &teacher)?
             && use_gram(examples, student.dims()[1], teacher.dims()[1])
         {

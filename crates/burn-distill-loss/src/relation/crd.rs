@@ -44,7 +44,7 @@ const NCE_EPS: f64 = 1e-7;
 /// | `temperature` | 0.07 | `T` of the scores | `> 0` |
 /// | `momentum` | 0.5 | bank update `m ← normalize(μ m + (1 − μ) v)` | `[0, 1)` |
 /// | `check_inputs` | true | refuse NaN / infinite features, indices out of range | |
-/// | `implementation` | `Auto` | the bank scores gathered and multiplied in one host kernel on the CPU devices (ndarray, flex), composed tensor ops elsewhere | see [`Implementation`] |
+/// | `implementation` | `Auto` | the bank scores gathered and multiplied in one host kernel on the CPU devices (ndarray, flex; f32 banks that take no gradient, as `init` makes them), composed tensor ops elsewhere | see [`Implementation`] |
 #[derive(Config, Debug)]
 pub struct CrdLossConfig {
     /// Width of the student feature.
@@ -288,6 +288,7 @@ impl CrdLoss {
         // form writes all `[batch · (negatives + 1), embedding]` rows first).
         let per_row = self.negatives + 1;
         let host = use_host_relation(self.implementation, &student_embedding, &student_bank)?
+            && teacher_bank.dtype() == student_bank.dtype()
             && !student_bank.is_require_grad()
             && !teacher_bank.is_require_grad();
         let host_indices = host.then(|| Arc::new(read_ints(contrasted.clone().into_data())));

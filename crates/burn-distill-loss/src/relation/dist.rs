@@ -159,6 +159,8 @@ impl DistLoss {
             });
         }
         check_examples(&student, &teacher, "DIST", 1)?;
+        // (`temperature` is a public field: checked here for the host kernel too.)
+        check_temperature(self.temperature)?;
         if self.check_inputs {
             check_logits(&student, "student logits")?;
             check_logits(&teacher, "teacher logits")?;

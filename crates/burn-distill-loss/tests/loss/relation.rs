@@ -929,6 +929,19 @@ fn host_kernels_equal_the_composed_operations() {
             |values, _| values[3] = f64::NEG_INFINITY,
         ),
         (
+            "dist, one example",
+            Box::new(|s, t, i| {
+                let [batch, a, b, c] = s.dims();
+                DistLossConfig::new()
+                    .with_implementation(i)
+                    .init()
+                    .forward(s.reshape([batch, a * b * c]), t.reshape([batch, a * b * c]))
+            }),
+            [1, 9, 1, 1],
+            [1, 9, 1, 1],
+            |_, _| {},
+        ),
+        (
             "at p = 2, sum",
             at(2.0, Reduction::Sum),
             [6, 5, 3, 4],
@@ -1031,6 +1044,58 @@ fn host_kernels_equal_the_composed_operations() {
     }
 }
 
+#[test]
+fn crd_bank_kernel_equals_the_composed_operations() {
+    for named in devices()
+        .iter()
+        .filter(|named| matches!(named.name, "ndarray" | "flex"))
+    {
+        let device = named.device.clone().autodiff();
+        let kernel = CrdLossConfig::new(8, 6, 40)
+            .with_negatives(5)
+            .with_embedding_width(4)
+            .init(&device);
+        let mut composed = kernel.clone();
+        composed.implementation = Implementation::Composed;
+        let indices = [0i64, 7, 13, 21];
+        let negatives = kernel.sample_negatives(&indices, 3, &device);
+        let indices: Tensor<1, Int> = ints(&indices, &[4], &device);
+        let student_values = random(&[4, 8], 11, &device);
+        let teacher_values = random(&[4, 6], 12, &device);
+        let run = |loss: &CrdLoss| {
+            let student = floats::<2>(&student_values, &[4, 8], &device).require_grad();
+            let teacher = floats::<2>(&teacher_values, &[4, 6], &device);
+            let output = loss
+                .forward(student.clone(), teacher, indices.clone(), negatives.clone())
+                .unwrap();
+            let grads = output.loss.clone().mul_scalar(1.5).backward();
+            (
+                scalar(output.loss),
+                to_vec(student.grad(&grads).unwrap()),
+                to_vec(loss.teacher_embed.weight.grad(&grads).unwrap()),
+            )
+        };
+        let (value, student_grad, teacher_embed_grad) = run(&kernel);
+        let (expected, expected_student, expected_teacher_embed) = run(&composed);
+        let what = format!("{} CRD", named.name);
+        assert_close(&format!("{what} value"), &[value], &[expected], 1e-5, 1e-7);
+        assert_close(
+            &format!("{what} student grad"),
+            &student_grad,
+            &expected_student,
+            1e-4,
+            1e-7,
+        );
+        assert_close(
+            &format!("{what} teacher embedding grad"),
+            &teacher_embed_grad,
+            &expected_teacher_embed,
+            1e-4,
+            1e-7,
+        );
+    }
+}
+
 /// Zeroes the first example (or position) of `[batch, ..]` values.
 fn zero_first_example(values: &mut [f64], shape: [usize; 4]) {
     let width: usize = shape[1..].iter().product();
@@ -1043,5 +1108,68 @@ fn constant_examples(values: &mut [f64], shape: [usize; 4]) {
     let first = values[..width].to_vec();
     for row in values.chunks_mut(width) {
         row.copy_from_slice(&first);
+    }
+}
+
+#[test]
+fn unchecked_nan_features_give_a_nan_loss_in_the_host_kernels() {
+    // With `check_inputs` off nothing refuses a NaN; the loss must still show it, not hide it.
+    for named in devices()
+        .iter()
+        .filter(|named| matches!(named.name, "ndarray" | "flex"))
+    {
+        let device = &named.device;
+        let mut student = random(&[6, 10], 1, device);
+        student[13] = f64::NAN;
+        let teacher = random(&[6, 10], 2, device);
+        let s = || floats::<2>(&student, &[6, 10], device);
+        let t = || floats::<2>(&teacher, &[6, 10], device);
+        let fused = Implementation::Fused;
+        let values = [
+            (
+                "DIST",
+                DistLossConfig::new()
+                    .with_check_inputs(false)
+                    .with_implementation(fused)
+                    .init()
+                    .forward(s(), t()),
+            ),
+            (
+                "PKT",
+                PktLossConfig::new()
+                    .with_check_inputs(false)
+                    .with_implementation(fused)
+                    .init()
+                    .forward(s(), t()),
+            ),
+            (
+                "SP",
+                SpLossConfig::new()
+                    .with_check_inputs(false)
+                    .with_implementation(fused)
+                    .init()
+                    .forward(s(), t()),
+            ),
+            (
+                "CKA",
+                CkaLossConfig::new()
+                    .with_check_inputs(false)
+                    .with_implementation(fused)
+                    .init()
+                    .forward(s(), t()),
+            ),
+            (
+                "hidden MSE",
+                HiddenStateLossConfig::new()
+                    .with_check_inputs(false)
+                    .with_implementation(fused)
+                    .init()
+                    .forward(s(), t(), Reduction::BatchMean),
+            ),
+        ];
+        for (name, value) in values {
+            let value = scalar(value.unwrap());
+            assert!(value.is_nan(), "{} {name}: {value}", named.name);
+        }
     }
 }

@@ -436,9 +436,9 @@ fn with_scratch<R>(layout: ScratchLayout, f: impl FnOnce(&mut Scratch) -> R) -> 
     })
 }
 
-/// Which compiled copy of the kernel runs.
+/// Which compiled copy of the kernel runs (the relation kernels' too).
 #[derive(Clone, Copy, Debug)]
-enum Simd {
+pub(super) enum Simd {
     Baseline,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -447,7 +447,9 @@ enum Simd {
 }
 
 impl Simd {
-    fn detect() -> Self {
+    /// The widest copy this CPU runs: every feature a copy is compiled for must be there;
+    /// `BURN_DISTILL_NO_AVX512` set keeps to AVX2.
+    pub(super) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;

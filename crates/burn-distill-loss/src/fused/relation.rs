@@ -27,45 +27,16 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::Implementation;
-use super::kernel::{fast_exp, fast_ln};
+use super::kernel::{Simd, fast_exp, fast_ln};
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 use super::op::HostTensor;
+use super::rows::GEMM_PARALLEL_THRESHOLD;
 use crate::error::{LossError, Result};
 
-/// Which compiled copy of a [`multiversion!`] function runs on this CPU.
-#[derive(Clone, Copy)]
-enum Simd {
-    Baseline,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-/// The widest copy this CPU runs, found once: every feature a copy is compiled for must be
-/// there (AVX-512F alone is not enough: some CPUs and VMs lack BW or VL). As the logit
-/// kernels, `BURN_DISTILL_NO_AVX512` set keeps to AVX2.
+/// The widest copy of a [`multiversion!`] function this CPU runs, found once.
 fn simd() -> Simd {
     static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *SIMD.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
-            if std::env::var_os("BURN_DISTILL_NO_AVX512").is_none()
-                && avx2
-                && has!("avx512f")
-                && has!("avx512bw")
-                && has!("avx512vl")
-            {
-                return Simd::Avx512;
-            }
-            if avx2 {
-                return Simd::Avx2;
-            }
-        }
-        Simd::Baseline
-    })
+    *SIMD.get_or_init(Simd::detect)
 }
 
 /// A function compiled three times (baseline x86-64, AVX2 + FMA, AVX-512), the widest the CPU
@@ -334,79 +305,24 @@ impl RelationJob {
 // ---------------------------------------------------------------------------------------------
 // Matrix products
 
-/// Multiply-adds from which a product is split over the rayon pool (burn-flex's threshold).
-const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
-
 /// `a · b` for `a` `[m, k]` and `b` `[k, n]`; `b_transposed`: `b` is stored as `[n, k]` (so the
 /// product is `a · bᵀ` of the stored matrix). Split over the rayon pool when large.
 fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, b_transposed: bool) -> Vec<f32> {
-    let parallel = m.saturating_mul(n).saturating_mul(k) >= PARALLEL_PRODUCT;
+    let parallel = m.saturating_mul(n).saturating_mul(k) >= GEMM_PARALLEL_THRESHOLD;
     product_on(a, b, [m, k, n], b_transposed, parallel)
 }
 
 /// [`product`] on one thread, or split over the rayon pool.
 fn product_on(a: &[f32], b: &[f32], [m, k, n]: [usize; 3], b_transposed: bool, parallel: bool) -> Vec<f32> {
-    assert!(
-        a.len() == m * k && b.len() == k * n,
-        "relation kernel: product operands"
-    );
-    if k == 0 {
-        return vec![0.0; m * n];
-    }
     #[cfg(feature = "fast-cpu")]
     {
-        let parallelism = if parallel {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
-        // Element (p, j) of the right operand: b[p·n + j] for [k, n], b[j·k + p] for [n, k].
-        let (rhs_cs, rhs_rs) = if b_transposed { (k as isize, 1) } else { (1, n as isize) };
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        // SAFETY: `a` and `b` hold m·k and k·n values (asserted) and `out` has room for m·n,
-        // the strides addressing only inside them; with `read_dst` false gemm writes every
-        // output element before anything reads it, so the length may then cover them all.
-        #[allow(unsafe_code)]
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr(),
-                1,
-                k as isize,
-                b.as_ptr(),
-                rhs_cs,
-                rhs_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-            out.set_len(m * n);
-        }
-        out
+        super::rows::gemm_product(a, b, [m, k, n], b_transposed, parallel)
     }
     #[cfg(not(feature = "fast-cpu"))]
     {
         let _ = parallel;
         let mut out = vec![0.0f32; m * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-            let a_row = &a[i * k..(i + 1) * k];
-            for (j, value) in row.iter_mut().enumerate() {
-                *value = if b_transposed {
-                    a_row.iter().zip(&b[j * k..(j + 1) * k]).map(|(x, y)| x * y).sum()
-                } else {
-                    a_row.iter().enumerate().map(|(p, x)| x * b[p * n + j]).sum()
-                };
-            }
-        });
+        super::rows::rows_matmul(a, b, m, k, n, b_transposed, &mut out);
         out
     }
 }
@@ -422,7 +338,7 @@ fn gram(x: &[f32], rows: usize, width: usize) -> Vec<f32> {
 fn gram_pair(s: &[f32], t: &[f32], sizes: Sizes) -> (Vec<f32>, Vec<f32>) {
     let n = sizes.rows;
     let work = n * n * sizes.student.max(sizes.teacher);
-    if work >= 4 * PARALLEL_PRODUCT {
+    if work >= 4 * GEMM_PARALLEL_THRESHOLD {
         return (gram(s, n, sizes.student), gram(t, n, sizes.teacher));
     }
     rayon::join(

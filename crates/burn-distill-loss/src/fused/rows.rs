@@ -390,16 +390,23 @@ fn host_weight_matmul<B: HostTensor>(x: &FloatTensor<B>, weight: &FloatTensor<B>
 /// that was 6 % of SmolLM2's 8 × 256 forward (its logits alone are 403 MB).
 /// Multiply-adds from which `gemm_matmul` splits a product over the rayon pool: burn-flex's
 /// own threshold (below it one thread is faster).
-#[cfg(all(feature = "fast-cpu", any(feature = "ndarray", feature = "flex")))]
-const GEMM_PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+pub(super) const GEMM_PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
 #[cfg(all(feature = "fast-cpu", any(feature = "ndarray", feature = "flex")))]
 fn gemm_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, transposed: bool) -> Vec<f32> {
+    let parallel = m.saturating_mul(n).saturating_mul(k) >= GEMM_PARALLEL_THRESHOLD;
+    gemm_product(x, w, [m, k, n], transposed, parallel)
+}
+
+/// [`gemm_matmul`] on one thread, or split over the rayon pool when `parallel` (the relation
+/// kernels run two small products side by side, one per thread).
+#[cfg(feature = "fast-cpu")]
+pub(super) fn gemm_product(x: &[f32], w: &[f32], [m, k, n]: [usize; 3], transposed: bool, parallel: bool) -> Vec<f32> {
     assert!(x.len() == m * k && w.len() == k * n);
     if k == 0 {
         return vec![0.0; m * n];
     }
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= GEMM_PARALLEL_THRESHOLD {
+    let parallelism = if parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None

@@ -877,6 +877,17 @@ fn host_kernels_equal_the_composed_operations() {
                 .forward(s, t, reduction)
         })
     };
+    // DIST on `[batch, classes]` logits (the input flattened).
+    let dist = |config: DistLossConfig| -> KernelCase {
+        Box::new(move |s, t, implementation| {
+            let [batch, a, b, c] = s.dims();
+            config
+                .clone()
+                .with_implementation(implementation)
+                .init()
+                .forward(s.reshape([batch, a * b * c]), t.reshape([batch, a * b * c]))
+        })
+    };
     let cka = |debiased: bool| -> KernelCase {
         Box::new(move |s, t, implementation| {
             CkaLossConfig::new()
@@ -914,29 +925,19 @@ fn host_kernels_equal_the_composed_operations() {
         ),
         (
             "dist τ = 4, a -inf logit",
-            Box::new(|s, t, i| {
-                let [batch, a, b, c] = s.dims();
+            dist(
                 DistLossConfig::new()
                     .with_beta(2.0)
                     .with_gamma(0.5)
-                    .with_temperature(4.0)
-                    .with_implementation(i)
-                    .init()
-                    .forward(s.reshape([batch, a * b * c]), t.reshape([batch, a * b * c]))
-            }),
+                    .with_temperature(4.0),
+            ),
             [10, 37, 1, 1],
             [10, 37, 1, 1],
             |values, _| values[3] = f64::NEG_INFINITY,
         ),
         (
             "dist, one example",
-            Box::new(|s, t, i| {
-                let [batch, a, b, c] = s.dims();
-                DistLossConfig::new()
-                    .with_implementation(i)
-                    .init()
-                    .forward(s.reshape([batch, a * b * c]), t.reshape([batch, a * b * c]))
-            }),
+            dist(DistLossConfig::new()),
             [1, 9, 1, 1],
             [1, 9, 1, 1],
             |_, _| {},
